@@ -1,0 +1,568 @@
+"""Child resources of RFTJob and TurboDeployment, as pure functions `spec -> manifest dict`.
+
+Nothing here talks to a cluster: the reconciler decides *which* children should exist and
+applies what these functions return, and the unit tests check the manifests directly. Every
+child carries an owner reference to its parent (so deleting the parent deletes it through
+Kubernetes garbage collection) and the labels the operator watches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from . import __version__
+from .api import API_VERSION, PodPlacement, RFTJobSpec, TurboDeploymentSpec
+
+MANAGED_BY = "kuberft-operator"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_RFTJOB = "kuberft.io/rftjob"
+LABEL_TURBO = "kuberft.io/turbodeployment"
+LABEL_ROLE = "kuberft.io/role"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+ANNOTATION_HASH = "kuberft.io/applied-hash"
+ANNOTATION_POD_TEMPLATE_HASH = "kuberft.io/pod-template-hash"
+ANNOTATION_RESTARTS_BEFORE = "kuberft.io/restarts-before"
+ANNOTATION_GENERATION = "kuberft.io/spec-generation"
+
+REWARD_PORT = 8080
+CONFIG_KEY = "job.json"
+CONFIG_DIR = "/etc/kuberft"
+CHECKPOINT_DIR = "/checkpoints"
+GPU_RESOURCE = "nvidia.com/gpu"
+NONROOT_UID = 65532
+
+
+@dataclass(frozen=True)
+class Images:
+    """Default container images; a spec's `placement.image` / `trainer.image` overrides them."""
+
+    trainer: str
+    reward: str
+    serve: str
+
+    @classmethod
+    def for_version(cls, registry: str = "ghcr.io/kuberft", version: str = __version__) -> "Images":
+        return cls(f"{registry}/trainer:{version}", f"{registry}/reward:{version}", f"{registry}/serve:{version}")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The parent object, as its children's owner reference and labels need it."""
+
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    @property
+    def owner_label(self) -> str:
+        return LABEL_RFTJOB if self.kind == "RFTJob" else LABEL_TURBO
+
+
+def content_hash(value: Any) -> str:
+    """A short stable hash of a JSON-able value (used to skip no-op applies and detect rollouts)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _labels(owner: Owner, role: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": f"kuberft-{role.split('-')[0]}",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": role,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        owner.owner_label: owner.name,
+        LABEL_ROLE: role,
+    }
+
+
+def _selector(owner: Owner, role: str) -> dict[str, str]:
+    return {owner.owner_label: owner.name, LABEL_ROLE: role}
+
+
+def _object(api_version: str, kind: str, name: str, owner: Owner, role: str, **fields: Any) -> dict[str, Any]:
+    manifest = {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": _labels(owner, role),
+            "ownerReferences": [owner.reference()],
+        },
+    }
+    manifest.update(fields)
+    return manifest
+
+
+def _resources(placement: PodPlacement) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if placement.resources.requests:
+        out["requests"] = {k: str(v) for k, v in placement.resources.requests.items()}
+    if placement.resources.limits:
+        out["limits"] = {k: str(v) for k, v in placement.resources.limits.items()}
+    return out
+
+
+def _scheduling(placement: PodPlacement) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if placement.node_selector:
+        out["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        out["tolerations"] = [t.to_wire() for t in placement.tolerations]
+    return out
+
+
+def gpu_count(placement: PodPlacement) -> int:
+    """GPUs the pod asks for (`limits["nvidia.com/gpu"]`, as Kubernetes requires GPUs in limits)."""
+    value = placement.resources.limits.get(GPU_RESOURCE, 0)
+    try:
+        return int(str(value))
+    except ValueError:
+        return 0
+
+
+# --------------------------------------------------------------------------- RFTJob children
+
+
+class RFTJobNames:
+    """Names of an RFTJob's children (the API limits job names to 52 characters for the suffixes)."""
+
+    def __init__(self, job_name: str):
+        self.config = f"{job_name}-config"
+        self.reward = f"{job_name}-reward"
+        self.trainer = f"{job_name}-trainer"
+        self.checkpoints = f"{job_name}-checkpoints"
+
+
+def reward_url(name: str, namespace: str) -> str:
+    return f"http://{RFTJobNames(name).reward}.{namespace}.svc:{REWARD_PORT}"
+
+
+def job_config_map(spec: RFTJobSpec, owner: Owner, generation: int) -> dict[str, Any]:
+    """The resolved job config the trainer reads: the whole spec, defaults filled, as JSON."""
+    manifest = _object(
+        "v1",
+        "ConfigMap",
+        RFTJobNames(owner.name).config,
+        owner,
+        "config",
+        data={CONFIG_KEY: json.dumps(spec.to_wire(), indent=2, sort_keys=True)},
+    )
+    manifest["metadata"]["annotations"] = {ANNOTATION_GENERATION: str(generation)}
+    return manifest
+
+
+def checkpoint_claim(spec: RFTJobSpec, owner: Owner) -> Optional[dict[str, Any]]:
+    """A PersistentVolumeClaim for checkpoints when `checkpoint.storageSize` asks the operator for one."""
+    if spec.checkpoint.storage_size is None:
+        return None
+    return _object(
+        "v1",
+        "PersistentVolumeClaim",
+        RFTJobNames(owner.name).checkpoints,
+        owner,
+        "checkpoints",
+        spec={"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": str(spec.checkpoint.storage_size)}}},
+    )
+
+
+def checkpoint_claim_name(spec: RFTJobSpec, job_name: str) -> Optional[str]:
+    if spec.checkpoint.volume_claim_name:
+        return spec.checkpoint.volume_claim_name
+    if spec.checkpoint.storage_size is not None:
+        return RFTJobNames(job_name).checkpoints
+    return None
+
+
+def output_location(spec: RFTJobSpec, job_name: str) -> Optional[str]:
+    """Where the trainer's output (checkpoints, final adapter) survives the pod, as `pvc://claim/path`."""
+    claim = checkpoint_claim_name(spec, job_name)
+    return f"pvc://{claim}/{job_name}" if claim else None
+
+
+def reward_service_account(owner: Owner) -> dict[str, Any]:
+    """The reward pods' own identity: bound to no role, and its token is never mounted."""
+    return _object(
+        "v1", "ServiceAccount", RFTJobNames(owner.name).reward, owner, "reward-pool", automountServiceAccountToken=False
+    )
+
+
+def _restricted_container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": NONROOT_UID,
+        "runAsGroup": NONROOT_UID,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> dict[str, Any]:
+    """The sandboxed reward pool: untrusted model output runs here, so the pods get no
+    privileges, no token, no writable root filesystem and (with the NetworkPolicy) no egress."""
+    pool = spec.reward_pool
+    role = "reward-pool"
+    tmp_limit_mib = max(1024, pool.workers * 512)
+    container = {
+        "name": "reward",
+        "image": pool.placement.image or images.reward,
+        "command": ["kuberft", "reward", "serve", "--port", str(REWARD_PORT), "--workers", str(pool.workers)],
+        "ports": [{"name": "http", "containerPort": REWARD_PORT, "protocol": "TCP"}],
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
+            {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
+            *[e.to_wire() for e in pool.placement.env],
+        ],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20, "failureThreshold": 6},
+        "securityContext": _restricted_container_security(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    resources = _resources(pool.placement)
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": RFTJobNames(owner.name).reward,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": NONROOT_UID,
+            "runAsGroup": NONROOT_UID,
+            "fsGroup": NONROOT_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": f"{tmp_limit_mib}Mi"}}],
+        **_scheduling(pool.placement),
+    }
+    if pool.sandbox.runtime_class_name:
+        pod_spec["runtimeClassName"] = pool.sandbox.runtime_class_name
+    labels = _labels(owner, role)
+    return _object(
+        "apps/v1",
+        "Deployment",
+        RFTJobNames(owner.name).reward,
+        owner,
+        role,
+        spec={
+            "replicas": replicas,
+            "selector": {"matchLabels": _selector(owner, role)},
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    )
+
+
+def reward_service(owner: Owner) -> dict[str, Any]:
+    role = "reward-pool"
+    return _object(
+        "v1",
+        "Service",
+        RFTJobNames(owner.name).reward,
+        owner,
+        role,
+        spec={
+            "selector": _selector(owner, role),
+            "ports": [{"name": "http", "port": REWARD_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    )
+
+
+def reward_network_policy(owner: Owner) -> dict[str, Any]:
+    """Reward pods may send nothing (no egress rule at all, DNS included) and accept
+    connections only from this job's trainer, on the reward port."""
+    return _object(
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+        RFTJobNames(owner.name).reward,
+        owner,
+        "reward-pool",
+        spec={
+            "podSelector": {"matchLabels": _selector(owner, "reward-pool")},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": _selector(owner, "trainer")}}],
+                    "ports": [{"protocol": "TCP", "port": REWARD_PORT}],
+                }
+            ],
+            "egress": [],
+        },
+    )
+
+
+def trainer_service_account(owner: Owner) -> dict[str, Any]:
+    return _object("v1", "ServiceAccount", RFTJobNames(owner.name).trainer, owner, "trainer")
+
+
+def trainer_role(owner: Owner) -> dict[str, Any]:
+    """The trainer may patch its own RFTJob's status and nothing else."""
+    return _object(
+        "rbac.authorization.k8s.io/v1",
+        "Role",
+        RFTJobNames(owner.name).trainer,
+        owner,
+        "trainer",
+        rules=[{"apiGroups": ["kuberft.io"], "resources": ["rftjobs/status"], "resourceNames": [owner.name], "verbs": ["patch"]}],
+    )
+
+
+def trainer_role_binding(owner: Owner) -> dict[str, Any]:
+    name = RFTJobNames(owner.name).trainer
+    return _object(
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+        name,
+        owner,
+        "trainer",
+        roleRef={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        subjects=[{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+    )
+
+
+def trainer_command(spec: RFTJobSpec, owner: Owner) -> list[str]:
+    url = spec.reward_pool.url or reward_url(owner.name, owner.namespace)
+    train = ["kuberft", "train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--output", f"{CHECKPOINT_DIR}/{owner.name}", "--reward-url", url]
+    gpus = gpu_count(spec.trainer)
+    if gpus > 1:
+        return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python", *train]
+    return train
+
+
+def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict[str, Any]:
+    """The trainer pod: its GPUs, placement, the job config and the checkpoint volume."""
+    role = "trainer"
+    claim = checkpoint_claim_name(spec, owner.name)
+    checkpoints = {"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}}
+    container = {
+        "name": "trainer",
+        "image": spec.trainer.image or images.trainer,
+        "command": trainer_command(spec, owner),
+        "env": [
+            {"name": "KUBERFT_JOB_NAME", "value": owner.name},
+            {"name": "KUBERFT_JOB_NAMESPACE", "value": owner.namespace},
+            *[e.to_wire() for e in spec.trainer.env],
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    resources = _resources(spec.trainer)
+    if resources:
+        container["resources"] = resources
+    return {
+        "metadata": {"labels": _labels(owner, role)},
+        "spec": {
+            "restartPolicy": "Never",
+            "serviceAccountName": RFTJobNames(owner.name).trainer,
+            "enableServiceLinks": False,
+            "containers": [container],
+            "volumes": [
+                {"name": "config", "configMap": {"name": RFTJobNames(owner.name).config}},
+                {"name": "checkpoints", **checkpoints},
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            ],
+            **_scheduling(spec.trainer),
+        },
+    }
+
+
+def trainer_job(
+    spec: RFTJobSpec,
+    owner: Owner,
+    images: Images,
+    restarts_before: int = 0,
+    deadline_seconds: Optional[int] = None,
+) -> dict[str, Any]:
+    """The trainer Job. Retries are the Job's own (each new pod resumes from the latest
+    checkpoint); `restarts_before` counts failures of earlier Jobs of this RFTJob (before a
+    suspend), so the whole RFTJob never exceeds `backoffLimit`. With a `queueName` the Job is
+    created suspended with Kueue's queue label: Kueue admits it by unsuspending it."""
+    template = trainer_pod_template(spec, owner, images)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": max(0, spec.backoff_limit - restarts_before),
+        "completions": 1,
+        "parallelism": 1,
+        "template": template,
+    }
+    if deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, deadline_seconds)
+    manifest = _object("batch/v1", "Job", RFTJobNames(owner.name).trainer, owner, "trainer", spec=job_spec)
+    manifest["metadata"]["annotations"] = {
+        ANNOTATION_POD_TEMPLATE_HASH: content_hash(template),
+        ANNOTATION_RESTARTS_BEFORE: str(restarts_before),
+    }
+    if spec.queue_name:
+        manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
+        job_spec["suspend"] = True
+    return manifest
+
+
+def reward_pool_children(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> list[dict[str, Any]]:
+    """The reward pool (none when `rewardPool.url` points at an existing one)."""
+    if spec.reward_pool.url:
+        return []
+    return [
+        reward_service_account(owner),
+        reward_deployment(spec, owner, images, replicas),
+        reward_service(owner),
+        reward_network_policy(owner),
+    ]
+
+
+def rftjob_children(spec: RFTJobSpec, owner: Owner, images: Images, generation: int, reward_replicas: int) -> list[dict[str, Any]]:
+    """Every child the operator keeps applied while the job is live (the trainer Job aside,
+    which is created only once the reward pool is ready)."""
+    children = [job_config_map(spec, owner, generation)]
+    claim = checkpoint_claim(spec, owner)
+    if claim:
+        children.append(claim)
+    children += reward_pool_children(spec, owner, images, reward_replicas)
+    children += [trainer_service_account(owner), trainer_role(owner), trainer_role_binding(owner)]
+    return children
+
+
+# --------------------------------------------------------------------------- TurboDeployment children
+
+
+def adapter_mount(adapter: str) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]], str]:
+    """(volume, mount, path in the pod) for an adapter location; `pvc://claim/path` mounts the
+    claim read-only, anything else is passed to the server as is."""
+    if adapter.startswith("pvc://"):
+        claim, _, sub = adapter[len("pvc://"):].partition("/")
+        volume = {"name": "adapter", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mount = {"name": "adapter", "mountPath": "/adapters", "readOnly": True}
+        return volume, mount, f"/adapters/{sub}".rstrip("/")
+    return None, None, adapter
+
+
+def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, adapter: Optional[str]) -> dict[str, Any]:
+    """`kuberft serve` pods: the base model, the adapter and the speculator."""
+    role = "serve"
+    command = ["kuberft", "serve", "--model", spec.model.name]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if adapter:
+        volume, mount, path = adapter_mount(adapter)
+        if volume:
+            volumes.append(volume)
+            mounts.append(mount)
+        command += ["--adapter", path]
+    speculator = spec.speculator
+    command += ["--speculator", speculator.type]
+    if speculator.type != "none":
+        command += ["--num-speculative-tokens", str(speculator.num_speculative_tokens)]
+    if speculator.type == "draft" and speculator.draft_model:
+        command += ["--draft-model", speculator.draft_model]
+    if speculator.type == "heads" and speculator.heads_path:
+        command += ["--heads", speculator.heads_path]
+    command += ["--port", str(spec.port)]
+    container = {
+        "name": "serve",
+        "image": spec.placement.image or images.serve,
+        "command": command,
+        "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+        "env": [{"name": "HOME", "value": "/tmp"}, *[e.to_wire() for e in spec.placement.env]],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 180},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": mounts,
+    }
+    resources = _resources(spec.placement)
+    if resources:
+        container["resources"] = resources
+    deployment_spec: dict[str, Any] = {
+        "selector": {"matchLabels": _selector(owner, role)},
+        "template": {
+            "metadata": {"labels": _labels(owner, role)},
+            "spec": {
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "containers": [container],
+                "volumes": volumes,
+                **_scheduling(spec.placement),
+            },
+        },
+    }
+    # With autoscaling the HPA owns the replica count; leaving the field out of our apply keeps
+    # server-side apply from resetting it on every reconcile.
+    if spec.autoscaling is None:
+        deployment_spec["replicas"] = spec.replicas
+    return _object("apps/v1", "Deployment", owner.name, owner, role, spec=deployment_spec)
+
+
+def serve_service(spec: TurboDeploymentSpec, owner: Owner) -> dict[str, Any]:
+    return _object(
+        "v1",
+        "Service",
+        owner.name,
+        owner,
+        "serve",
+        spec={
+            "selector": _selector(owner, "serve"),
+            "ports": [{"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    )
+
+
+def serve_autoscaler(spec: TurboDeploymentSpec, owner: Owner) -> Optional[dict[str, Any]]:
+    if spec.autoscaling is None:
+        return None
+    scaling = spec.autoscaling
+    return _object(
+        "autoscaling/v2",
+        "HorizontalPodAutoscaler",
+        owner.name,
+        owner,
+        "serve",
+        spec={
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": scaling.target_cpu_utilization_percentage},
+                    },
+                }
+            ],
+        },
+    )
+
+
+def serve_url(spec: TurboDeploymentSpec, name: str, namespace: str) -> str:
+    return f"http://{name}.{namespace}.svc:{spec.port}/v1"
+
+
+def serve_selector(name: str) -> str:
+    return f"{LABEL_TURBO}={name},{LABEL_ROLE}=serve"

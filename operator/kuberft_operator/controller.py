@@ -1,0 +1,429 @@
+"""The operator process: kopf watches, a work queue, reconcile workers, /metrics and leader election.
+
+kopf streams watch events for RFTJobs, TurboDeployments and every child the operator labels
+(`app.kubernetes.io/managed-by=kuberft-operator`, filtered by the API server). Each event
+updates a local cache of children and queues the owner's key; workers take keys off the
+queue (one reconcile per key at a time, events collapsed), read the parent fresh from the API
+server, plan with the pure functions of `reconcile` and carry the plan out:
+
+- children are server-side applied (skipped when the cached child already carries the same
+  content hash), so a restart or a repeated event creates nothing twice;
+- the trainer Job is created once (a second create finds it and does nothing);
+- the status is written with the parent's resourceVersion as a precondition, so a stale
+  reconcile (or a second replica) fails with a conflict instead of overwriting newer status;
+- Events are posted after the status write that records the transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import kopf
+from aiohttp import web
+
+from .api import API_VERSION, GROUP, VERSION
+from .builders import ANNOTATION_HASH, LABEL_MANAGED_BY, LABEL_ROLE, LABEL_RFTJOB, LABEL_TURBO, MANAGED_BY, Images, RFTJobNames, content_hash
+from .kube import ApiError, Credentials, KubeClient
+from .leader import LeaderElector
+from .metrics import component_metrics
+from .workqueue import WorkQueue
+from .reconcile import ChildRef, Plan, RFTJobObserved, TurboObserved, plan_rftjob, plan_turbo, status_changes
+
+log = logging.getLogger("kuberft.operator")
+
+# (group, version, plural, kind) of every child kind the operator creates and watches.
+CHILD_KINDS = (
+    ("", "v1", "configmaps", "ConfigMap"),
+    ("", "v1", "services", "Service"),
+    ("", "v1", "serviceaccounts", "ServiceAccount"),
+    ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
+    ("apps", "v1", "deployments", "Deployment"),
+    ("batch", "v1", "jobs", "Job"),
+    ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
+    ("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+    ("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
+)
+PARENT_KINDS = {"RFTJob": "rftjobs", "TurboDeployment": "turbodeployments"}
+
+# What the operator's ServiceAccount needs (the Helm chart grants exactly this).
+RBAC_RULES = (
+    {"apiGroups": [GROUP], "resources": ["rftjobs", "turbodeployments"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [GROUP], "resources": ["rftjobs/status", "turbodeployments/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services", "serviceaccounts", "persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]},
+)
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+
+
+@dataclass
+class OperatorConfig:
+    """How `kuberft operator` runs (all from command-line options)."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; empty watches the whole cluster."""
+    images: Images = field(default_factory=Images.for_version)
+    workers: int = 16
+    """Reconciles running at the same time."""
+    metrics_port: int = 8080
+    """Port of /metrics and /healthz (0 disables the server)."""
+    leader_election: bool = True
+    lease_namespace: str = "default"
+    lease_name: str = "kuberft-operator"
+    lease_seconds: float = 15.0
+    renew_seconds: float = 5.0
+    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+
+def _key_of(kind: str, body: dict[str, Any]) -> Key:
+    meta = body["metadata"]
+    return (kind, meta.get("namespace") or "", meta["name"])
+
+
+def _slim(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """What the cache keeps of a child: pods and Jobs only need metadata, spec flags and status."""
+    if kind == "Pod":
+        return {"metadata": body.get("metadata") or {}, "status": body.get("status") or {}}
+    if kind == "Job":
+        spec = body.get("spec") or {}
+        return {"metadata": body.get("metadata") or {}, "spec": {"suspend": spec.get("suspend")}, "status": body.get("status") or {}}
+    return body
+
+
+class Controller:
+    def __init__(self, client: KubeClient, config: OperatorConfig):
+        self.client = client
+        self.config = config
+        self.metrics = component_metrics("operator")
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.children: dict[Key, dict[str, Any]] = {}
+        self.phases: dict[Key, str] = {}
+        self._written_versions: dict[Key, str] = {}
+        self._turbo_by_rftjob: dict[tuple[str, str], set[str]] = {}
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ events from kopf
+
+    def on_parent_event(self, kind: str, event_type: Optional[str], body: dict[str, Any]) -> None:
+        key = _key_of(kind, body)
+        if event_type == "DELETED":
+            self.phases.pop(key, None)
+            self._written_versions.pop(key, None)
+            self._update_phase_gauges()
+            return
+        phase = (body.get("status") or {}).get("phase") or "Pending"
+        self.phases[key] = phase
+        self._update_phase_gauges()
+        if kind == "RFTJob":
+            for turbo in self._turbo_by_rftjob.get((key[1], key[2]), ()):
+                self.queue.add(("TurboDeployment", key[1], turbo))
+        # Our own status write comes back as an event: nothing new to reconcile.
+        if self._written_versions.get(key) == body["metadata"].get("resourceVersion"):
+            return
+        self.queue.add(key)
+
+    def on_child_event(self, kind: str, event_type: Optional[str], body: dict[str, Any]) -> None:
+        key = _key_of(kind, body)
+        if event_type == "DELETED":
+            self.children.pop(key, None)
+        else:
+            self.children[key] = _slim(kind, body)
+        labels = body["metadata"].get("labels") or {}
+        if LABEL_RFTJOB in labels:
+            self.queue.add(("RFTJob", key[1], labels[LABEL_RFTJOB]))
+        elif LABEL_TURBO in labels:
+            self.queue.add(("TurboDeployment", key[1], labels[LABEL_TURBO]))
+
+    def _update_phase_gauges(self) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for (kind, _, _), phase in self.phases.items():
+            counts[(kind, phase)] = counts.get((kind, phase), 0) + 1
+        for kind, gauge, phases in (
+            ("RFTJob", self.metrics.rftjobs, ("Pending", "Running", "Suspended", "Succeeded", "Failed")),
+            ("TurboDeployment", self.metrics.turbodeployments, ("Pending", "Progressing", "Ready", "Failed")),
+        ):
+            for phase in phases:
+                gauge.labels(phase=phase).set(counts.get((kind, phase), 0))
+
+    # ------------------------------------------------------------------ the cache
+
+    def _cached(self, kind: str, namespace: str, name: str, owner_uid: str) -> Optional[dict[str, Any]]:
+        body = self.children.get((kind, namespace, name))
+        if body is None:
+            return None
+        owners = body["metadata"].get("ownerReferences") or []
+        return body if any(o.get("uid") == owner_uid for o in owners) else None
+
+    def _owned(self, label: str, namespace: str, name: str, owner_uid: str) -> list[tuple[str, dict[str, Any]]]:
+        return [
+            (kind, body)
+            for (kind, ns, _), body in list(self.children.items())
+            if ns == namespace
+            and (body["metadata"].get("labels") or {}).get(label) == name
+            and any(o.get("uid") == owner_uid for o in body["metadata"].get("ownerReferences") or [])
+        ]
+
+    # ------------------------------------------------------------------ reconcile
+
+    async def worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            kind = key[0]
+            started = time.perf_counter()
+            result = "success"
+            try:
+                requeue = await self.reconcile(key)
+                self.queue.forget(key)
+                if requeue is not None:
+                    self.queue.add_after(key, requeue)
+            except ApiError as error:
+                result = "conflict" if error.conflict else "error"
+                delay = self.queue.retry(key, base=0.05 if error.conflict else 0.5)
+                if not error.conflict:
+                    log.warning("reconciling %s %s/%s failed: %s (retry in %.1fs)", kind, key[1], key[2], error, delay)
+            except (OSError, asyncio.TimeoutError) as error:
+                result = "error"
+                delay = self.queue.retry(key, base=0.5)
+                log.warning("reconciling %s %s/%s failed: %s (retry in %.1fs)", kind, key[1], key[2], error, delay)
+            except Exception:  # a bug must not kill the worker; it is logged with its traceback and retried
+                result = "error"
+                self.queue.retry(key, base=1.0)
+                log.exception("reconciling %s %s/%s failed", kind, key[1], key[2])
+            finally:
+                self.queue.done(key)
+                self.metrics.reconciles.labels(kind=kind, result=result).inc()
+                self.metrics.reconcile_seconds.labels(kind=kind).observe(time.perf_counter() - started)
+
+    async def reconcile(self, key: Key) -> Optional[float]:
+        kind, namespace, name = key
+        body = await self.client.get(API_VERSION, kind, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None  # garbage collection removes the children through their owner references
+        now = datetime.now(timezone.utc)
+        uid = body["metadata"]["uid"]
+        if kind == "RFTJob":
+            names = RFTJobNames(name)
+            job = self._cached("Job", namespace, names.trainer, uid)
+            job_uid = (job or {}).get("metadata", {}).get("uid")
+            pods = [
+                b
+                for (k, ns, _), b in list(self.children.items())
+                if k == "Pod" and ns == namespace and any(o.get("uid") == job_uid for o in b["metadata"].get("ownerReferences") or [])
+            ]
+            observed = RFTJobObserved(
+                body=body,
+                config_map=self._cached("ConfigMap", namespace, names.config, uid),
+                reward_deployment=self._cached("Deployment", namespace, names.reward, uid),
+                trainer_job=job,
+                trainer_pods=pods,
+                children=[ChildRef(_API_VERSIONS[k], k, b["metadata"]["name"]) for k, b in self._owned(LABEL_RFTJOB, namespace, name, uid)],
+            )
+            plan = plan_rftjob(observed, self.config.images, now)
+        else:
+            source = ((body.get("spec") or {}).get("adapter") or {}).get("fromRFTJob")
+            for refs in self._turbo_by_rftjob.values():
+                refs.discard(name)
+            rftjob = None
+            if source:
+                self._turbo_by_rftjob.setdefault((namespace, source), set()).add(name)
+                rftjob = await self.client.get(API_VERSION, "RFTJob", namespace, source)
+            observed = TurboObserved(
+                body=body,
+                rftjob=rftjob,
+                deployment=self._cached("Deployment", namespace, name, uid),
+                autoscaler=self._cached("HorizontalPodAutoscaler", namespace, name, uid),
+            )
+            plan = plan_turbo(observed, self.config.images, now)
+        await self.execute(key, body, plan)
+        return plan.requeue_after
+
+    async def execute(self, key: Key, body: dict[str, Any], plan: Plan) -> None:
+        namespace = key[1]
+        await asyncio.gather(*(self._apply(namespace, manifest) for manifest in plan.apply))
+        for manifest in plan.create:
+            await self.client.create(manifest)
+        for ref, patch in plan.patch:
+            await self.client.merge_patch(ref.api_version, ref.kind, namespace, ref.name, patch)
+        for ref in plan.delete:
+            await self.client.delete(ref.api_version, ref.kind, namespace, ref.name)
+        changes = status_changes(body.get("status") or {}, plan.status)
+        if changes:
+            patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "status": changes}
+            written = await self.client.merge_patch(API_VERSION, key[0], namespace, key[2], patch, subresource="status")
+            if written is None:
+                return
+            self._written_versions[key] = written["metadata"]["resourceVersion"]
+            self.phases[key] = (written.get("status") or {}).get("phase") or "Pending"
+            self._update_phase_gauges()
+        for event in plan.events:
+            try:
+                await self.client.post_event(body, event.type, event.reason, event.message)
+            except ApiError as error:
+                log.warning("posting event %s for %s/%s failed: %s", event.reason, namespace, key[2], error)
+
+    async def _apply(self, namespace: str, manifest: dict[str, Any]) -> None:
+        digest = content_hash(manifest)
+        manifest["metadata"].setdefault("annotations", {})[ANNOTATION_HASH] = digest
+        cached = self.children.get((manifest["kind"], namespace, manifest["metadata"]["name"]))
+        if cached is not None and (cached["metadata"].get("annotations") or {}).get(ANNOTATION_HASH) == digest:
+            return
+        await self.client.apply(manifest)
+
+
+_API_VERSIONS = {kind: (f"{group}/{version}" if group else version) for group, version, _, kind in CHILD_KINDS}
+_API_VERSIONS["Pod"] = "v1"
+
+
+def build_registry(controller: Controller, settings: kopf.OperatorSettings) -> kopf.OperatorRegistry:
+    """kopf handlers: every event only updates the cache and queues a key."""
+    registry = kopf.OperatorRegistry()
+
+    for kind, plural in PARENT_KINDS.items():
+
+        def parent_handler(event: dict[str, Any], _kind: str = kind, **_: Any) -> None:
+            controller.on_parent_event(_kind, event.get("type"), event["object"])
+
+        kopf.on.event(GROUP, VERSION, plural, registry=registry, id=f"{plural}-events")(parent_handler)
+
+    managed = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    for group, version, plural, kind in CHILD_KINDS:
+        settings.watching.label_selectors[group, version, plural] = managed
+
+        def child_handler(event: dict[str, Any], _kind: str = kind, **_: Any) -> None:
+            controller.on_child_event(_kind, event.get("type"), event["object"])
+
+        kopf.on.event(group, version, plural, registry=registry, id=f"{plural}-events")(child_handler)
+
+    # Trainer pods carry our labels through the Job's pod template; their failures explain a Failed job.
+    settings.watching.label_selectors["", "v1", "pods"] = f"{managed},{LABEL_ROLE}=trainer"
+
+    def pod_handler(event: dict[str, Any], **_: Any) -> None:
+        controller.on_child_event("Pod", event.get("type"), event["object"])
+
+    kopf.on.event("", "v1", "pods", registry=registry, id="pods-events")(pod_handler)
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return controller.connection_info  # type: ignore[attr-defined]
+
+    return registry
+
+
+def connection_info() -> kopf.ConnectionInfo:
+    """Credentials from the pod's service account, else from KUBECONFIG / ~/.kube/config."""
+    settings = kopf.OperatorSettings()
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise kopf.LoginError("no credentials: not in a pod and neither KUBECONFIG nor ~/.kube/config is set")
+    return info
+
+
+async def _serve_metrics(controller: Controller, port: int) -> web.AppRunner:
+    async def metrics(_: web.Request) -> web.Response:
+        body, content_type = controller.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
+
+
+async def run(config: OperatorConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until leadership is lost (exit 1)."""
+    info = connection_info()
+    client = KubeClient(Credentials.from_connection_info(info), max_connections=max(8, config.workers * 2))
+    controller = Controller(client, config)
+    controller.connection_info = info  # type: ignore[attr-defined]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+    runner = await _serve_metrics(controller, config.metrics_port) if config.metrics_port else None
+    elector = None
+    exit_code = 0
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        if config.leader_election:
+            elector = LeaderElector(client, config.lease_namespace, config.lease_name, config.identity, config.lease_seconds, config.renew_seconds)
+            acquiring = asyncio.create_task(elector.acquire())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquiring.done():
+                acquiring.cancel()
+                return 0
+            stopping.cancel()
+
+        settings = kopf.OperatorSettings()
+        settings.posting.enabled = False  # our Events are posted by the reconciler, one per transition
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        registry = build_registry(controller, settings)
+        kopf_stop = asyncio.Event()
+        tasks.append(
+            asyncio.create_task(
+                kopf.operator(
+                    registry=registry,
+                    settings=settings,
+                    standalone=True,
+                    clusterwide=not config.namespaces,
+                    namespaces=list(config.namespaces),
+                    stop_flag=kopf_stop,
+                )
+            )
+        )
+        tasks += [asyncio.create_task(controller.worker()) for _ in range(config.workers)]
+        watchers = [asyncio.create_task(stop.wait())]
+        if elector is not None:
+            watchers.append(asyncio.create_task(elector.hold()))
+        log.info(
+            "kuberft operator %s started (%s, %d workers)",
+            config.identity,
+            "namespaces " + ",".join(config.namespaces) if config.namespaces else "all namespaces",
+            config.workers,
+        )
+        done, pending = await asyncio.wait(watchers + [tasks[0]], return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            if task is not tasks[0]:
+                task.cancel()
+        if not stop.is_set():
+            exit_code = 1  # leadership lost or kopf ended: stop acting at once
+        kopf_stop.set()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(tasks[0], timeout=10)
+    finally:
+        for task in tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*tasks[1:], return_exceptions=True)
+        controller.queue.close()
+        if elector is not None and exit_code == 0:
+            await elector.release()
+        if runner is not None:
+            await runner.cleanup()
+        await client.close()
+    return exit_code

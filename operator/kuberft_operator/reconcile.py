@@ -1,0 +1,489 @@
+"""What the operator should do for one RFTJob or TurboDeployment, decided from what it observes.
+
+`plan_rftjob` and `plan_turbo` are pure: given the parent object, its observed children and the
+current time, they return a `Plan` (children to apply, create, patch or delete; the status the
+operator owns; Events). The controller performs the plan and writes the status with optimistic
+concurrency, so the same observation always yields the same plan: reconciling twice, after a
+restart or from two replicas, creates nothing twice and loses no status.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from .api import RFTJobSpec, TurboDeploymentSpec
+from .builders import (
+    ANNOTATION_GENERATION,
+    ANNOTATION_POD_TEMPLATE_HASH,
+    ANNOTATION_RESTARTS_BEFORE,
+    CONFIG_KEY,
+    Images,
+    Owner,
+    RFTJobNames,
+    content_hash,
+    output_location,
+    rftjob_children,
+    serve_autoscaler,
+    serve_deployment,
+    serve_selector,
+    serve_service,
+    serve_url,
+    trainer_job,
+    trainer_pod_template,
+)
+from .conditions import Conditions, Transition, event_type, parse_time, timestamp
+from .manifests import problems_from
+
+# Fields of a running job that cannot change: the trainer's checkpoints depend on them.
+IMMUTABLE_WHILE_RUNNING = ("model", "lora", "dataset", "rewards", "grpo", "checkpoint", "queueName")
+
+
+@dataclass(frozen=True)
+class ChildRef:
+    api_version: str
+    kind: str
+    name: str
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> "ChildRef":
+        return cls(manifest["apiVersion"], manifest["kind"], manifest["metadata"]["name"])
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    """Children kept in the desired state with server-side apply."""
+    create: list[dict[str, Any]] = field(default_factory=list)
+    """Children created once and never re-applied (the trainer Job: Kueue owns its suspend flag)."""
+    patch: list[tuple[ChildRef, dict[str, Any]]] = field(default_factory=list)
+    """Merge patches to existing children (a missing child is left missing)."""
+    delete: list[ChildRef] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    """The status fields the operator owns, complete (compared with the stored status)."""
+    events: list[Event] = field(default_factory=list)
+    requeue_after: Optional[float] = None
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(0.5, seconds)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+@dataclass
+class RFTJobObserved:
+    body: dict[str, Any]
+    """The RFTJob as read from the API server."""
+    config_map: Optional[dict[str, Any]] = None
+    reward_deployment: Optional[dict[str, Any]] = None
+    trainer_job: Optional[dict[str, Any]] = None
+    trainer_pods: list[dict[str, Any]] = field(default_factory=list)
+    children: list[ChildRef] = field(default_factory=list)
+    """Every child that exists now (used when the TTL deletes them)."""
+
+
+@dataclass
+class TurboObserved:
+    body: dict[str, Any]
+    rftjob: Optional[dict[str, Any]] = None
+    """The RFTJob named by `adapter.fromRFTJob`, if it exists."""
+    deployment: Optional[dict[str, Any]] = None
+    autoscaler: Optional[dict[str, Any]] = None
+
+
+def _owner(body: dict[str, Any]) -> Owner:
+    meta = body["metadata"]
+    return Owner(body["kind"], meta["name"], meta["namespace"], meta["uid"])
+
+
+def changed_paths(old: Any, new: Any, prefix: str) -> list[str]:
+    """Dotted paths (e.g. `spec.grpo.learningRate`) where two wire values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        paths = []
+        for key in sorted(set(old) | set(new)):
+            paths += changed_paths(old.get(key), new.get(key), f"{prefix}.{key}")
+        return paths
+    return [] if old == new else [prefix]
+
+
+def immutable_changes(accepted: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    paths: list[str] = []
+    for key in IMMUTABLE_WHILE_RUNNING:
+        paths += changed_paths(accepted.get(key), requested.get(key), f"spec.{key}")
+    old_url = (accepted.get("rewardPool") or {}).get("url")
+    new_url = (requested.get("rewardPool") or {}).get("url")
+    if old_url != new_url:
+        paths.append("spec.rewardPool.url")
+    return paths
+
+
+def _phase(conds: Conditions) -> str:
+    for type_, phase in (("Failed", "Failed"), ("Succeeded", "Succeeded"), ("Suspended", "Suspended"), ("Running", "Running")):
+        if conds.is_true(type_):
+            return phase
+    return "Pending"
+
+
+def _true_conditions(obj: Optional[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    if not obj:
+        return {}
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+
+
+def pod_failure(pods: list[dict[str, Any]]) -> Optional[str]:
+    """A one-line account of the latest failed trainer pod (exit code, reason, message)."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    if not failed:
+        return None
+    pod = max(failed, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+    status = pod.get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            text = f"pod {pod['metadata']['name']} failed: exit code {terminated.get('exitCode')}"
+            if terminated.get("reason"):
+                text += f" ({terminated['reason']})"
+            if terminated.get("message"):
+                text += f": {terminated['message'].strip()}"
+            return text
+    detail = status.get("message") or status.get("reason") or "no container status"
+    return f"pod {pod['metadata']['name']} failed: {detail}"
+
+
+def _finish_status(plan: Plan, conds: Conditions, status: dict[str, Any]) -> Plan:
+    plan.status["conditions"] = conds.items
+    plan.status["phase"] = _phase(conds)
+    for transition in conds.transitions:
+        plan.events.append(Event(event_type(transition), transition.reason, transition.message or transition.type))
+    return plan
+
+
+def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan:
+    body = observed.body
+    meta = body["metadata"]
+    name, generation = meta["name"], meta.get("generation")
+    status = body.get("status") or {}
+    owner = _owner(body)
+    names = RFTJobNames(name)
+    conds = Conditions(status.get("conditions"), now, generation)
+    plan = Plan()
+    plan.status["observedGeneration"] = generation
+    for key in ("startTime", "completionTime", "restarts", "adapter"):
+        if status.get(key) is not None:
+            plan.status[key] = status[key]
+
+    try:
+        spec = RFTJobSpec.model_validate(body.get("spec") or {})
+    except ValidationError as error:
+        problems = "; ".join(str(p) for p in problems_from(error, ""))
+        conds.set("Failed", True, "InvalidSpec", f"spec: {problems}")
+        plan.status.setdefault("completionTime", timestamp(now))
+        return _finish_status(plan, conds, status)
+
+    # Which spec is in effect: a running job keeps the fields its checkpoints depend on.
+    accepted_wire: Optional[dict[str, Any]] = None
+    accepted_generation = generation
+    if observed.config_map is not None:
+        try:
+            accepted_wire = json.loads((observed.config_map.get("data") or {}).get(CONFIG_KEY, ""))
+            accepted_generation = int((observed.config_map["metadata"].get("annotations") or {}).get(ANNOTATION_GENERATION, generation))
+        except (ValueError, TypeError):
+            accepted_wire = None
+    started = status.get("startTime") is not None
+    finished = conds.is_true("Succeeded") or conds.is_true("Failed")
+    effective, effective_generation = spec, generation
+    requested_wire = spec.to_wire()
+    refused = immutable_changes(accepted_wire, requested_wire) if accepted_wire is not None and (started or finished) else []
+    if refused:
+        effective = RFTJobSpec.model_validate(accepted_wire)
+        effective_generation = accepted_generation
+        conds.set(
+            "SpecAccepted",
+            False,
+            "ImmutableFieldChanged",
+            f"{', '.join(refused)} cannot change once training has started; the job keeps running with "
+            f"the spec of generation {accepted_generation}. Revert the change, or create a new RFTJob.",
+        )
+    elif conds.get("SpecAccepted") is not None:
+        conds.set("SpecAccepted", True, "Accepted", f"generation {generation} is in effect")
+
+    plan.status["totalSteps"] = effective.grpo.steps
+    plan.status["progress"] = status.get("progress") or f"{status.get('step') or 0}/{effective.grpo.steps}"
+
+    if finished:
+        return _plan_finished(plan, conds, status, observed, effective, now)
+
+    job = observed.trainer_job
+    job_annotations = (job or {}).get("metadata", {}).get("annotations") or {}
+    restarts_before = int(job_annotations.get(ANNOTATION_RESTARTS_BEFORE, 0)) if job else int(status.get("restarts") or 0)
+    restarts = restarts_before + int(((job or {}).get("status") or {}).get("failed") or 0) if job else restarts_before
+    previous_restarts = int(status.get("restarts") or 0)
+    plan.status["restarts"] = max(restarts, previous_restarts)
+
+    outcome: Optional[tuple[str, str, str]] = None  # (condition, reason, message)
+    delete_trainer = False
+    start = parse_time(status.get("startTime"))
+    deadline = effective.active_deadline_seconds
+    remaining: Optional[float] = None
+    if deadline and start:
+        remaining = deadline - (now - start).total_seconds()
+        if remaining <= 0:
+            outcome = ("Failed", "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds ({deadline}s)")
+            delete_trainer = job is not None
+        else:
+            plan.requeue(remaining)
+
+    job_true = _true_conditions(job)
+    if outcome is None and job is not None:
+        if "Complete" in job_true or "SuccessCriteriaMet" in job_true:
+            location = status.get("adapter") or output_location(effective, name)
+            outcome = ("Succeeded", "TrainerSucceeded", "training finished" + (f"; output in {location}" if location else ""))
+        elif "Failed" in job_true or "FailureTarget" in job_true:
+            cond = job_true.get("Failed") or job_true["FailureTarget"]
+            reason = cond.get("reason") if cond.get("reason") in ("BackoffLimitExceeded", "DeadlineExceeded") else "TrainerFailed"
+            detail = pod_failure(observed.trainer_pods)
+            message = f"the trainer failed after {plan.status['restarts']} restart(s) (backoffLimit {effective.backoff_limit})"
+            if reason == "DeadlineExceeded":
+                message = f"the job ran longer than activeDeadlineSeconds ({deadline}s)"
+            if detail:
+                message += f"; last: {detail}"
+            outcome = ("Failed", reason, message)
+
+    if outcome is not None:
+        cond_type, reason, message = outcome
+        conds.set(cond_type, True, reason, message)
+        conds.set("Running", False, "Completed" if cond_type == "Succeeded" else reason, message)
+        plan.status["completionTime"] = timestamp(now)
+        if cond_type == "Succeeded" and not status.get("adapter"):
+            location = output_location(effective, name)
+            if location:
+                plan.status["adapter"] = location
+        if delete_trainer:
+            plan.delete.append(ChildRef("batch/v1", "Job", names.trainer))
+        plan.apply = rftjob_children(effective, owner, images, effective_generation, reward_replicas=0)
+        if effective.ttl_seconds_after_finished is not None:
+            plan.requeue(effective.ttl_seconds_after_finished)
+        return _finish_status(plan, conds, status)
+
+    suspended = effective.suspend
+    plan.apply = rftjob_children(effective, owner, images, effective_generation, 0 if suspended else effective.reward_pool.replicas)
+    conds.set("Created", True, "ChildrenCreated", "job config, reward pool and trainer permissions created")
+
+    # The reward pool.
+    pool_ready = False
+    if effective.reward_pool.url:
+        pool_ready = True
+        conds.set("RewardPoolReady", True, "ExternalRewardPool", f"using the reward pool at {effective.reward_pool.url}")
+    elif suspended:
+        conds.set("RewardPoolReady", False, "Suspended", "the reward pool is scaled to zero while the job is suspended")
+    else:
+        want = effective.reward_pool.replicas
+        deployment = observed.reward_deployment or {}
+        ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+        scaled = (deployment.get("spec") or {}).get("replicas") == want
+        pool_ready = scaled and ready >= want
+        conds.set(
+            "RewardPoolReady",
+            pool_ready,
+            "PodsReady" if pool_ready else "PodsNotReady",
+            f"{min(ready, want)}/{want} reward pods ready",
+        )
+
+    if suspended:
+        if job is not None:
+            plan.delete.append(ChildRef("batch/v1", "Job", names.trainer))
+        location = output_location(effective, name)
+        conds.set("Suspended", True, "Suspended", "the trainer is stopped; checkpoints are kept" + (f" in {location}" if location else ""))
+        if conds.get("Running") is not None:
+            conds.set("Running", False, "Suspended", "the job is suspended")
+        return _finish_status(plan, conds, status)
+
+    if conds.is_true("Suspended"):
+        conds.set("Suspended", False, "Resumed", "training resumes from the latest checkpoint")
+
+    if plan.status["restarts"] > previous_restarts:
+        detail = pod_failure(observed.trainer_pods) or "the trainer pod failed"
+        plan.events.append(
+            Event(
+                "Warning",
+                "TrainerRestarted",
+                f"{detail}; restart {plan.status['restarts']} of {effective.backoff_limit} resumes from the latest checkpoint",
+            )
+        )
+
+    if job is None:
+        if pool_ready:
+            left = deadline if remaining is None else max(1, int(remaining))
+            plan.create.append(trainer_job(effective, owner, images, restarts_before=restarts_before, deadline_seconds=left))
+            plan.status.setdefault("startTime", timestamp(now))
+            conds.set("Running", False, "TrainerStarting", "the trainer Job is created; waiting for its pod")
+        else:
+            conds.set("Running", False, "WaitingForRewardPool", "the trainer starts once the reward pool is ready")
+        return _finish_status(plan, conds, status)
+
+    if job_annotations.get(ANNOTATION_POD_TEMPLATE_HASH) != content_hash(trainer_pod_template(effective, owner, images)):
+        # A Job's pod template cannot change: replace the Job; the new pod resumes from the checkpoint.
+        plan.delete.append(ChildRef("batch/v1", "Job", names.trainer))
+        conds.set("Running", False, "TrainerRestarting", "the trainer settings changed; the trainer restarts from the latest checkpoint")
+        plan.events.append(Event("Normal", "TrainerUpdated", "the trainer settings changed; replacing the trainer Job"))
+        return _finish_status(plan, conds, status)
+
+    job_status = job.get("status") or {}
+    if (job.get("spec") or {}).get("suspend"):
+        conds.set("Running", False, "WaitingForQueue", f"the trainer Job waits for admission by Kueue LocalQueue {effective.queue_name}")
+    elif int(job_status.get("active") or 0) >= 1 and any(
+        (p.get("status") or {}).get("phase") == "Running" for p in observed.trainer_pods
+    ):
+        conds.set("Running", True, "TrainerRunning", "the trainer pod is running" + (f" (restart {plan.status['restarts']})" if plan.status["restarts"] else ""))
+    else:
+        conds.set("Running", False, "TrainerStarting", "waiting for the trainer pod to start")
+    return _finish_status(plan, conds, status)
+
+
+def _plan_finished(plan: Plan, conds: Conditions, status: dict[str, Any], observed: RFTJobObserved, spec: RFTJobSpec, now: datetime) -> Plan:
+    """A finished job keeps its status; the reward pool is scaled to zero and, after
+    `ttlSecondsAfterFinished`, every child but the checkpoint claim is deleted."""
+    completion = parse_time(status.get("completionTime"))
+    ttl = spec.ttl_seconds_after_finished
+    expired = False
+    if ttl is not None and completion is not None:
+        left = ttl - (now - completion).total_seconds()
+        expired = left <= 0
+        if not expired:
+            plan.requeue(left)
+    if expired:
+        doomed = [c for c in observed.children if c.kind != "PersistentVolumeClaim"]
+        plan.delete.extend(doomed)
+        if doomed:
+            plan.events.append(Event("Normal", "ChildrenDeleted", f"ttlSecondsAfterFinished ({ttl}s) passed: deleted {len(doomed)} child resources; the RFTJob and its outputs are kept"))
+    elif observed.reward_deployment and (observed.reward_deployment.get("spec") or {}).get("replicas"):
+        plan.patch.append((ChildRef("apps/v1", "Deployment", RFTJobNames(observed.body["metadata"]["name"]).reward), {"spec": {"replicas": 0}}))
+    return _finish_status(plan, conds, status)
+
+
+# --------------------------------------------------------------------------- TurboDeployment
+
+
+def plan_turbo(observed: TurboObserved, images: Images, now: datetime) -> Plan:
+    body = observed.body
+    meta = body["metadata"]
+    name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
+    status = body.get("status") or {}
+    owner = _owner(body)
+    conds = Conditions(status.get("conditions"), now, generation)
+    plan = Plan()
+    plan.status["observedGeneration"] = generation
+    try:
+        spec = TurboDeploymentSpec.model_validate(body.get("spec") or {})
+    except ValidationError as error:
+        problems = "; ".join(str(p) for p in problems_from(error, ""))
+        conds.set("Failed", True, "InvalidSpec", f"spec: {problems}")
+        plan.status["phase"] = "Failed"
+        return _finish_turbo(plan, conds)
+
+    adapter: Optional[str] = None
+    waiting: Optional[tuple[str, str, str]] = None  # (phase, reason, message)
+    if spec.adapter is None:
+        conds.set("AdapterReady", True, "NoAdapter", "serving the base model without an adapter")
+    elif spec.adapter.uri:
+        adapter = spec.adapter.uri
+        conds.set("AdapterReady", True, "AdapterURI", f"serving the adapter at {adapter}")
+    else:
+        job_name = spec.adapter.from_rft_job
+        job = observed.rftjob
+        job_status = (job or {}).get("status") or {}
+        if job is None:
+            waiting = ("Pending", "RFTJobNotFound", f"RFTJob {job_name} does not exist in namespace {namespace}")
+        elif job_status.get("phase") == "Failed":
+            waiting = ("Failed", "RFTJobFailed", f"RFTJob {job_name} failed, so it has no adapter to serve")
+        elif job_status.get("phase") == "Succeeded" and job_status.get("adapter"):
+            adapter = job_status["adapter"]
+            conds.set("AdapterReady", True, "RFTJobSucceeded", f"serving the adapter of RFTJob {job_name}: {adapter}")
+        elif job_status.get("phase") == "Succeeded":
+            waiting = ("Failed", "AdapterNotReported", f"RFTJob {job_name} succeeded but reports no adapter location (no checkpoint volume?)")
+        else:
+            phase = job_status.get("phase") or "Pending"
+            waiting = ("Pending", "WaitingForRFTJob", f"RFTJob {job_name} is {phase}; serving starts when it has Succeeded")
+    if waiting is not None:
+        phase, reason, message = waiting
+        conds.set("AdapterReady", False, reason, message)
+        if observed.deployment is None:
+            plan.status["phase"] = phase
+            return _finish_turbo(plan, conds)
+        # Keep serving what is deployed (e.g. the adapter of an RFTJob deleted since).
+        adapter = status.get("adapter")
+
+    deployment_manifest = serve_deployment(spec, owner, images, adapter)
+    plan.apply = [deployment_manifest, serve_service(spec, owner)]
+    autoscaler = serve_autoscaler(spec, owner)
+    if autoscaler:
+        plan.apply.append(autoscaler)
+    elif observed.autoscaler is not None:
+        plan.delete.append(ChildRef("autoscaling/v2", "HorizontalPodAutoscaler", name))
+
+    deployment = observed.deployment or {}
+    dep_status = deployment.get("status") or {}
+    desired = spec.replicas if spec.autoscaling is None else int((deployment.get("spec") or {}).get("replicas") or spec.autoscaling.min_replicas)
+    ready = int(dep_status.get("readyReplicas") or 0)
+    plan.status.update(
+        {
+            "replicas": int(dep_status.get("replicas") or 0),
+            "readyReplicas": ready,
+            "selector": serve_selector(name),
+            "url": serve_url(spec, name, namespace),
+        }
+    )
+    if adapter:
+        plan.status["adapter"] = adapter
+    stalled = next(
+        (c for c in dep_status.get("conditions") or [] if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"),
+        None,
+    )
+    if stalled:
+        conds.set("Available", False, "ProgressDeadlineExceeded", stalled.get("message") or "the serving pods did not become ready")
+        plan.status["phase"] = "Failed"
+    elif ready >= desired:
+        conds.set("Available", True, "MinimumReplicasAvailable", f"{ready}/{desired} serving pods ready")
+        plan.status["phase"] = "Ready" if waiting is None else waiting[0]
+    else:
+        conds.set("Available", False, "ReplicasNotReady", f"{ready}/{desired} serving pods ready")
+        plan.status["phase"] = "Progressing" if waiting is None else waiting[0]
+    return _finish_turbo(plan, conds)
+
+
+def _finish_turbo(plan: Plan, conds: Conditions) -> Plan:
+    plan.status["conditions"] = conds.items
+    for transition in conds.transitions:
+        kind = "Warning" if transition.status == "False" and transition.reason in ("RFTJobFailed", "AdapterNotReported", "ProgressDeadlineExceeded") else event_type(transition)
+        plan.events.append(Event(kind, transition.reason, transition.message or transition.type))
+    return plan
+
+
+def status_changes(current: dict[str, Any], owned: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch that brings the stored status to the operator's fields (empty: nothing to write)."""
+    return {key: value for key, value in owned.items() if current.get(key) != value}
+
+
+__all__ = [
+    "ChildRef",
+    "Event",
+    "Plan",
+    "RFTJobObserved",
+    "TurboObserved",
+    "Transition",
+    "plan_rftjob",
+    "plan_turbo",
+    "status_changes",
+    "immutable_changes",
+    "pod_failure",
+]

@@ -1,0 +1,159 @@
+"""The child manifests of RFTJob and TurboDeployment, checked without a cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kuberft_operator.api import RFTJob, RFTJobSpec, TurboDeploymentSpec
+from kuberft_operator.builders import (
+    ANNOTATION_RESTARTS_BEFORE,
+    KUEUE_QUEUE_LABEL,
+    Images,
+    Owner,
+    adapter_mount,
+    job_config_map,
+    reward_deployment,
+    reward_network_policy,
+    rftjob_children,
+    serve_autoscaler,
+    serve_deployment,
+    trainer_job,
+    trainer_role,
+)
+from kuberft_operator.manifests import load
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+IMAGES = Images.for_version("registry.test/kuberft", "9.9.9")
+OWNER = Owner("RFTJob", "triton-kernels", "team-a", "uid-1")
+
+
+def _example_spec() -> RFTJobSpec:
+    return load(EXAMPLES / "rftjob-triton.yaml", RFTJob).spec
+
+
+def test_every_child_is_owned_by_the_rftjob_and_labelled():
+    children = rftjob_children(_example_spec(), OWNER, IMAGES, generation=1, reward_replicas=2)
+    kinds = [c["kind"] for c in children]
+    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service", "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding"]
+    for child in children:
+        meta = child["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert meta["ownerReferences"] == [
+            {"apiVersion": "kuberft.io/v1alpha1", "kind": "RFTJob", "name": "triton-kernels", "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}
+        ]
+        assert meta["labels"]["kuberft.io/rftjob"] == "triton-kernels"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "kuberft-operator"
+
+
+def test_config_map_holds_the_resolved_spec_with_defaults():
+    spec = _example_spec()
+    data = json.loads(job_config_map(spec, OWNER, generation=3)["data"]["job.json"])
+    assert data == spec.to_wire()
+    assert data["grpo"]["epsilonHigh"] == 0.28
+    assert data["rewardPool"]["sandbox"]["timeoutSeconds"] == 120
+
+
+def test_reward_pods_are_locked_down():
+    spec = _example_spec().model_copy(deep=True)
+    spec.reward_pool.sandbox.runtime_class_name = "gvisor"
+    pod = reward_deployment(spec, OWNER, IMAGES, replicas=2)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["kuberft", "reward", "serve", "--port", "8080", "--workers", "4"]
+    assert container["image"] == "registry.test/kuberft/reward:9.9.9"
+    assert container["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["runtimeClassName"] == "gvisor"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+
+
+def test_network_policy_denies_all_egress_and_admits_only_the_trainer():
+    policy = reward_network_policy(OWNER)["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["egress"] == []
+    assert policy["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": {"kuberft.io/rftjob": "triton-kernels", "kuberft.io/role": "trainer"}}}],
+            "ports": [{"protocol": "TCP", "port": 8080}],
+        }
+    ]
+
+
+def test_trainer_job_runs_kuberft_train_on_a_gpu_with_the_checkpoint_claim():
+    job = trainer_job(_example_spec(), OWNER, IMAGES)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == [
+        "kuberft", "train", "--config", "/etc/kuberft/job.json", "--output", "/checkpoints/triton-kernels",
+        "--reward-url", "http://triton-kernels-reward.team-a.svc:8080",
+    ]
+    assert {"name": "KUBERFT_JOB_NAME", "value": "triton-kernels"} in container["env"]
+    assert {"name": "KUBERFT_JOB_NAMESPACE", "value": "team-a"} in container["env"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "triton-kernels-checkpoints"}} in pod["volumes"]
+    assert pod["serviceAccountName"] == "triton-kernels-trainer"
+    assert job["spec"]["backoffLimit"] == 3
+    assert "suspend" not in job["spec"]
+
+
+def test_more_than_one_gpu_uses_torchrun():
+    spec = _example_spec().model_copy(deep=True)
+    spec.trainer.resources.limits["nvidia.com/gpu"] = 4
+    command = trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node=4", "--no-python"]
+    assert command[4:6] == ["kuberft", "train"]
+
+
+def test_queue_name_creates_the_job_suspended_with_the_kueue_label():
+    spec = _example_spec().model_copy(update={"queue_name": "gpu-queue"})
+    job = trainer_job(spec, OWNER, IMAGES, restarts_before=2)
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+    assert job["spec"]["backoffLimit"] == 1  # 3 allowed, 2 already used before a suspend
+    assert job["metadata"]["annotations"][ANNOTATION_RESTARTS_BEFORE] == "2"
+
+
+def test_trainer_role_allows_only_patching_its_own_status():
+    assert trainer_role(OWNER)["rules"] == [
+        {"apiGroups": ["kuberft.io"], "resources": ["rftjobs/status"], "resourceNames": ["triton-kernels"], "verbs": ["patch"]}
+    ]
+
+
+def test_serve_deployment_mounts_a_pvc_adapter_and_passes_the_speculator():
+    spec = TurboDeploymentSpec.model_validate(
+        {"model": {"name": "Qwen/Qwen2.5-0.5B"}, "speculator": {"type": "draft", "draftModel": "tiny-draft", "numSpeculativeTokens": 5}, "port": 9000}
+    )
+    owner = Owner("TurboDeployment", "chat", "team-a", "uid-2")
+    deployment = serve_deployment(spec, owner, IMAGES, adapter="pvc://ckpt/triton-kernels")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["command"] == [
+        "kuberft", "serve", "--model", "Qwen/Qwen2.5-0.5B", "--adapter", "/adapters/triton-kernels",
+        "--speculator", "draft", "--num-speculative-tokens", "5", "--draft-model", "tiny-draft", "--port", "9000",
+    ]
+    assert {"name": "adapter", "persistentVolumeClaim": {"claimName": "ckpt", "readOnly": True}} in pod["volumes"]
+    assert deployment["spec"]["replicas"] == 1
+    assert serve_autoscaler(spec, owner) is None
+
+
+def test_autoscaled_serving_leaves_replicas_to_the_hpa():
+    spec = TurboDeploymentSpec.model_validate({"model": {"name": "m"}, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}})
+    owner = Owner("TurboDeployment", "chat", "team-a", "uid-2")
+    assert "replicas" not in serve_deployment(spec, owner, IMAGES, adapter=None)["spec"]
+    hpa = serve_autoscaler(spec, owner)["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 5)
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
+
+
+def test_adapter_paths_that_are_not_claims_pass_through():
+    assert adapter_mount("/models/adapter") == (None, None, "/models/adapter")
