@@ -40,27 +40,29 @@ class ComponentCatalog:
 
 
 CATALOG: dict[str, ComponentCatalog] = {
+    # The trainer labels its series `rftjob`, not `job`: Prometheus sets `job` on every target
+    # (the scrape job) and would rename ours to `exported_job`.
     "trainer": ComponentCatalog(
         "kuberft_trainer",
         (
-            MetricSpec("step", "gauge", "Last completed optimizer step", ("job",)),
-            MetricSpec("total_steps", "gauge", "Optimizer steps the job runs in total", ("job",)),
-            MetricSpec("reward_mean", "gauge", "Mean score per reward function in the last step", ("job", "reward")),
-            MetricSpec("reward_std", "gauge", "Std of the score per reward function in the last step", ("job", "reward")),
-            MetricSpec("reward_total_mean", "gauge", "Mean weighted total reward in the last step", ("job",)),
-            MetricSpec("loss", "gauge", "Policy loss of the last step", ("job",)),
-            MetricSpec("kl", "gauge", "Mean per-token KL to the base model (k3) in the last step", ("job",)),
-            MetricSpec("clip_ratio", "gauge", "Fraction of tokens whose importance ratio was clipped", ("job",)),
-            MetricSpec("completion_length_mean", "gauge", "Mean completion length in tokens", ("job",)),
-            MetricSpec("completion_length_max", "gauge", "Longest completion in tokens", ("job",)),
-            MetricSpec("truncated_fraction", "gauge", "Fraction of completions that hit maxCompletionLength", ("job",)),
-            MetricSpec("generated_tokens_per_second", "gauge", "Generation throughput of the last step", ("job",)),
-            MetricSpec("generated_tokens", "counter", "Completion tokens generated", ("job",)),
-            MetricSpec("step_phase_seconds", "gauge", "Time of the last step per phase (generate, reward, train)", ("job", "phase")),
-            MetricSpec("learning_rate", "gauge", "Current learning rate", ("job",)),
-            MetricSpec("eval_pass_at_1", "gauge", "Greedy pass@1 on held-out rows at the last evaluation", ("job",)),
-            MetricSpec("reward_failures", "counter", "Evaluations the reward pool failed to score (not model errors)", ("job",)),
-            MetricSpec("checkpoints", "counter", "Checkpoints written", ("job",)),
+            MetricSpec("step", "gauge", "Last completed optimizer step", ("rftjob",)),
+            MetricSpec("total_steps", "gauge", "Optimizer steps the job runs in total", ("rftjob",)),
+            MetricSpec("reward_mean", "gauge", "Mean score per reward function in the last step", ("rftjob", "reward")),
+            MetricSpec("reward_std", "gauge", "Std of the score per reward function in the last step", ("rftjob", "reward")),
+            MetricSpec("reward_total_mean", "gauge", "Mean weighted total reward in the last step", ("rftjob",)),
+            MetricSpec("loss", "gauge", "Policy loss of the last step", ("rftjob",)),
+            MetricSpec("kl", "gauge", "Mean per-token KL to the base model (k3) in the last step", ("rftjob",)),
+            MetricSpec("clip_ratio", "gauge", "Fraction of tokens whose importance ratio was clipped", ("rftjob",)),
+            MetricSpec("completion_length_mean", "gauge", "Mean completion length in tokens", ("rftjob",)),
+            MetricSpec("completion_length_max", "gauge", "Longest completion in tokens", ("rftjob",)),
+            MetricSpec("truncated_fraction", "gauge", "Fraction of completions that hit maxCompletionLength", ("rftjob",)),
+            MetricSpec("generated_tokens_per_second", "gauge", "Generation throughput of the last step", ("rftjob",)),
+            MetricSpec("generated_tokens", "counter", "Completion tokens generated", ("rftjob",)),
+            MetricSpec("step_phase_seconds", "gauge", "Time of the last step per phase (generate, reward, train)", ("rftjob", "phase")),
+            MetricSpec("learning_rate", "gauge", "Current learning rate", ("rftjob",)),
+            MetricSpec("eval_pass_at_1", "gauge", "Greedy pass@1 on held-out rows at the last evaluation", ("rftjob",)),
+            MetricSpec("reward_failures", "counter", "Evaluations the reward pool failed to score (not model errors)", ("rftjob",)),
+            MetricSpec("checkpoints", "counter", "Checkpoints written", ("rftjob",)),
         ),
     ),
     "reward": ComponentCatalog(
