@@ -1,0 +1,430 @@
+"""The decoding engine: continuous batching of requests, one speculative step at a time.
+
+Requests for the same adapter are decoded together in a `Group` (one KV batch of the target,
+one speculator state). New requests join a running group after a batched prefill; finished
+ones leave at once. `speculative_step` is the whole decoding algorithm:
+
+    1. propose  k tokens per row (the speculator; k = 0 is plain decoding),
+    2. verify   all of them in one forward pass of the target ([last token, proposals]),
+    3. accept   per row with `sampling.accept_proposals` (greedy match, or the rejection rule),
+    4. roll back the target's and the speculator's KV caches to the accepted prefix,
+    5. emit     the accepted tokens plus the target's own next token.
+
+Plain decoding is the same step with no proposals, through the same KV-cache path, which is
+what the losslessness tests compare against. `SpeculationController` picks k per group from the
+observed acceptance rate and measured step costs (expected tokens per second, Leviathan et al.
+eq. 1 with a measured verify cost), when adaptive.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .kv_batch import ModelRunner, SequenceBatch
+from .sampling import SamplingParams, accept_proposals, select_token
+from .speculators import Proposal, Speculator
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- one request
+class TextTracker:
+    """Incremental detokenization with stop strings: which text is safe to stream now."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def update(self, token_ids: list[int]) -> None:
+        if self.stopped:
+            return
+        self.text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        for stop in self.stop:
+            hit = self.text.find(stop, max(0, self.sent - len(stop)))
+            if hit >= 0:
+                self.text = self.text[:hit]
+                self.stopped = True
+
+    def take(self, final: bool) -> str:
+        """Text not streamed yet; holds back an incomplete character or a possible stop prefix."""
+        end = len(self.text)
+        if not final and not self.stopped:
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            for stop in self.stop:
+                for n in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text[:end].endswith(stop[:n]):
+                        end -= n
+                        break
+            end = max(end, self.sent)
+        delta = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return delta
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's prompt, sampling parameters and output as decoding goes."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None
+    on_update: Callable[["Sequence", str], None] | None = None
+    """Called from the engine thread with each new piece of text (and once more when finished)."""
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    cancelled: bool = False
+    text: TextTracker | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def output_text(self) -> str:
+        return self.text.text if self.text else ""
+
+    def emit(self, tokens: list[int], eos_ids: set[int]) -> None:
+        """Append generated tokens, stopping at EOS, max_tokens or a stop string."""
+        for token in tokens:
+            self.output_ids.append(token)
+            if token in eos_ids and not self.params.ignore_eos:
+                self.finish_reason = "stop"
+                break
+            if len(self.output_ids) >= self.params.max_tokens:
+                self.finish_reason = "length"
+                break
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        generated = [t for t in self.output_ids if t not in eos_ids] if eos_ids else self.output_ids
+        self.text.update(generated)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        self._notify()
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.finished and self.finish_time is None:
+            self.finish_time = time.monotonic()
+        delta = self.text.take(final=self.finished) if self.text else ""
+        if self.on_update is not None and (delta or self.finished):
+            self.on_update(self, delta)
+        if self.finished:
+            self.done.set()
+
+
+# --------------------------------------------------------------------------- adaptive k
+class SpeculationController:
+    """Chooses the number of proposed tokens k for the next step.
+
+    Acceptance is estimated as the per-token acceptance probability alpha of a geometric model
+    (accepted / (accepted + rejections), exponentially decayed), and k maximises expected
+    tokens per second: E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step over the
+    measured step cost t_propose(k) + t_verify(k+1)."""
+
+    def __init__(self, max_k: int, adaptive: bool, decay: float = 0.9):
+        self.max_k = max_k
+        self.adaptive = adaptive
+        self.decay = decay
+        self.accepted = 1.0  # prior: alpha = 0.5 with the weight of two tokens
+        self.rejected = 1.0
+        self.propose_cost = 0.0  # seconds per proposed token (EMA)
+        self.verify_cost: dict[int, float] = {}  # fed tokens per row -> seconds (EMA)
+        self.k = max_k
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def observe(self, proposed: list[int], accepted: list[int], k: int, propose_s: float, verify_s: float) -> None:
+        rejections = sum(1 for p, a in zip(proposed, accepted) if a < p)
+        if sum(proposed) == 0:
+            return
+        self.accepted = self.decay * self.accepted + sum(accepted)
+        self.rejected = self.decay * self.rejected + rejections
+        if k:
+            self.propose_cost = 0.8 * self.propose_cost + 0.2 * propose_s / k if self.propose_cost else propose_s / k
+        previous = self.verify_cost.get(k + 1)
+        self.verify_cost[k + 1] = verify_s if previous is None else 0.8 * previous + 0.2 * verify_s
+        if self.adaptive:
+            self.k = self.best_k()
+
+    def expected_tokens(self, k: int) -> float:
+        alpha = min(self.alpha, 0.999)
+        return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+    def _verify_time(self, n: int) -> float:
+        points = sorted(self.verify_cost.items())
+        if len(points) == 1:
+            return points[0][1]
+        xs = torch.tensor([p[0] for p in points], dtype=torch.float64)
+        ys = torch.tensor([p[1] for p in points], dtype=torch.float64)
+        slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+        return max(float(ys.mean()) + max(slope, 0.0) * (n - float(xs.mean())), 1e-9)
+
+    def best_k(self) -> int:
+        if not self.verify_cost:
+            return self.max_k
+        rates = {k: self.expected_tokens(k) / (k * self.propose_cost + self._verify_time(k + 1)) for k in range(1, self.max_k + 1)}
+        return max(rates, key=rates.get)
+
+
+# --------------------------------------------------------------------------- the engine
+@dataclass(eq=False)
+class Group:
+    adapter: str | None
+    target: SequenceBatch
+    spec_state: object
+    controller: SpeculationController
+    seqs: list[Sequence] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        target: ModelRunner,
+        tokenizer,
+        speculator: Speculator | None = None,
+        *,
+        num_speculative_tokens: int = 4,
+        adaptive: bool = True,
+        max_batch_size: int = 8,
+        metrics=None,
+    ):
+        self.target_runner = target
+        self.tokenizer = tokenizer
+        self.speculator = speculator or Speculator()
+        self.speculating = self.speculator.name != "none"
+        self.max_k = self.speculator.max_tokens(num_speculative_tokens) if self.speculating else 0
+        self.adaptive = adaptive
+        self.max_batch_size = max_batch_size
+        self.metrics = metrics
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.eos_ids = self._eos_ids()
+        self.max_positions = getattr(target.config.get_text_config(), "max_position_embeddings", None)
+        self.groups: dict[str | None, Group] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.inbox: queue.Queue[Sequence] = queue.Queue()
+        self._recent = deque(maxlen=64)  # (proposed, accepted, row-steps) per step, for the gauges
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        config = self.target_runner.config
+        for source in (getattr(config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(source)
+        return ids
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a request (thread-safe); `seq.on_update` and `seq.done` report progress."""
+        if not seq.prompt_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if seq.text is None:
+            seq.text = TextTracker(self.tokenizer, seq.params.stop)
+        self.inbox.put(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+
+    @property
+    def running(self) -> int:
+        return sum(len(g.seqs) for g in self.groups.values())
+
+    def generate_batch(self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None = None) -> list[list[int]]:
+        """Decode prompts to completion and return the generated token ids (a final EOS excluded).
+        Drives the engine itself unless its background thread is running."""
+        seqs = [self.submit(Sequence(list(p), sp, adapter)) for p, sp in zip(prompts, params)]
+        if self._thread is None:
+            while not all(s.finished for s in seqs):
+                self.step()
+        for seq in seqs:
+            seq.done.wait()
+        return [s.output_ids[:-1] if s.finish_reason == "stop" and s.output_ids[-1] in self.eos_ids else s.output_ids for s in seqs]
+
+    def generate(self, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> list[int]:
+        return self.generate_batch([prompt], [params], adapter)[0]
+
+    # ------------------------------------------------------------------ the loop
+    def start(self) -> None:
+        """Run the engine in a background thread (the server does this)."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="kuberft-serve-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.groups and not self.waiting:
+                try:
+                    self.waiting.append(self.inbox.get(timeout=0.1))
+                except queue.Empty:
+                    continue
+            try:
+                self.step()
+            except Exception:  # a bug must not leave clients hanging: fail every running request
+                log.exception("engine step failed; failing the running requests")
+                for group in self.groups.values():
+                    for seq in group.seqs:
+                        seq.finish("error")
+                self.groups.clear()
+
+    def step(self) -> None:
+        """Admit waiting requests, then one speculative step for every group."""
+        with self.lock:
+            while True:
+                try:
+                    self.waiting.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._admit()
+            for adapter in list(self.groups):
+                group = self.groups[adapter]
+                self._drop_finished(group)
+                if group.seqs:
+                    self.speculative_step(group)
+                    self._drop_finished(group)
+                if not group.seqs:
+                    del self.groups[adapter]
+            if self.metrics is not None:
+                self.metrics.running_requests.set(self.running)
+                self.metrics.waiting_requests.set(len(self.waiting) + self.inbox.qsize())
+
+    def _admit(self) -> None:
+        free = self.max_batch_size - self.running
+        admitted: dict[str | None, list[Sequence]] = {}
+        while free > 0 and self.waiting:
+            seq = self.waiting.popleft()
+            if seq.cancelled:
+                seq.finish("abort")
+                continue
+            admitted.setdefault(seq.adapter, []).append(seq)
+            free -= 1
+        for adapter, seqs in admitted.items():
+            group = self.groups.get(adapter)
+            if group is None:
+                group = Group(
+                    adapter,
+                    SequenceBatch(self.target_runner, adapter, want_hidden=self.speculator.needs_target_hidden),
+                    self.speculator.new_state(adapter),
+                    SpeculationController(self.max_k, self.adaptive),
+                )
+                self.groups[adapter] = group
+            self._prefill(group, seqs)
+
+    def _prefill(self, group: Group, seqs: list[Sequence]) -> None:
+        fresh = SequenceBatch(self.target_runner, group.adapter, want_hidden=self.speculator.needs_target_hidden)
+        result = fresh.prefill([s.prompt_ids for s in seqs], self.pad_id)
+        for row, seq in enumerate(seqs):
+            seq.emit([select_token(result.logits[row, -1], seq.params, position=0)], self.eos_ids)
+        group.target.merge(fresh)
+        self.speculator.add_rows(group.spec_state, seqs, result)
+        group.seqs.extend(seqs)
+
+    def _drop_finished(self, group: Group) -> None:
+        for seq in group.seqs:
+            if seq.cancelled and not seq.finished:
+                seq.finish("abort")
+        keep = [i for i, seq in enumerate(group.seqs) if not seq.finished]
+        if len(keep) == len(group.seqs):
+            return
+        group.seqs = [group.seqs[i] for i in keep]
+        group.target.select(keep)
+        self.speculator.select(group.spec_state, keep)
+
+    def speculative_step(self, group: Group) -> None:
+        seqs = group.seqs
+        k = group.controller.k if self.speculating else 0
+        started = time.perf_counter()
+
+        # 1. propose (never past a request's max_tokens: the target's own token always follows)
+        proposal = self.speculator.propose(group.spec_state, seqs, k) if k else Proposal([[] for _ in seqs])
+        proposed = [
+            tokens[: max(0, min(k, seq.params.max_tokens - len(seq.output_ids) - 1))]
+            for tokens, seq in zip(proposal.tokens, seqs)
+        ]
+        proposed_at = time.perf_counter()
+
+        # 2. verify: one forward pass of the target over [last token, proposals] for every row
+        width = 1 + max(len(p) for p in proposed)
+        feed = [[seq.output_ids[-1]] + p + [self.pad_id] * (width - 1 - len(p)) for seq, p in zip(seqs, proposed)]
+        verify = group.target.extend(torch.tensor(feed, device=self.target_runner.device))
+
+        # 3. accept, row by row
+        accepted, emitted = [], []
+        for row, (seq, tokens) in enumerate(zip(seqs, proposed)):
+            draft_probs = proposal.draft_probs[row] if proposal.draft_probs else None
+            if draft_probs is not None:
+                draft_probs = draft_probs[: len(tokens)]
+            n, next_token = accept_proposals(
+                verify.logits[row, : len(tokens) + 1], tokens, seq.params, len(seq.output_ids), draft_probs
+            )
+            accepted.append(n)
+            emitted.append(tokens[:n] + [next_token])
+
+        # 4. roll back both caches to what was accepted
+        group.target.commit([1 + n for n in accepted])
+        for seq, tokens in zip(seqs, emitted):
+            seq.emit(tokens, self.eos_ids)
+        self.speculator.commit(group.spec_state, seqs, accepted, proposal, verify)
+
+        # 5. learn and report
+        finished_at = time.perf_counter()
+        lengths = [len(p) for p in proposed]
+        group.controller.observe(lengths, accepted, k, proposed_at - started, finished_at - proposed_at)
+        self._record(lengths, accepted, sum(len(t) for t in emitted), finished_at - started)
+
+    def _record(self, proposed: list[int], accepted: list[int], emitted: int, seconds: float) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.tokens_per_second.set(emitted / seconds if seconds > 0 else 0.0)
+        if not self.speculating:
+            return
+        name = self.speculator.name
+        steps = sum(1 for p in proposed if p)
+        self.metrics.spec_proposed_tokens.labels(name).inc(sum(proposed))
+        self.metrics.spec_accepted_tokens.labels(name).inc(sum(accepted))
+        self.metrics.spec_steps.labels(name).inc(steps)
+        self._recent.append((sum(proposed), sum(accepted), steps))
+        total_proposed = sum(r[0] for r in self._recent)
+        total_accepted = sum(r[1] for r in self._recent)
+        total_steps = sum(r[2] for r in self._recent)
+        if total_proposed:
+            self.metrics.spec_acceptance_rate.labels(name).set(total_accepted / total_proposed)
+        if total_steps:
+            self.metrics.spec_mean_accepted_length.labels(name).set((total_accepted + total_steps) / total_steps)

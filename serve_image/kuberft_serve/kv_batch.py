@@ -1,0 +1,221 @@
+"""A batch of sequences sharing one KV cache, with per-row rollback.
+
+The cache is a transformers `DynamicCache` whose slots are aligned across rows; `valid[b, t]`
+says whether slot t of row b holds a token of that row. Rows start at different slots (left
+padding), and a verification step writes k+1 slots for every row, of which row b keeps only its
+accepted prefix: the rest become holes, masked out of attention. Positions are tracked per row
+(`next_position`), so holes do not shift the rotary positions. Trailing slots that no row keeps
+are cut off (so a batch of one never has holes: its cache is exactly the plain decoding cache),
+and leading slots no row uses are dropped when rows leave.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardResult:
+    logits: torch.Tensor
+    """[B, n, V] float32 logits of the fed positions (or of the last one only, for prefill)."""
+    hidden: torch.Tensor | None
+    """[B, n, H] final (normalised) hidden states, when asked for."""
+
+
+class ModelRunner:
+    """Calls a causal LM (optionally a peft model with several adapters) with an explicit cache."""
+
+    def __init__(self, model, *, has_adapters: bool = False):
+        self.model = model
+        self.has_adapters = has_adapters
+        base = model.get_base_model() if has_adapters else model
+        self.config = base.config
+        params = inspect.signature(base.forward).parameters
+        # transformers 5.x names the argument `cache`; 4.x `past_key_values`
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.device = next(model.parameters()).device
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        *,
+        adapter: str | None,
+        want_hidden: bool,
+        last_only: bool = False,
+    ) -> ForwardResult:
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            self.cache_kwarg: cache,
+            "use_cache": True,
+            "output_hidden_states": want_hidden,
+        }
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        if not self.has_adapters:
+            out = self.model(**kwargs)
+        elif adapter is None:
+            with self.model.disable_adapter():
+                out = self.model(**kwargs)
+        else:
+            if self.model.active_adapter != adapter:
+                self.model.set_adapter(adapter)
+            out = self.model(**kwargs)
+        hidden = out.hidden_states[-1] if want_hidden else None
+        if hidden is not None and last_only:
+            hidden = hidden[:, -1:]
+        return ForwardResult(out.logits.float(), hidden)
+
+
+def _cache_layers(cache):
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError("this transformers version has no layered DynamicCache; kuberft serve needs transformers>=4.56")
+    for layer in layers:
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise TypeError(
+                f"cache layer {type(layer).__name__} is not a full-attention layer; "
+                "speculative rollback supports full-attention models only"
+            )
+    return layers
+
+
+class SequenceBatch:
+    """The KV state of B sequences for one model (the target or a draft)."""
+
+    def __init__(self, runner: ModelRunner, adapter: str | None = None, *, want_hidden: bool = False):
+        self.runner = runner
+        self.adapter = adapter
+        self.want_hidden = want_hidden
+        self.cache = None
+        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=runner.device)  # [B, T]
+        self.next_position = torch.zeros(0, dtype=torch.long, device=runner.device)  # [B]
+        self._pending = 0  # slots written by the last `extend`, awaiting `commit`
+
+    @property
+    def size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    # ------------------------------------------------------------------ feeding tokens
+    def prefill(self, prompts: list[list[int]], pad_id: int) -> ForwardResult:
+        """Start a new batch from prompts (left padded); returns the last position's outputs."""
+        if self.size:
+            raise RuntimeError("prefill starts a new batch; merge it into a running one with `merge`")
+        device = self.runner.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+        valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            valid[row, width - len(prompt) :] = True
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        self.cache = self.runner.new_cache()
+        result = self.runner.forward(
+            ids,
+            self.cache,
+            None if bool(valid.all()) else valid.long(),
+            positions,
+            adapter=self.adapter,
+            want_hidden=self.want_hidden,
+            last_only=True,
+        )
+        self.valid = valid
+        self.next_position = valid.sum(dim=1)
+        return result
+
+    def extend(self, tokens: torch.Tensor) -> ForwardResult:
+        """Feed n tokens per row ([B, n]) after each row's last kept slot; every fed slot counts
+        as valid until `commit` says how many each row keeps."""
+        n = tokens.shape[1]
+        positions = self.next_position[:, None] + torch.arange(n, device=tokens.device)[None, :]
+        self.valid = torch.cat([self.valid, torch.ones(self.size, n, dtype=torch.bool, device=tokens.device)], dim=1)
+        mask = None if bool(self.valid.all()) else self.valid.long()
+        self._pending = n
+        return self.runner.forward(
+            tokens, self.cache, mask, positions, adapter=self.adapter, want_hidden=self.want_hidden
+        )
+
+    def commit(self, keep: list[int]) -> None:
+        """Of the slots fed by the last `extend`, row b keeps the first keep[b]; the others are
+        rolled back (holes), and slots no row keeps are cut off the end of the cache."""
+        n = self._pending
+        self._pending = 0
+        keep_t = torch.tensor(keep, dtype=torch.long, device=self.valid.device)
+        fed = torch.arange(n, device=self.valid.device)[None, :] < keep_t[:, None]
+        self.valid[:, self.length - n :] = fed
+        self.next_position += keep_t
+        drop = n - max(keep, default=0)
+        if drop > 0:
+            self._slice_slots(0, self.length - drop)
+
+    # ------------------------------------------------------------------ batch membership
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows (others finished), then drop leading slots no row uses."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.valid.device)
+        self.valid = self.valid[index]
+        self.next_position = self.next_position[index]
+        if self.cache is not None:
+            for layer in _cache_layers(self.cache):
+                if layer.keys is not None and layer.keys.numel():
+                    layer.keys = layer.keys[index]
+                    layer.values = layer.values[index]
+        if not rows:
+            self.cache = None
+            self.valid = self.valid[:, :0]
+            return
+        used = self.valid.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else self.length
+        if first > 0:
+            self._slice_slots(first, self.length)
+
+    def merge(self, other: "SequenceBatch") -> None:
+        """Append the rows of `other` (a freshly prefilled batch) to this one."""
+        if not self.size:
+            self.cache, self.valid, self.next_position = other.cache, other.valid, other.next_position
+            return
+        width = max(self.length, other.length)
+        self._left_pad(width - self.length)
+        other._left_pad(width - other.length)
+        for mine, theirs in zip(_cache_layers(self.cache), _cache_layers(other.cache)):
+            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
+            mine.values = torch.cat([mine.values, theirs.values], dim=0)
+        self.valid = torch.cat([self.valid, other.valid], dim=0)
+        self.next_position = torch.cat([self.next_position, other.next_position], dim=0)
+
+    # ------------------------------------------------------------------ helpers
+    def _slice_slots(self, start: int, stop: int) -> None:
+        self.valid = self.valid[:, start:stop]
+        for layer in _cache_layers(self.cache):
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys = layer.keys[:, :, start:stop]
+                layer.values = layer.values[:, :, start:stop]
+
+    def _left_pad(self, slots: int) -> None:
+        if slots <= 0:
+            return
+        for layer in _cache_layers(self.cache):
+            shape = list(layer.keys.shape)
+            shape[2] = slots
+            layer.keys = torch.cat([layer.keys.new_zeros(shape), layer.keys], dim=2)
+            vshape = list(layer.values.shape)
+            vshape[2] = slots
+            layer.values = torch.cat([layer.values.new_zeros(vshape), layer.values], dim=2)
+        pad = torch.zeros(self.size, slots, dtype=torch.bool, device=self.valid.device)
+        self.valid = torch.cat([pad, self.valid], dim=1)

@@ -1,0 +1,200 @@
+"""Loading what a `ServeConfig` names: the base model and tokenizer, LoRA adapters (peft, all in
+one model, switched per batch), the draft model or the heads, and the engine around them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ServeConfig
+from .engine import Engine
+from .heads import MedusaHeads, train_heads
+from .kv_batch import ModelRunner
+from .speculators import DraftSpeculator, HeadsSpeculator, NgramSpeculator, Speculator
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_model_path(name: str) -> str:
+    """A model name as transformers loads it: built-in tiny models (`tiny:...`) resolve through
+    the trainer's modeling module when it knows them; anything else is a hub name or a path."""
+    try:
+        from kuberft_trainer.modeling import resolve_model_path as resolve
+    except ImportError:
+        return name
+    return str(resolve(name))
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_causal_lm(name: str, *, dtype: torch.dtype, device: torch.device, revision=None, trust_remote_code=False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name), dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(name: str, *, revision=None, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name), revision=revision, trust_remote_code=trust_remote_code)
+
+
+def attach_adapters(model, adapters: dict[str, str]):
+    """Wrap `model` in one peft model holding every adapter under its served name."""
+    from peft import PeftModel
+
+    peft_model = None
+    for name, path in adapters.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter {name!r}: {path} has no adapter_config.json (not a peft adapter directory)")
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            peft_model.load_adapter(path, adapter_name=name)
+    return peft_model.eval().requires_grad_(False)
+
+
+def read_prompts(path: str | Path, tokenizer) -> list[list[int]]:
+    """Prompts as token ids from a JSONL or JSON file of objects with `prompt` (text) or
+    `messages` (chat, rendered with the tokenizer's template), or a text file of one prompt per
+    line."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        rows = json.loads(text)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows")
+    elif path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not JSON: {err}") from None
+    else:
+        rows = [{"prompt": line} for line in text.splitlines() if line.strip()]
+    prompts = []
+    for number, row in enumerate(rows, 1):
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append(tokenizer.encode(row["prompt"]))
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            prompts.append(list(tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)))
+        else:
+            raise ValueError(f"{path}: row {number} has neither a `prompt` string nor a `messages` list")
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def unconditional_prompts(tokenizer, count: int = 32) -> list[list[int]]:
+    """Start-of-text prompts, when heads are trained on no data: the model writes freely."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [[start] for _ in range(count)]
+
+
+def build_engine(config: ServeConfig, metrics=None) -> Engine:
+    """Load everything `config` names and return a ready (not yet started) engine."""
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    load = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    log.info("loading %s (%s on %s)", config.model, dtype, device)
+    model = load_causal_lm(config.model, dtype=dtype, device=device, **load)
+    tokenizer = load_tokenizer(config.model, **load)
+    if config.adapters:
+        model = attach_adapters(model, config.adapters)
+    runner = ModelRunner(model, has_adapters=bool(config.adapters))
+    options = {
+        "num_speculative_tokens": config.num_speculative_tokens,
+        "adaptive": config.adaptive,
+        "max_batch_size": config.max_batch_size,
+        "metrics": metrics,
+    }
+    speculator: Speculator
+    if config.speculator == "none":
+        speculator = Speculator()
+    elif config.speculator == "ngram":
+        speculator = NgramSpeculator()
+    elif config.speculator == "draft":
+        if not config.draft_model:
+            raise ValueError("--speculator draft needs --draft-model")
+        draft = load_causal_lm(config.draft_model, dtype=dtype, device=device, **load)
+        if draft.config.vocab_size != runner.config.get_text_config().vocab_size:
+            log.warning("draft vocabulary (%d) differs in size from the model's; it must share the tokenizer", draft.config.vocab_size)
+        speculator = DraftSpeculator(ModelRunner(draft), tokenizer.pad_token_id or 0)
+    elif config.speculator == "heads":
+        speculator = HeadsSpeculator(load_or_train_heads(config, runner, tokenizer, options), model.get_output_embeddings())
+    else:
+        raise ValueError(f"speculator {config.speculator!r} is not one of none, ngram, draft, heads")
+    return Engine(runner, tokenizer, speculator, **options)
+
+
+def default_model_key(config: ServeConfig) -> str | None:
+    """The served model that `--heads DIR` (no name) applies to: the first adapter, else the base."""
+    return next(iter(config.adapters), None)
+
+
+def load_or_train_heads(config: ServeConfig, runner: ModelRunner, tokenizer, options: dict) -> dict:
+    """Heads per served model (None = the base): loaded from `config.heads`, or trained when
+    `config.train_heads` (then saved to the given directory, if any). Served models without
+    heads decode without speculation."""
+    hidden_size = runner.config.get_text_config().hidden_size
+    device = runner.device
+    dtype = next(runner.model.parameters()).dtype
+    paths: dict[str | None, str] = {}
+    for key, path in config.heads.items():
+        if key is None:
+            key = default_model_key(config)
+        elif key == config.base_name:
+            key = None
+        elif key not in config.adapters:
+            raise ValueError(f"--heads {key}=...: {key!r} is neither the base model nor an adapter name")
+        paths[key] = path
+    needed = list(config.adapters) or [None]
+    heads: dict = {}
+    for key in dict.fromkeys([*needed, *paths]):
+        path = paths.get(key)
+        if path and (Path(path) / "heads.json").is_file():
+            heads[key] = MedusaHeads.load(path, hidden_size=hidden_size).to(device=device, dtype=dtype)
+            continue
+        name = key or config.base_name
+        if not config.train_heads:
+            if path:
+                raise FileNotFoundError(f"heads for {name!r}: {path} holds no heads.json (train them with --train-heads)")
+            raise ValueError(f"no heads for {name!r}: give --heads [NAME=]DIR with trained heads, or --train-heads")
+        plain = Engine(runner, tokenizer, None, **{**options, "metrics": None})
+        prompts = read_prompts(config.train_heads_data, tokenizer) if config.train_heads_data else unconditional_prompts(tokenizer)
+        log.info("training %d heads for %s on %d prompts", config.num_speculative_tokens, name, len(prompts))
+        trained = train_heads(
+            plain,
+            prompts,
+            adapter=key,
+            num_heads=config.num_speculative_tokens,
+            temperature=0.0 if config.train_heads_data else 1.0,
+        )
+        if path:
+            trained.save(path, base_model=config.model, adapter=config.adapters.get(key) if key else None)
+        heads[key] = trained
+    return heads

@@ -1,0 +1,185 @@
+"""Speculators: cheap proposers of the next tokens, verified by the target in one forward pass.
+
+Each speculator keeps per-batch state (`new_state`) that follows the target's batch: rows are
+added after the target's prefill (`add_rows`), proposals are made for every row (`propose`),
+the verification result is reported back (`commit`: how many proposals each row accepted, so a
+draft model rolls back its KV cache) and finished rows leave (`select`).
+
+- `NgramSpeculator`: prompt lookup; finds the latest earlier occurrence of the last n tokens
+  in the prompt and output, and proposes what followed it. No model.
+- `DraftSpeculator`: a small causal LM with the same tokenizer, decoding k tokens ahead with its
+  own KV cache; samples from its own (warped) distribution when the request samples, so the
+  full rejection rule applies.
+- `HeadsSpeculator`: Medusa-style heads on the target's final hidden state (`heads.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .heads import MedusaHeads
+from .kv_batch import ForwardResult, ModelRunner, SequenceBatch
+from .sampling import STREAM_DRAFT, keyed_uniform, sample, warp
+
+
+@dataclass
+class Proposal:
+    tokens: list[list[int]]
+    """Per row, the proposed tokens (rows may propose fewer than k, or none)."""
+    draft_probs: list[torch.Tensor | None] | None = None
+    """Per row, the [len, V] distributions the proposals were sampled from; None (or a None
+    row) when the proposals are deterministic."""
+
+
+class Speculator:
+    name = "none"
+    needs_target_hidden = False
+
+    def max_tokens(self, requested: int) -> int:
+        return requested
+
+    def new_state(self, adapter: str | None):
+        return None
+
+    def add_rows(self, state, seqs, prefill: ForwardResult) -> None:
+        pass
+
+    def propose(self, state, seqs, k: int) -> Proposal:
+        return Proposal([[] for _ in seqs])
+
+    def commit(self, state, seqs, accepted: list[int], proposal: Proposal, verify: ForwardResult) -> None:
+        pass
+
+    def select(self, state, rows: list[int]) -> None:
+        pass
+
+
+class NgramSpeculator(Speculator):
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def propose(self, state, seqs, k: int) -> Proposal:
+        return Proposal([self.lookup(seq.prompt_ids + seq.output_ids, k) for seq in seqs])
+
+    def lookup(self, context: list[int], k: int) -> list[int]:
+        """The k tokens that followed the latest earlier occurrence of the longest suffix
+        (max_ngram down to min_ngram tokens) of `context`."""
+        if len(context) < 2:
+            return []
+        tokens = torch.tensor(context)
+        for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
+            windows = tokens[:-1].unfold(0, n, 1)  # [L-n, n], windows that end before the last token
+            hits = (windows == tokens[-n:]).all(dim=1).nonzero()
+            if hits.numel():
+                start = int(hits[-1]) + n
+                return context[start : start + k]
+        return []
+
+
+class DraftSpeculator(Speculator):
+    name = "draft"
+
+    def __init__(self, runner: ModelRunner, pad_id: int):
+        self.runner = runner
+        self.pad_id = pad_id
+
+    @dataclass
+    class State:
+        batch: SequenceBatch
+        pending: list[list[int]] = field(default_factory=list)
+        """Per row, emitted tokens the draft has not been fed yet (1 or 2)."""
+        fed: int = 0
+        """Proposals fed to the draft during the last `propose` (k-1)."""
+
+    def new_state(self, adapter):
+        return self.State(SequenceBatch(self.runner))
+
+    def add_rows(self, state, seqs, prefill):
+        fresh = SequenceBatch(self.runner)
+        fresh.prefill([seq.prompt_ids for seq in seqs], self.pad_id)
+        state.batch.merge(fresh)
+        state.pending.extend([seq.output_ids[-1]] for seq in seqs)
+
+    def propose(self, state, seqs, k):
+        device = self.runner.device
+        width = max(len(p) for p in state.pending)
+        feed = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in state.pending], device=device)
+        result = state.batch.extend(feed)
+        state.batch.commit([len(p) for p in state.pending])
+        last = torch.tensor([len(p) - 1 for p in state.pending], device=device)
+        logits = result.logits[torch.arange(len(seqs), device=device), last]  # [B, V]
+        tokens: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for i in range(k):
+            if i:
+                logits = state.batch.extend(torch.tensor([[row[-1]] for row in tokens], device=device)).logits[:, -1]
+            for b, seq in enumerate(seqs):
+                params = seq.params
+                if params.greedy:
+                    tokens[b].append(int(logits[b].argmax()))
+                else:
+                    q = warp(logits[b], params.temperature, params.top_p)
+                    u = keyed_uniform(params.seed, len(seq.output_ids) + i, STREAM_DRAFT)
+                    tokens[b].append(sample(q, u))
+                    probs[b].append(q)
+        state.fed = k - 1 if k else 0
+        draft_probs = [torch.stack(p) if p else None for p in probs]
+        return Proposal(tokens, draft_probs if any(p is not None for p in draft_probs) else None)
+
+    def commit(self, state, seqs, accepted, proposal, verify):
+        keep = [min(a, state.fed) for a in accepted]
+        if state.fed:
+            state.batch.commit(keep)
+        for b, seq in enumerate(seqs):
+            proposed = proposal.tokens[b]
+            # the draft was fed proposals 1..k-1; after a full acceptance it still needs the k-th
+            missing = proposed[state.fed : accepted[b]]
+            state.pending[b] = missing + [seq.output_ids[-1]]
+
+    def select(self, state, rows):
+        state.batch.select(rows)
+        state.pending = [state.pending[r] for r in rows]
+
+
+class HeadsSpeculator(Speculator):
+    name = "heads"
+    needs_target_hidden = True
+
+    def __init__(self, heads_by_adapter: dict, lm_head):
+        self.heads_by_adapter = heads_by_adapter
+        self.lm_head = lm_head
+
+    def max_tokens(self, requested: int) -> int:
+        return min([requested] + [h.num_heads for h in self.heads_by_adapter.values()])
+
+    @dataclass
+    class State:
+        heads: MedusaHeads | None
+        hidden: torch.Tensor | None = None
+        """[B, H] final hidden state at the position that produced each row's last token."""
+
+    def new_state(self, adapter):
+        return self.State(self.heads_by_adapter.get(adapter))  # no heads: plain decoding
+
+    def add_rows(self, state, seqs, prefill):
+        new = prefill.hidden[:, -1]
+        state.hidden = new if state.hidden is None else torch.cat([state.hidden, new], dim=0)
+
+    @torch.inference_mode()
+    def propose(self, state, seqs, k):
+        if state.heads is None:
+            return Proposal([[] for _ in seqs])
+        logits = self.lm_head(state.heads(state.hidden, count=k))  # [B, k, V]
+        return Proposal(logits.argmax(dim=-1).tolist())
+
+    def commit(self, state, seqs, accepted, proposal, verify):
+        index = torch.tensor(accepted, device=verify.hidden.device)
+        state.hidden = verify.hidden[torch.arange(len(accepted), device=index.device), index]
+
+    def select(self, state, rows):
+        state.hidden = state.hidden[torch.tensor(rows, dtype=torch.long, device=state.hidden.device)]

@@ -1,0 +1,38 @@
+"""Tiny models for the serving tests, built once per session: a target, a LoRA adapter on it, a
+draft model and Medusa heads, all sharing the character tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+ALPHABET = "abcdefghij ,.\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from kuberft_trainer.modeling import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("target"), alphabet=ALPHABET, hidden_size=32, num_layers=2, intermediate_size=64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def draft_dir(tmp_path_factory):
+    from kuberft_trainer.modeling import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("draft"), alphabet=ALPHABET, hidden_size=16, num_layers=1, intermediate_size=32, seed=2)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_dir, tmp_path_factory):
+    """A LoRA adapter with random (non-zero) weights, so it visibly changes the output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out

@@ -1,0 +1,195 @@
+"""Speculative decoding changes nothing in the output: greedy decoding with every speculator is
+token-for-token identical to plain greedy decoding of the same model and adapter (through the
+same KV-cache path), and sampling keeps the target's distribution.
+
+The models run in float64 here so that the verify pass (k+1 tokens at once) and plain decoding
+(one token) round identically enough that no argmax can flip; in float32 their logits differ
+in the last bits (different matmul shapes), as in every peer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kuberft_serve.config import ServeConfig
+from kuberft_serve.engine import Engine
+from kuberft_serve.heads import MedusaHeads
+from kuberft_serve.loading import build_engine
+from kuberft_serve.sampling import SamplingParams, accept_proposals, keyed_uniform, sample
+
+PROMPTS = ["abc abc ab", "hello, ", "a", "jig jag jig jag ", "the cafe. the cafe. the"]
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tiny_dir, adapter_dir, tmp_path_factory):
+    """Random (untrained) heads: proposals are poor, which exercises rejection and rollback."""
+    torch.manual_seed(4)
+    heads = MedusaHeads(hidden_size=32, num_heads=5)
+    for block in heads.blocks:
+        torch.nn.init.normal_(block.weight, std=0.3)
+    base = heads.save(tmp_path_factory.mktemp("heads-base"))
+    adapted = heads.save(tmp_path_factory.mktemp("heads-adapter"))
+    return {None: str(base), "tuned": str(adapted)}
+
+
+def make_engine(tiny_dir, adapter_dir, draft_dir, heads_dir, speculator, k=4, adaptive=False, batch=8) -> Engine:
+    config = ServeConfig(
+        model=str(tiny_dir),
+        adapters={"tuned": str(adapter_dir)},
+        speculator=speculator,
+        num_speculative_tokens=k,
+        adaptive=adaptive,
+        draft_model=str(draft_dir),
+        dtype="float64",
+        device="cpu",
+        max_batch_size=batch,
+    )
+    if speculator == "heads":
+        config.heads = {"tuned": heads_dir["tuned"], str(tiny_dir): heads_dir[None]}
+    return build_engine(config)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_dir, adapter_dir, draft_dir, heads_dir):
+    return make_engine(tiny_dir, adapter_dir, draft_dir, heads_dir, "none")
+
+
+def encode(engine, text):
+    return engine.tokenizer.encode(text)
+
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+def test_plain_engine_decodes_exactly_like_transformers_generate(plain, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
+    for text in PROMPTS:
+        ids = encode(plain, text)
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None)
+        assert plain.generate(ids, GREEDY, adapter=None) == reference[0, len(ids) :].tolist()
+
+
+def test_the_adapter_changes_the_output(plain):
+    ids = encode(plain, PROMPTS[0])
+    assert plain.generate(ids, GREEDY, adapter="tuned") != plain.generate(ids, GREEDY, adapter=None)
+
+
+@pytest.mark.parametrize("speculator", ["ngram", "draft", "heads"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculative_output_equals_plain_greedy(plain, tiny_dir, adapter_dir, draft_dir, heads_dir, speculator, k):
+    engine = make_engine(tiny_dir, adapter_dir, draft_dir, heads_dir, speculator, k=k)
+    for adapter in (None, "tuned"):
+        for text in PROMPTS:
+            ids = encode(plain, text)
+            assert engine.generate(ids, GREEDY, adapter) == plain.generate(ids, GREEDY, adapter), (adapter, text)
+
+
+@pytest.mark.parametrize("speculator", ["ngram", "draft", "heads"])
+def test_batched_adaptive_speculation_equals_plain_decoding_one_request_at_a_time(
+    plain, tiny_dir, adapter_dir, draft_dir, heads_dir, speculator
+):
+    """All prompts decoded together (rows accept different numbers of tokens, finish at
+    different times, rows of two adapters interleave) give each prompt's plain output."""
+    engine = make_engine(tiny_dir, adapter_dir, draft_dir, heads_dir, speculator, k=5, adaptive=True, batch=16)
+    prompts = [encode(plain, t) for t in PROMPTS]
+    lengths = [7, 40, 23, 31, 12]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+    for adapter in (None, "tuned"):
+        expected = [plain.generate(p, sp, adapter) for p, sp in zip(prompts, params)]
+        assert engine.generate_batch(prompts, params, adapter) == expected
+        assert [len(e) for e in expected] == lengths
+
+
+@pytest.mark.parametrize("speculator", ["ngram", "heads"])
+def test_seeded_sampling_with_a_deterministic_speculator_equals_plain_seeded_sampling(
+    plain, tiny_dir, adapter_dir, draft_dir, heads_dir, speculator
+):
+    engine = make_engine(tiny_dir, adapter_dir, draft_dir, heads_dir, speculator, k=4)
+    for seed, text in enumerate(PROMPTS):
+        params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=seed, ignore_eos=True)
+        ids = encode(plain, text)
+        assert engine.generate(ids, params, "tuned") == plain.generate(ids, params, "tuned")
+
+
+# --------------------------------------------------------------------------- distributions
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom, pooling outcomes expected fewer than 5 times."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum().reshape(1)])
+    expected = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    keep = expected > 0
+    stat = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    return stat, int(keep.sum()) - 1
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of the chi-square distribution (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_rejection_rule_emits_the_target_distribution_whatever_the_draft():
+    """Target p and draft q over 6 tokens, q far from p (and zero where p is not): the tokens
+    the rule emits at the first and the second position follow p, not q."""
+    p = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.10, 0.0], dtype=torch.float64)
+    q = torch.tensor([0.05, 0.05, 0.10, 0.0, 0.30, 0.50], dtype=torch.float64)
+    logits = p.clamp(min=1e-300).log().expand(3, 6)  # the same target distribution at every position
+    first, second = torch.zeros(6), torch.zeros(6)
+    accepted_total = 0
+    trials = 20000
+    for trial in range(trials):
+        params = SamplingParams(temperature=1.0, seed=trial)
+        proposals = [sample(q, keyed_uniform(trial, i, 1)) for i in range(2)]
+        accepted, token = accept_proposals(logits, proposals, params, 0, q.expand(2, 6))
+        emitted = proposals[:accepted] + [token]
+        first[emitted[0]] += 1
+        if len(emitted) > 1:
+            second[emitted[1]] += 1
+        accepted_total += accepted
+    for counts in (first, second):
+        stat, df = chi_square(counts, p)
+        assert stat < chi_square_critical(df)
+        assert counts[5] == 0  # a token the target never emits is never emitted
+        assert chi_square(counts, q)[0] > 100 * chi_square_critical(df)
+    # acceptance probability per token is sum(min(p, q)) = 0.05+0.05+0.10+0+0.10+0 = 0.30
+    first_accepted = first.sum()  # every trial emits a first token
+    assert first_accepted == trials
+    assert abs(accepted_total / trials - (0.30 + 0.30 * 0.30)) < 0.02
+
+
+def test_speculative_sampling_end_to_end_matches_the_models_distribution(tmp_path):
+    """A 7-token model sampled two tokens at a time with a draft model: the empirical
+    distribution of the 49 possible continuations matches the target's exact probabilities."""
+    from kuberft_trainer.modeling import build_tiny_model
+
+    target_dir = build_tiny_model(tmp_path / "t", alphabet="abc", hidden_size=16, num_layers=1, intermediate_size=32, seed=5)
+    draft_dir = build_tiny_model(tmp_path / "d", alphabet="abc", hidden_size=16, num_layers=1, intermediate_size=32, seed=6)
+    config = ServeConfig(model=str(target_dir), speculator="draft", draft_model=str(draft_dir), num_speculative_tokens=2,
+                         adaptive=False, dtype="float64", device="cpu", max_batch_size=512)
+    engine = build_engine(config)
+    prompt = engine.tokenizer.encode("abcab")
+    n = 6000
+    params = [SamplingParams(max_tokens=2, temperature=1.5, seed=s, ignore_eos=True) for s in range(n)]
+    outputs = engine.generate_batch([prompt] * n, params)
+    vocab = 7
+    counts = torch.zeros(vocab * vocab)
+    for first, second in outputs:
+        counts[first * vocab + second] += 1
+
+    model = engine.target_runner.model
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double() / 1.5, -1)
+        continued = torch.tensor([prompt + [t] for t in range(vocab)])
+        p2 = torch.softmax(model(continued).logits[:, -1].double() / 1.5, -1)
+    exact = (p1[:, None] * p2).reshape(-1)
+    stat, df = chi_square(counts, exact)
+    assert stat < chi_square_critical(df)
+    drafted = engine.speculator.runner.model
+    with torch.no_grad():
+        q1 = torch.softmax(drafted(torch.tensor([prompt])).logits[0, -1].double() / 1.5, -1)
+    assert chi_square(counts.reshape(vocab, vocab).sum(1), q1)[0] > chi_square_critical(vocab - 1)
