@@ -77,3 +77,85 @@ def build_tiny_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# --------------------------------------------------------------------------- loading
+
+TINY_PREFIX = "tiny:"
+
+
+def tiny_model_cache() -> Path:
+    """Where `tiny:<task>` models live: $KUBERFT_CACHE/models, else ~/.cache/kuberft/models."""
+    import os
+
+    return Path(os.environ.get("KUBERFT_CACHE", Path.home() / ".cache" / "kuberft")) / "models"
+
+
+def resolve_model_path(name: str) -> str:
+    """What to hand to `from_pretrained` for the spec's `model.name`.
+
+    A hub name or a path is returned as is. `tiny:<task>` names the demo models built in code:
+    they are looked up in `tiny_model_cache()/<task>` (the local runner builds them there).
+    This is the single place model names are resolved: every loader goes through it."""
+    if not name.startswith(TINY_PREFIX):
+        return name
+    task = name[len(TINY_PREFIX):]
+    if not task or "/" in task or task.startswith("."):
+        raise ValueError(f"model.name {name!r}: expected tiny:<task>, e.g. tiny:countdown")
+    path = tiny_model_cache() / task
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.name {name!r}: no tiny model at {path}; `kuberft run` builds it there, "
+            "or set KUBERFT_CACHE to the folder whose models/ holds it"
+        )
+    return str(path)
+
+
+def resolve_dtype(dtype: str, device):
+    """The torch dtype for the spec's `model.dtype` on `device` (`auto`: bfloat16 on a GPU that
+    supports it, float32 otherwise)."""
+    import torch
+
+    if dtype == "auto":
+        if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model_and_tokenizer(model_spec, device):
+    """The base causal LM (eval mode, frozen) and its tokenizer, for a `kuberft_operator.api.ModelSpec`.
+
+    The tokenizer pads on the left (generation appends to the right end of every row)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model_spec.name)
+    common = {"revision": model_spec.revision, "trust_remote_code": model_spec.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"model {model_spec.name!r}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(model_spec.dtype, device), **common)
+    model.to(device)
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def add_lora(model, lora_spec, adapter_path: str | Path | None = None):
+    """Wrap `model` with a trainable LoRA adapter from a `kuberft_operator.api.LoraSpec`
+    (or load an existing peft adapter from `adapter_path` as trainable)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path is not None:
+        return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
+    targets = lora_spec.target_modules
+    config = LoraConfig(
+        r=lora_spec.r,
+        lora_alpha=lora_spec.alpha,
+        lora_dropout=lora_spec.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,233 @@
+"""Sampling completions and scoring their tokens with the policy.
+
+`generate` samples `num_generations` completions per prompt with the KV cache: the prompts are
+prefilled once (not once per completion), the cache is repeated G times, then one decode loop
+runs the whole batch, sampling with temperature and top-p from the trainer's own
+`torch.Generator` (so a resumed run draws the same samples). Rows that ended stay in the
+batch with pad tokens; the loop stops when every row has ended or at the length limit.
+
+`sequence_logprobs` computes per-token log-probabilities of the completions under the model
+(for the loss, the stored old policy and the reference), one row chunk of logits at a time.
+
+`VllmGenerator` is the GPU path: vLLM in the same process, the current LoRA adapter handed
+over each step as a saved adapter (no weight merge, no full-weight transfer).
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts and sampled completions, the prompts left-padded and the completions
+    right-padded. N = prompts x generations, each prompt's completions contiguous."""
+
+    prompt_ids: torch.Tensor  # (N, P)
+    prompt_mask: torch.Tensor  # (N, P) 1 on prompt tokens
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T) 1 on generated tokens, the eos included
+    truncated: torch.Tensor  # (N,) bool: hit the length limit without an eos
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(dim=1)
+
+    def select(self, rows) -> "Rollout":
+        return Rollout(*(t[rows] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask, self.truncated)))
+
+
+def left_pad(token_lists: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        if tokens:
+            ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, width - len(tokens):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that ignore left padding: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row from (N, V) logits; temperature 0 is greedy."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _cache_argument(model, cache) -> dict:
+    """The KV-cache keyword of this model's forward (`cache` in transformers 5, else `past_key_values`);
+    the cache object is updated in place."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Rollout:
+    """Sample `num_generations` completions for each tokenized prompt (see the module docstring)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+        **_cache_argument(model, cache),
+    )
+    logits = out.logits[:, -1, :]
+    if num_generations > 1:
+        cache.batch_repeat_interleave(num_generations)
+        logits = logits.repeat_interleave(num_generations, dim=0)
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+
+    rows = prompt_ids.shape[0]
+    attention = prompt_mask
+    next_position = prompt_mask.sum(dim=1, keepdim=True)  # (N, 1)
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        was_finished = finished
+        token = sample_next(logits, temperature, top_p, generator)
+        token = torch.where(was_finished, torch.full_like(token, pad_token_id), token)
+        tokens[:, t] = token
+        steps = t + 1
+        finished = was_finished | (token == eos_token_id)
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, (~was_finished).long().unsqueeze(1)], dim=1)
+        out = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=attention,
+            position_ids=next_position,
+            use_cache=True,
+            **_cache_argument(model, cache),
+        )
+        next_position = next_position + 1
+        logits = out.logits[:, -1, :]
+
+    tokens = tokens[:, :steps]
+    is_eos = tokens == eos_token_id
+    # 1 up to and including the first eos
+    ended_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    completion_mask = (~ended_before).long()
+    truncated = ~is_eos.any(dim=1)
+    tokens = tokens.masked_fill(completion_mask == 0, pad_token_id)
+    return Rollout(prompt_ids, prompt_mask, tokens, completion_mask, truncated)
+
+
+def sequence_logprobs(model, rollout: Rollout, *, temperature: float = 1.0, row_chunk: int = 8) -> torch.Tensor:
+    """(N, T) log-probabilities of the completion tokens under `model` (at the sampling
+    temperature, as the tokens were drawn). Grad flows when called outside no_grad."""
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    completion_length = rollout.completion_ids.shape[1]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions(attention),
+        use_cache=False,
+        logits_to_keep=completion_length + 1,
+    )
+    logits = out.logits[:, :-1, :]  # position t predicts completion token t
+    chunks = []
+    for start in range(0, logits.shape[0], row_chunk):
+        part = logits[start:start + row_chunk].float()
+        if temperature != 1.0:
+            part = part / temperature
+        targets = rollout.completion_ids[start:start + row_chunk]
+        chunks.append(part.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(part, dim=-1))
+    return torch.cat(chunks, dim=0)
+
+
+class VllmGenerator:
+    """Generation with vLLM on a GPU, in the trainer's process: the base model is loaded once
+    with LoRA support; each step the trainer's current adapter is saved to a scratch folder and
+    used as a new LoRA request (adapter-only sync: a few MB instead of the full weights)."""
+
+    def __init__(self, model_path: str, *, lora_rank: int, dtype: str, max_model_len: int, gpu_memory_utilization: float = 0.3, seed: int = 0):
+        from vllm import LLM  # noqa: PLC0415 - optional, GPU only
+
+        self.llm = LLM(
+            model=model_path,
+            enable_lora=True,
+            max_lora_rank=max(8, lora_rank),
+            dtype="auto" if dtype == "auto" else dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            enable_prefix_caching=True,
+        )
+        self._scratch = tempfile.TemporaryDirectory(prefix="kuberft-vllm-lora-")
+        self._version = 0
+
+    def generate(self, peft_model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
+                 eos_token_id: int, pad_token_id: int, temperature: float, top_p: float, seed: int) -> Rollout:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        self._version += 1
+        adapter_dir = Path(self._scratch.name) / f"v{self._version}"
+        peft_model.save_pretrained(adapter_dir)
+        params = SamplingParams(
+            n=num_generations,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            seed=seed,
+            stop_token_ids=[eos_token_id],
+        )
+        requests = [{"prompt_token_ids": p} for p in prompts]
+        outputs = self.llm.generate(requests, params, lora_request=LoRARequest(f"policy-{self._version}", self._version, str(adapter_dir)), use_tqdm=False)
+        completions: list[list[int]] = []
+        for output in outputs:
+            completions.extend(list(c.token_ids) for c in output.outputs)
+        device = next(peft_model.parameters()).device
+        width = max(1, max(len(c) for c in completions))
+        ids = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        truncated = torch.zeros(len(completions), dtype=torch.bool)
+        for row, tokens in enumerate(completions):
+            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, :len(tokens)] = 1
+            truncated[row] = not tokens or tokens[-1] != eos_token_id
+        prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+        return Rollout(prompt_ids, prompt_mask, ids.to(device), mask.to(device), truncated.to(device))
