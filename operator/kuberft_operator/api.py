@@ -502,10 +502,12 @@ class SpeculatorSpec(ApiModel):
     """Speculative decoding: a cheap speculator proposes tokens, the model verifies them in one
     forward pass; output is identical to plain decoding."""
 
+    # The has() guards matter to the API server: it checks these rules against the CRD's
+    # default for the field (`{}`, nested defaults not applied) when the CRD is installed.
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
-        CelRule("self.type != 'draft' || has(self.draftModel)", "type draft needs draftModel", ".draftModel"),
+        CelRule("!has(self.type) || self.type != 'draft' || has(self.draftModel)", "type draft needs draftModel", ".draftModel"),
         CelRule(
-            "self.type != 'heads' || has(self.headsPath) || self.trainHeads",
+            "!has(self.type) || self.type != 'heads' || has(self.headsPath) || (has(self.trainHeads) && self.trainHeads)",
             "type heads needs headsPath or trainHeads: true",
             ".headsPath",
         ),

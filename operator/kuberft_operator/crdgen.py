@@ -124,7 +124,8 @@ def crd(resource: type[Resource]) -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                # Declaring metadata.name lets CEL rules point their fieldPath at it.
+                                "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
                                 "spec": openapi_schema(spec_model),
                                 "status": status_schema,
                             },
