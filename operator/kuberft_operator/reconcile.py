@@ -226,7 +226,11 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     job = observed.trainer_job
     job_annotations = (job or {}).get("metadata", {}).get("annotations") or {}
     restarts_before = int(job_annotations.get(ANNOTATION_RESTARTS_BEFORE, 0)) if job else int(status.get("restarts") or 0)
-    restarts = restarts_before + int(((job or {}).get("status") or {}).get("failed") or 0) if job else restarts_before
+    failures = restarts_before + int(((job or {}).get("status") or {}).get("failed") or 0) if job else restarts_before
+    job_true = _true_conditions(job)
+    job_failed = "Failed" in job_true or "FailureTarget" in job_true
+    # Every failure but a final one was followed by a restart from the latest checkpoint.
+    restarts = failures - 1 if job_failed and failures > 0 else failures
     previous_restarts = int(status.get("restarts") or 0)
     plan.status["restarts"] = max(restarts, previous_restarts)
 
@@ -243,7 +247,6 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         else:
             plan.requeue(remaining)
 
-    job_true = _true_conditions(job)
     if outcome is None and job is not None:
         if "Complete" in job_true or "SuccessCriteriaMet" in job_true:
             location = status.get("adapter") or output_location(effective, name)
@@ -252,7 +255,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             cond = job_true.get("Failed") or job_true["FailureTarget"]
             reason = cond.get("reason") if cond.get("reason") in ("BackoffLimitExceeded", "DeadlineExceeded") else "TrainerFailed"
             detail = pod_failure(observed.trainer_pods)
-            message = f"the trainer failed after {plan.status['restarts']} restart(s) (backoffLimit {effective.backoff_limit})"
+            message = f"the trainer failed {failures} time(s); backoffLimit {effective.backoff_limit} allows {effective.backoff_limit} restart(s)"
             if reason == "DeadlineExceeded":
                 message = f"the job ran longer than activeDeadlineSeconds ({deadline}s)"
             if detail:

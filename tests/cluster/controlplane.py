@@ -58,8 +58,10 @@ def free_port() -> int:
 
 
 def kubectl_binary() -> str:
-    found = shutil.which("kubectl") or str(REPO / ".tools" / "bin" / "kubectl")
-    if not Path(found).exists():
+    # The repository's kubectl (scripts/install-tools.sh) first: its version is the one we test with.
+    repo_tool = REPO / ".tools" / "bin" / "kubectl"
+    found = str(repo_tool) if repo_tool.exists() else shutil.which("kubectl")
+    if not found:
         raise ControlPlaneError("kubectl not found: run `make tools` (scripts/install-tools.sh)")
     return found
 
@@ -300,6 +302,10 @@ class ControlPlane:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
+    def apply_objects(self, objects: list[dict[str, Any]], *args: str) -> None:
+        """`kubectl apply` of several objects at once (as one v1 List)."""
+        self.kubectl("apply", *args, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+
     def get_json(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
 
@@ -313,10 +319,11 @@ class ControlPlane:
                     f"kwok-gpu-{i}",
                     {"kuberft.io/pool": "gpu", "nvidia.com/gpu.present": "true"},
                     {"nvidia.com/gpu": str(GPUS_PER_NODE)},
-                    [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+                    # One tainted GPU node (trainers tolerate it), one open to any GPU pod.
+                    [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}] if i == 0 else [],
                 )
             )
-        self.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(n) for n in nodes))
+        self.apply_objects(nodes)
 
     @staticmethod
     def _node(name: str, labels: dict[str, str], extra: dict[str, str], taints: list[dict[str, str]]) -> dict[str, Any]:

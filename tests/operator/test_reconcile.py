@@ -136,8 +136,9 @@ def test_a_job_whose_trainer_exhausted_its_retries_fails_with_the_pod_reason():
     assert plan.status["phase"] == "Failed"
     assert failed["reason"] == "BackoffLimitExceeded"
     assert failed["message"] == (
-        "the trainer failed after 3 restart(s) (backoffLimit 2); last: pod demo-trainer-c failed: exit code 1 (Error): CUDA error: out of memory"
+        "the trainer failed 3 time(s); backoffLimit 2 allows 2 restart(s); last: pod demo-trainer-c failed: exit code 1 (Error): CUDA error: out of memory"
     )
+    assert plan.status["restarts"] == 2
     assert any(e.type == "Warning" and e.reason == "BackoffLimitExceeded" for e in plan.events)
 
 

@@ -1,0 +1,378 @@
+"""The operator against a real kube-apiserver (+ controller-manager, scheduler, kwok fake nodes).
+
+kwok runs no containers: it moves pods through their phases. Trainer pods finish the way their
+KUBERFT_TEST_OUTCOME env var says (tests/cluster/kwok-stages.yaml), or stay Running until a test
+patches their status the way a kubelet would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+SMALL_JOB = {
+    "apiVersion": "kuberft.io/v1alpha1",
+    "kind": "RFTJob",
+    "metadata": {"name": "countdown"},
+    "spec": {
+        "model": {"name": "tiny:countdown"},
+        "dataset": {"builtin": {"name": "countdown", "size": 64}},
+        "rewards": [{"kind": "countdown"}],
+        "grpo": {"steps": 40},
+        "rewardPool": {"replicas": 1, "workers": 2, "placement": {"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}},
+        "trainer": {
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        "backoffLimit": 1,
+    },
+}
+
+
+def job_manifest(name: str = "countdown", outcome: str | None = None, **spec: Any) -> dict[str, Any]:
+    manifest = copy.deepcopy(SMALL_JOB)
+    manifest["metadata"]["name"] = name
+    manifest["spec"].update(spec)
+    if outcome:
+        manifest["spec"]["trainer"]["env"] = [{"name": "KUBERFT_TEST_OUTCOME", "value": outcome}]
+    return manifest
+
+
+def apply(cluster, namespace: str, manifest: dict[str, Any] | str) -> None:
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=text)
+
+
+def get(cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def status(cluster, namespace: str, name: str) -> dict[str, Any]:
+    return (get(cluster, namespace, "rftjob", name) or {}).get("status") or {}
+
+
+def condition(cluster, namespace: str, name: str, type_: str) -> dict[str, Any]:
+    return next((c for c in status(cluster, namespace, name).get("conditions") or [] if c["type"] == type_), {})
+
+
+def wait_phase(cluster, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    return wait_for(lambda: (s := status(cluster, namespace, name)).get("phase") == phase and s, timeout, f"RFTJob {name} to be {phase}")
+
+
+def events(cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    items = cluster.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")["items"]
+    return sorted(items, key=lambda e: e.get("firstTimestamp") or e["metadata"]["creationTimestamp"])
+
+
+def trainer_pods(cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    return cluster.get_json("pods", "-n", namespace, "-l", f"kuberft.io/rftjob={name},kuberft.io/role=trainer")["items"]
+
+
+def set_pod_phase(cluster, namespace: str, pod: str, phase: str, exit_code: int) -> None:
+    """What a kubelet reports when the trainer container exits."""
+    terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "startedAt": None, "finishedAt": None}
+    patch = {"status": {"phase": phase, "containerStatuses": [{"name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0, "state": {"terminated": terminated}}]}}
+    cluster.kubectl("patch", "pod", pod, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(patch))
+
+
+def patch_as(cluster, user: str, path: str, body: dict[str, Any]) -> int:
+    """A JSON merge PATCH impersonating `user`; returns the HTTP status."""
+    request = urllib.request.Request(
+        cluster.server + path, data=json.dumps(body).encode(), method="PATCH",
+        headers={"Authorization": f"Bearer {cluster.token}", "Impersonate-User": user, "Content-Type": "application/merge-patch+json"},
+    )
+    try:
+        with urllib.request.urlopen(request, context=ssl._create_unverified_context(), timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def owned_by(obj: dict[str, Any], kind: str, name: str) -> bool:
+    return any(o["kind"] == kind and o["name"] == name and o.get("controller") for o in obj["metadata"].get("ownerReferences") or [])
+
+
+# --------------------------------------------------------------------------- the examples
+
+
+def test_the_example_job_gets_its_children_runs_and_succeeds(cluster, operator, namespace):
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES / "rftjob-triton.yaml"))
+    name = "triton-kernels"
+    job = wait_for(lambda: get(cluster, namespace, "job", f"{name}-trainer"), 60, "the trainer Job (after the reward pool is ready)")
+
+    config = get(cluster, namespace, "configmap", f"{name}-config")
+    assert json.loads(config["data"]["job.json"])["grpo"]["epsilonHigh"] == 0.28
+    reward = get(cluster, namespace, "deployment", f"{name}-reward")
+    assert reward["spec"]["replicas"] == 2
+    pod = reward["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["containers"][0]["command"] == ["kuberft", "reward", "serve", "--port", "8080", "--workers", "4"]
+    policy = get(cluster, namespace, "networkpolicy", f"{name}-reward")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "egress" not in policy["spec"] or policy["spec"]["egress"] == []
+    assert get(cluster, namespace, "service", f"{name}-reward")["spec"]["ports"][0]["port"] == 8080
+    claim = get(cluster, namespace, "pvc", f"{name}-checkpoints")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    trainer = job["spec"]["template"]["spec"]
+    assert trainer["containers"][0]["image"] == "registry.test/kuberft/trainer:e2e"
+    assert trainer["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert trainer["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    for kind, child in (("configmap", f"{name}-config"), ("deployment", f"{name}-reward"), ("service", f"{name}-reward"),
+                        ("networkpolicy", f"{name}-reward"), ("pvc", f"{name}-checkpoints"), ("job", f"{name}-trainer"),
+                        ("serviceaccount", f"{name}-trainer"), ("role", f"{name}-trainer"), ("rolebinding", f"{name}-trainer")):
+        assert owned_by(get(cluster, namespace, kind, child), "RFTJob", name), f"{kind}/{child} has no owner reference"
+
+    # The trainer's ServiceAccount may patch its own RFTJob's status and nothing else.
+    trainer_sa = f"system:serviceaccount:{namespace}:{name}-trainer"
+    can = lambda *args: cluster.kubectl("auth", "can-i", *args, "-n", namespace, f"--as={trainer_sa}", check=False).stdout.strip()
+    assert can("patch", f"rftjobs.kuberft.io/{name}", "--subresource=status") == "yes"
+    assert can("patch", "rftjobs.kuberft.io/other", "--subresource=status") == "no"
+    assert can("get", "pods") == "no"
+
+    wait_phase(cluster, namespace, name, "Running")
+    # The trainer reports progress with its own identity: a bare PATCH, as its client sends it.
+    answer = patch_as(cluster, trainer_sa, f"/apis/kuberft.io/v1alpha1/namespaces/{namespace}/rftjobs/{name}/status",
+                      {"status": {"step": 250, "progress": "250/500", "meanReward": 0.625}})
+    assert answer == 200
+    assert patch_as(cluster, trainer_sa, f"/apis/kuberft.io/v1alpha1/namespaces/{namespace}/rftjobs/{name}", {"spec": {"suspend": True}}) == 403
+    table = cluster.kubectl("get", "rftjobs", "-n", namespace).stdout
+    assert table.split("\n")[0].split() == ["NAME", "PHASE", "STEP", "REWARD", "AGE"]
+    assert table.split("\n")[1].split()[:4] == [name, "Running", "250/500", "0.625"]
+
+    pod_name = wait_for(lambda: trainer_pods(cluster, namespace, name), 30, "the trainer pod")[0]["metadata"]["name"]
+    set_pod_phase(cluster, namespace, pod_name, "Succeeded", 0)
+    done = wait_phase(cluster, namespace, name, "Succeeded")
+    assert done["adapter"] == f"pvc://{name}-checkpoints/{name}"
+    assert done["step"] == 250 and done["totalSteps"] == 500
+    assert done["observedGeneration"] == 1
+    assert done["startTime"] <= done["completionTime"]
+    types = {c["type"]: (c["status"], c["reason"]) for c in done["conditions"]}
+    assert types["Succeeded"] == ("True", "TrainerSucceeded")
+    assert types["Created"] == ("True", "ChildrenCreated")
+    assert types["RewardPoolReady"][0] == "True"
+    assert types["Running"] == ("False", "Completed")
+    reasons = [e["reason"] for e in events(cluster, namespace, name)]
+    for reason in ("ChildrenCreated", "PodsReady", "TrainerStarting", "TrainerRunning", "TrainerSucceeded"):
+        assert reason in reasons, reasons
+    # The reward pool is not needed any more.
+    wait_for(lambda: get(cluster, namespace, "deployment", f"{name}-reward")["spec"]["replicas"] == 0, 20, "the reward pool to scale to 0")
+
+
+def test_kwok_completes_the_trainer_and_the_turbo_deployment_serves_its_adapter(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("kernels", outcome="succeed", checkpoint={"storageSize": "1Gi"}))
+    td = yaml.safe_load((EXAMPLES / "turbodeployment.yaml").read_text())
+    td["spec"]["adapter"]["fromRFTJob"] = "kernels"
+    td["spec"]["placement"]["resources"]["requests"] = {"cpu": "1", "memory": "1Gi"}
+    apply(cluster, namespace, td)
+    name = td["metadata"]["name"]
+    waiting = wait_for(lambda: (get(cluster, namespace, "turbodeployment", name) or {}).get("status", {}).get("phase") == "Pending"
+                       and get(cluster, namespace, "turbodeployment", name)["status"], 30, "the TurboDeployment to wait")
+    assert waiting["conditions"][0]["reason"] == "WaitingForRFTJob"
+    assert get(cluster, namespace, "deployment", name) is None
+
+    wait_phase(cluster, namespace, "kernels", "Succeeded", timeout=90)
+    ready = wait_for(lambda: (s := (get(cluster, namespace, "turbodeployment", name) or {}).get("status") or {}).get("phase") == "Ready" and s,
+                     60, "the TurboDeployment to be Ready")
+    assert ready["readyReplicas"] == 1
+    assert ready["url"] == f"http://{name}.{namespace}.svc:8000/v1"
+    assert ready["adapter"] == "pvc://kernels-checkpoints/kernels"
+    deployment = get(cluster, namespace, "deployment", name)
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:6] == ["kuberft", "serve", "--model", "Qwen/Qwen2.5-Coder-7B-Instruct", "--adapter", "/adapters/kernels"]
+    assert owned_by(deployment, "TurboDeployment", name)
+    assert owned_by(get(cluster, namespace, "service", name), "TurboDeployment", name)
+    table = cluster.kubectl("get", "turbodeployments", "-n", namespace).stdout.split("\n")
+    assert table[0].split() == ["NAME", "PHASE", "READY", "URL", "AGE"]
+
+
+# --------------------------------------------------------------------------- failures and lifecycle
+
+
+def test_a_failing_trainer_is_retried_then_the_job_fails_with_the_reason(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("flaky", outcome="fail", backoffLimit=1))
+    failed = wait_phase(cluster, namespace, "flaky", "Failed", timeout=120)
+    cond = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    assert cond["reason"] == "BackoffLimitExceeded"
+    assert cond["message"].startswith("the trainer failed 2 time(s); backoffLimit 1 allows 1 restart(s); last: pod flaky-trainer-")
+    assert cond["message"].endswith("exit code 1 (Error): CUDA error: out of memory (simulated by kwok)")
+    assert failed["restarts"] == 1
+    recorded = events(cluster, namespace, "flaky")
+    restarted = [e for e in recorded if e["reason"] == "TrainerRestarted"]
+    assert len(restarted) == 1 and restarted[0]["type"] == "Warning"
+    assert "restart 1 of 1 resumes from the latest checkpoint" in restarted[0]["message"]
+    assert any(e["reason"] == "BackoffLimitExceeded" and e["type"] == "Warning" for e in recorded)
+
+
+def test_suspend_deletes_the_trainer_and_resume_starts_a_new_one(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("pausable", checkpoint={"storageSize": "1Gi"}))
+    wait_phase(cluster, namespace, "pausable", "Running")
+    first = get(cluster, namespace, "job", "pausable-trainer")["metadata"]["uid"]
+
+    cluster.kubectl("patch", "rftjob", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    suspended = wait_phase(cluster, namespace, "pausable", "Suspended")
+    assert next(c for c in suspended["conditions"] if c["type"] == "Suspended")["message"] == (
+        "the trainer is stopped; checkpoints are kept in pvc://pausable-checkpoints/pausable"
+    )
+    wait_for(lambda: get(cluster, namespace, "job", "pausable-trainer") is None, 30, "the trainer Job to be deleted")
+    wait_for(lambda: not trainer_pods(cluster, namespace, "pausable"), 30, "the trainer pod to be deleted")
+    assert get(cluster, namespace, "pvc", "pausable-checkpoints") is not None
+    assert get(cluster, namespace, "deployment", "pausable-reward")["spec"]["replicas"] == 0
+
+    cluster.kubectl("patch", "rftjob", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    wait_phase(cluster, namespace, "pausable", "Running")
+    second = get(cluster, namespace, "job", "pausable-trainer")
+    assert second["metadata"]["uid"] != first
+    assert second["spec"]["template"]["spec"]["volumes"][1] == {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "pausable-checkpoints"}}
+    assert condition(cluster, namespace, "pausable", "Suspended")["reason"] == "Resumed"
+    reasons = [e["reason"] for e in events(cluster, namespace, "pausable")]
+    assert "Suspended" in reasons and "Resumed" in reasons
+
+
+def test_deleting_the_job_deletes_every_child(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("doomed"))
+    wait_phase(cluster, namespace, "doomed", "Running")
+    cluster.kubectl("delete", "rftjob", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+
+    def leftovers() -> list[str]:
+        found = cluster.get_json("configmaps,deployments,services,networkpolicies,jobs,serviceaccounts,roles,rolebindings,pods", "-n", namespace, "-l", "kuberft.io/rftjob=doomed")
+        return [f"{i['kind']}/{i['metadata']['name']}" for i in found["items"]]
+
+    wait_for(lambda: leftovers() == [] or None, 60, "garbage collection of the children")
+
+
+def test_the_deadline_fails_a_job_that_runs_too_long(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("slow", activeDeadlineSeconds=4))
+    failed = wait_phase(cluster, namespace, "slow", "Failed", timeout=60)
+    cond = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    assert (cond["reason"], cond["message"]) == ("DeadlineExceeded", "the job ran longer than activeDeadlineSeconds (4s)")
+
+
+def test_ttl_after_finished_removes_children_but_keeps_the_job_and_its_outputs(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("brief", outcome="succeed", ttlSecondsAfterFinished=2, checkpoint={"storageSize": "1Gi"}))
+    wait_phase(cluster, namespace, "brief", "Succeeded", timeout=60)
+    wait_for(lambda: get(cluster, namespace, "job", "brief-trainer") is None and get(cluster, namespace, "deployment", "brief-reward") is None, 30, "the TTL clean-up")
+    assert get(cluster, namespace, "configmap", "brief-config") is None
+    assert get(cluster, namespace, "pvc", "brief-checkpoints") is not None
+    assert status(cluster, namespace, "brief")["phase"] == "Succeeded"
+    assert "ChildrenDeleted" in [e["reason"] for e in events(cluster, namespace, "brief")]
+
+
+def test_a_queue_name_hands_the_trainer_job_to_kueue(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("queued", queueName="gpu-queue"))
+    job = wait_for(lambda: get(cluster, namespace, "job", "queued-trainer"), 60, "the trainer Job")
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    wait_for(lambda: condition(cluster, namespace, "queued", "Running").get("reason") == "WaitingForQueue", 30, "WaitingForQueue")
+    # Kueue admits the workload by unsuspending the Job; the operator must not suspend it again.
+    cluster.kubectl("patch", "job", "queued-trainer", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    wait_phase(cluster, namespace, "queued", "Running")
+    assert get(cluster, namespace, "job", "queued-trainer")["spec"]["suspend"] is False
+
+
+def test_changing_a_training_field_of_a_running_job_is_refused_with_a_condition(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("steady"))
+    wait_phase(cluster, namespace, "steady", "Running")
+    cluster.kubectl("patch", "rftjob", "steady", "-n", namespace, "--type=merge", "-p", '{"spec": {"grpo": {"learningRate": 0.5}, "rewardPool": {"replicas": 2}}}')
+    refused = wait_for(lambda: condition(cluster, namespace, "steady", "SpecAccepted").get("status") == "False" and condition(cluster, namespace, "steady", "SpecAccepted"), 30, "SpecAccepted=False")
+    assert refused["reason"] == "ImmutableFieldChanged"
+    assert refused["message"].startswith("spec.grpo.learningRate cannot change once training has started")
+    config = json.loads(get(cluster, namespace, "configmap", "steady-config")["data"]["job.json"])
+    assert config["grpo"]["learningRate"] == 1e-05
+    assert status(cluster, namespace, "steady")["phase"] == "Running"
+    # Reverting the training field lets the reward pool change roll out.
+    cluster.kubectl("patch", "rftjob", "steady", "-n", namespace, "--type=merge", "-p", '{"spec": {"grpo": {"learningRate": 0.00001}}}')
+    wait_for(lambda: condition(cluster, namespace, "steady", "SpecAccepted").get("status") == "True", 30, "SpecAccepted=True")
+    wait_for(lambda: get(cluster, namespace, "deployment", "steady-reward")["spec"]["replicas"] == 2, 30, "the reward pool change to roll out")
+
+
+def test_invalid_manifests_are_rejected_by_the_api_server_naming_the_field(cluster, namespace):
+    bad = job_manifest("bad")
+    bad["spec"]["grpo"] = {"epsilon": 0.3, "epsilonHigh": 0.2, "stepz": 3}
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
+    assert result.returncode != 0
+    assert 'unknown field "spec.grpo.stepz"' in result.stderr
+    bad["spec"]["grpo"] = {"epsilon": 0.3, "epsilonHigh": 0.2}
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
+    assert "spec.grpo.epsilonHigh: Invalid value" in result.stderr
+    assert "epsilonHigh must be at least epsilon" in result.stderr
+    bad["spec"]["grpo"] = {}
+    bad["spec"]["rewards"] = []
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
+    assert "spec.rewards" in result.stderr
+    assert get(cluster, namespace, "rftjob", "bad") is None
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def _jobs_per_owner(cluster, namespace: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in cluster.get_json("jobs", "-n", namespace)["items"]:
+        owner = job["metadata"]["labels"]["kuberft.io/rftjob"]
+        counts[owner] = counts.get(owner, 0) + 1
+    return counts
+
+
+def test_killing_the_operator_mid_reconcile_creates_no_duplicates_and_loses_no_status(cluster, start_operator, namespace):
+    first = start_operator("op-a")
+    cluster.apply_objects([job_manifest(f"job-{i}") for i in range(12)], "-n", namespace)
+    wait_for(lambda: len(cluster.get_json("configmaps", "-n", namespace, "-l", "kuberft.io/role=config")["items"]) >= 3, 30, "the first children")
+    first.kill()
+    second = start_operator("op-a")
+    for i in range(12):
+        wait_phase(cluster, namespace, f"job-{i}", "Running", timeout=90)
+    second.kill()
+    start_operator("op-a")  # and once more, with everything already in place
+    counts = _jobs_per_owner(cluster, namespace)
+    assert counts == {f"job-{i}": 1 for i in range(12)}
+    replica_sets = cluster.get_json("replicasets", "-n", namespace)["items"]
+    assert len(replica_sets) == 12  # the reward pool template never changed, so no rollout happened
+    for i in range(12):
+        current = status(cluster, namespace, f"job-{i}")
+        assert sorted(c["type"] for c in current["conditions"]) == ["Created", "RewardPoolReady", "Running"]
+        created = [e for e in events(cluster, namespace, f"job-{i}") if e["reason"] == "ChildrenCreated"]
+        assert len(created) <= 1
+
+
+def test_two_replicas_elect_one_leader_and_the_standby_takes_over(cluster, start_operator, namespace):
+    leader = start_operator("op-a")
+    lease_name = leader.lease_name
+    wait_for(lambda: (get(cluster, "default", "lease", lease_name) or {}).get("spec", {}).get("holderIdentity") == "op-a", 20, "op-a to hold the lease")
+    standby = start_operator("op-b")
+    apply(cluster, namespace, job_manifest("first"))
+    wait_phase(cluster, namespace, "first", "Running")
+    assert "kuberft_operator_reconciles_total" not in standby.metrics() or 'kind="RFTJob"' not in standby.metrics()
+    assert get(cluster, "default", "lease", lease_name)["spec"]["holderIdentity"] == "op-a"
+
+    leader.kill()
+    wait_for(lambda: get(cluster, "default", "lease", lease_name)["spec"]["holderIdentity"] == "op-b", 30, "op-b to take the lease over")
+    apply(cluster, namespace, job_manifest("second"))
+    wait_phase(cluster, namespace, "second", "Running")
+    assert 'kuberft_operator_reconciles_total{kind="RFTJob",result="success"}' in standby.metrics()
+    assert _jobs_per_owner(cluster, namespace) == {"first": 1, "second": 1}
+    # A clean shutdown hands the lease back at once.
+    assert standby.stop() == 0
+    assert not get(cluster, "default", "lease", lease_name)["spec"].get("holderIdentity")
+
+
+def test_metrics_count_reconciles_and_jobs_by_phase(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("measured", outcome="succeed"))
+    wait_phase(cluster, namespace, "measured", "Succeeded", timeout=60)
+    text = wait_for(lambda: (m := operator.metrics()) if 'kuberft_operator_rftjobs{phase="Succeeded"} 1.0' in m else None, 20, "the phase gauge")
+    assert 'kuberft_operator_reconciles_total{kind="RFTJob",result="success"}' in text
+    assert 'kuberft_operator_reconcile_seconds_count{kind="RFTJob"}' in text
