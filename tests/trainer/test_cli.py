@@ -119,4 +119,4 @@ def test_a_missing_model_is_reported_with_the_field(tmp_path):
                              "--reward-url", "http://127.0.0.1:9", "--metrics-port", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "model.name 'tiny:nonexistent-recipe'" in result.stderr
+    assert "tiny:nonexistent-recipe" in result.stderr and "Traceback" not in result.stderr

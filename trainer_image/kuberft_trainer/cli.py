@@ -1,0 +1,197 @@
+"""`kuberft train`: run the GRPO trainer for one job, as the RFTJob's trainer pod does.
+
+Imports nothing heavy at module level (torch loads only when the command runs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Train a LoRA adapter with GRPO for one RFTJob: sample completions for the job's prompts,
+score them with the reward pool, update the adapter; checkpoint every checkpoint.everySteps
+steps and resume from the latest checkpoint in --output when restarted.
+
+--config is an RFTJob manifest (YAML or JSON) or just its spec as JSON (what the operator
+mounts from the job's ConfigMap). Rewards are scored by the reward pool at --reward-url
+(default: spec.rewardPool.url); without one, an in-process pool is started (local runs).
+
+Writes into --output: checkpoints/step-N/ (adapter, optimizer, RNG, data position),
+metrics.jsonl (one line per step), samples/step-N.jsonl (held-out completions and their
+rewards), and at the end adapter/ (peft format) and config.json.
+
+Serves /metrics (Prometheus) and /healthz on --metrics-port. In a cluster, with
+KUBERFT_JOB_NAME (and KUBERFT_JOB_NAMESPACE) set, it patches that RFTJob's status
+(phase, step, progress, rewards, meanReward, adapter). SIGTERM or Ctrl-C stops after the
+current step with a checkpoint; running the same command again resumes.
+"""
+
+EPILOG = """\
+examples:
+  kuberft train --config job.yaml --output runs/job --reward-url http://localhost:8080
+  kuberft train --config /etc/kuberft/job.json --output /checkpoints/job --reward-url http://job-reward:8080
+  torchrun --standalone --nproc-per-node=4 --no-python kuberft train --config job.json --output out
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="run the GRPO + LoRA trainer for one job (what the trainer pod runs)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, required=True, metavar="FILE", help="RFTJob manifest (YAML/JSON) or its spec as JSON")
+    parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="checkpoints, metrics and the final adapter go here")
+    parser.add_argument("--reward-url", metavar="URL", help="reward pool base URL (POST URL/v1/evaluate); default: spec.rewardPool.url")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="stop at step N (with a checkpoint) instead of spec.grpo.steps")
+    parser.add_argument("--metrics-port", type=int, default=8080, help="port of /metrics and /healthz; 0 turns the server off (default: 8080)")
+    parser.add_argument("--reward-batch-size", type=int, default=64, help="completions per request to the reward pool (default: 64)")
+    parser.add_argument("--reward-concurrency", type=int, default=4, help="requests to the reward pool in flight at once (default: 4)")
+    parser.add_argument("--reward-timeout", type=float, default=600.0, help="seconds to wait for one reward request (default: 600)")
+    parser.add_argument("--reward-retries", type=int, default=5, help="retries of a failed reward request, with backoff (default: 5)")
+    parser.add_argument("--no-progress", action="store_true", help="log one line per step instead of a progress bar")
+    parser.set_defaults(handler=_train)
+
+
+def load_job(path: Path):
+    """(job name or None, RFTJobSpec) from a manifest or a bare spec; raises ManifestError
+    naming every problem with its field path."""
+    import yaml
+    from pydantic import ValidationError
+
+    from kuberft_operator.api import RFTJobSpec
+    from kuberft_operator.manifests import ManifestError, Problem, check_document, problems_from, read_documents
+
+    documents = read_documents(path)
+    if len(documents) != 1:
+        raise ManifestError([Problem(str(path), "", f"expected one document, found {len(documents)}")])
+    source, document = documents[0]
+    if isinstance(document, dict) and "kind" in document:
+        resource, problems = check_document(document, source)
+        if problems:
+            raise ManifestError(problems)
+        if resource.kind != "RFTJob":
+            raise ManifestError([Problem(source, "kind", f"expected an RFTJob, got {resource.kind}")])
+        return resource.metadata.name, resource.spec
+    try:
+        return None, RFTJobSpec.model_validate(document)
+    except ValidationError as error:
+        raise ManifestError(problems_from(error, source)) from error
+    except yaml.YAMLError as error:  # pragma: no cover - read_documents already parsed it
+        raise ManifestError([Problem(source, "", str(error))]) from error
+
+
+def _reward_backend(args: argparse.Namespace, spec):
+    url = args.reward_url or spec.reward_pool.url
+    if url:
+        from .rewards import HttpRewardBackend
+
+        return HttpRewardBackend(
+            url,
+            batch_size=args.reward_batch_size,
+            concurrency=args.reward_concurrency,
+            timeout_seconds=args.reward_timeout,
+            max_retries=args.reward_retries,
+        )
+    try:
+        from kuberft_reward.pool import RewardPool
+    except ImportError as error:
+        raise SystemExit(f"no reward pool: pass --reward-url (the in-process pool is not installed: {error})") from error
+    pool = RewardPool(workers=spec.reward_pool.workers, sandbox=spec.reward_pool.sandbox)
+    pool.start()
+    return pool
+
+
+class _Progress:
+    """A progress bar on a terminal, else one log line per step."""
+
+    def __init__(self, bar: bool):
+        self.use_bar = bar
+        self.bar = None
+
+    def _open(self, m) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=m.total_steps, initial=m.step - 1, unit="step", dynamic_ncols=True)
+
+    def __call__(self, m) -> None:
+        reward = "n/a" if m.reward is None else f"{m.reward:.3f}"
+        if self.use_bar and self.bar is None:
+            self._open(m)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"reward {reward} loss {m.loss:.4f} len {m.completion_length_mean:.0f}", refresh=False)
+            self.bar.update(1)
+        else:
+            per_function = " ".join(f"{k}={v:.3f}" for k, v in m.rewards.items())
+            extra = f" pass@1={m.eval_pass_at_1:.3f}" if m.eval_pass_at_1 is not None else ""
+            logging.getLogger("kuberft.train").info(
+                "step %d/%d reward %s (%s) loss %.4f kl %.4f clip %.3f len %.1f tok/s %.0f failures %d%s",
+                m.step, m.total_steps, reward, per_function, m.loss, m.kl, m.clip_ratio,
+                m.completion_length_mean, m.tokens_per_second, m.reward_failures, extra,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kuberft_operator.manifests import ManifestError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        manifest_name, spec = load_job(args.config)
+    except ManifestError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    if args.max_steps is not None and args.max_steps < 1:
+        print("--max-steps must be at least 1", file=sys.stderr)
+        return 2
+
+    from kuberft_operator.metrics import component_metrics
+
+    from .data import DatasetError
+    from .observe import JobStatusReporter, MetricsServer
+    from .train import Trainer
+
+    job_name = os.environ.get("KUBERFT_JOB_NAME") or manifest_name or "local"
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    metrics = component_metrics("trainer")
+    server = MetricsServer(metrics, args.metrics_port).start() if args.metrics_port and rank0 else None
+    status = JobStatusReporter.from_environment() if rank0 else None
+    backend = _reward_backend(args, spec)
+    progress = None
+    try:
+        try:
+            trainer = Trainer(spec, args.output, backend, job_name, metrics=metrics, status=status)
+        except (DatasetError, FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        with trainer:
+            if rank0:
+                progress = _Progress(bar=not args.no_progress and sys.stderr.isatty())
+                trainer.on_step = progress
+            result = trainer.run(max_steps=args.max_steps)
+    finally:
+        if progress is not None:
+            progress.close()
+        if server is not None:
+            server.close()
+        close = getattr(backend, "close", None)
+        if close is not None and not asyncio.iscoroutinefunction(close):
+            close()  # the in-process pool (an async close, the HTTP client's, ran in the trainer)
+    if rank0:
+        summary = {"step": result.step, "total_steps": result.total_steps, "interrupted": result.interrupted,
+                   "resumed_from": result.resumed_from, "adapter": str(result.adapter_dir) if result.adapter_dir else None,
+                   "eval_pass_at_1": result.eval_pass_at_1,
+                   "reward": result.last_metrics.reward if result.last_metrics else None}
+        print(json.dumps(summary))
+    return 0 if not result.interrupted or args.max_steps is not None else 130
