@@ -1,0 +1,404 @@
+"""The trusted side of a kernel evaluation, run by a worker (never by the sandboxed child):
+compute the reference once per task, run the candidate in a sandboxed child, compare its
+outputs with the reference here, re-run it with every kernel turned into a no-op, and turn
+all of it into `triton.compile`, `triton.correctness` and `triton.speed` results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from . import channel, harness, program
+from .sandbox import EXIT_SANDBOX_SETUP_FAILED, ChildRun, Isolation, Limits, run_sandboxed
+
+TRITON_KINDS = ("triton.compile", "triton.correctness", "triton.speed")
+
+# Messages of errors that come from the interpreter's limits, not from the program.
+INTERPRETER_LIMITS = (
+    "not supported in interpreter mode",
+    "'InterpreterBuilder' object has no attribute",
+    "active drivers",
+    "libdevice",
+)
+
+# atol/rtol per dtype (the same number for both), on the CPU interpreter and on a GPU (where
+# tl.dot uses TF32 by default, as in KernelBench v0.1).
+TOLERANCES = {
+    "cpu": {"float32": 1e-4, "float64": 1e-7, "float16": 1e-2, "bfloat16": 2e-2},
+    "cuda": {"float32": 1e-2, "float64": 1e-5, "float16": 1e-2, "bfloat16": 2e-2},
+}
+
+
+@dataclass
+class Result:
+    score: float
+    outcome: str
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"score": max(0.0, min(1.0, float(self.score))), "outcome": self.outcome, "reason": self.reason}
+
+
+@dataclass
+class Reference:
+    inits: list[Any]
+    cases: list[dict[str, Any]]
+    shrunk: dict[str, list[int]]
+    seconds: float | None = None
+    nbytes: int = 0
+
+
+@dataclass
+class CandidateRun:
+    """What one sandboxed run of the candidate reported, as the worker parsed it."""
+
+    child: ChildRun
+    imported: bool = False
+    build_error: str | None = None
+    import_error: str | None = None
+    cases: dict[int, dict[str, Any]] = field(default_factory=dict)
+    done: bool = False
+    tampered: str | None = None
+    seconds: float | None = None
+
+
+class TaskError(Exception):
+    """The task itself (not the completion) failed: reported as outcome `error`."""
+
+
+def plan_for(args: dict[str, Any], device: str) -> dict[str, Any]:
+    """The test plan: which seeds and shapes, from the rewards' arguments."""
+    count = int(args.get("numTestCases", 4))
+    base = int(args.get("seed", 0))
+    seeds = [1000 + base * 7919 + i * 104729 for i in range(count)]
+    shapes: list[dict | None] = [None] * count
+    for extra in args.get("shapes", []) or []:
+        seeds.append(1000 + base * 7919 + len(seeds) * 104729)
+        shapes.append(dict(extra))
+    return {
+        "init_seed": 42 + base,
+        "seeds": seeds,
+        "shapes": shapes,
+        "max_elements": int(args.get("maxElements", 1 << 20)),
+        "measure": device.startswith("cuda"),
+    }
+
+
+def _describe_child_end(run: ChildRun, limits: Limits) -> tuple[str, str]:
+    """(outcome, reason) for a child that did not finish normally."""
+    if run.timed_out:
+        return "timeout", f"stopped after {limits.wall_seconds:g} s (the sandbox wall-clock limit)"
+    if run.result_overflow:
+        return "crash", f"sent more than {limits.result_bytes >> 20} MiB of results"
+    if run.signal is not None:
+        name = signal.Signals(run.signal).name if run.signal in signal.Signals._value2member_map_ else str(run.signal)
+        if run.signal == signal.SIGXCPU or (run.signal == signal.SIGKILL and run.cpu_seconds >= limits.cpu_seconds):
+            return "timeout", f"used more than {limits.cpu_seconds} s of CPU time"
+        return "crash", f"killed by {name}"
+    if run.exit_code == EXIT_SANDBOX_SETUP_FAILED:
+        return "error", "the sandbox could not be set up: " + run.log.strip().splitlines()[-1][:200] if run.log.strip() else "the sandbox could not be set up"
+    return "crash", f"exited with status {run.exit_code} before finishing"
+
+
+class KernelEvaluator:
+    """Lives in a worker; keeps reference results of recent tasks in memory."""
+
+    def __init__(self, isolation: Isolation, device: str, cache_bytes: int = 512 << 20):
+        self.isolation = isolation
+        self.device = device
+        self.cache: OrderedDict[str, Reference] = OrderedDict()
+        self.cache_bytes = cache_bytes
+
+    # ------------------------------------------------------------------ reference
+
+    def reference(self, task_source: str, plan: dict[str, Any], limits: Limits) -> Reference:
+        key = hashlib.sha256((task_source + json.dumps(plan, sort_keys=True) + self.device).encode()).hexdigest()
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        work = partial(harness.run_reference, task_source=task_source, plan=plan, device=self.device)
+        run = run_sandboxed(lambda fd: work(fd), limits, self.isolation)
+        try:
+            frames, complete = channel.read_frames(run.result)
+        except channel.ChannelError as e:
+            raise TaskError(f"the reference sent a malformed result: {e}") from None
+        if not run.clean_exit or not complete or not frames or frames[-1][0].get("kind") != "done":
+            if run.timed_out:
+                raise TaskError(f"the reference took longer than {limits.wall_seconds:g} s; use smaller shapes")
+            tail = run.log.strip().splitlines()
+            raise TaskError("the reference failed: " + (tail[-1][:300] if tail else f"exit status {run.exit_code}"))
+        inits: list[Any] = []
+        cases: list[dict[str, Any]] = []
+        seconds = None
+        for header, payload in frames:
+            if header["kind"] == "init":
+                inits.append(channel.decode_values(header["args"], payload))
+            elif header["kind"] == "case":
+                inputs, output = channel.decode_values(header["values"], payload)
+                cases.append({"index": header["index"], "init": header["init"], "inputs": inputs, "output": output, "shape": header.get("shape", {})})
+            elif header["kind"] == "timing":
+                seconds = float(header["seconds"])
+        reference = Reference(inits, cases, frames[-1][0].get("shrunk", {}), seconds, len(run.result))
+        self.cache[key] = reference
+        while sum(r.nbytes for r in self.cache.values()) > self.cache_bytes and len(self.cache) > 1:
+            self.cache.popitem(last=False)
+        return reference
+
+    # ------------------------------------------------------------------ candidate
+
+    def run_candidate(self, source: str, reference: Reference, plan: dict[str, Any], limits: Limits, noop: bool) -> CandidateRun:
+        cases = [{"index": c["index"], "init": c["init"], "inputs": c["inputs"]} for c in reference.cases]
+        work = partial(
+            harness.run_candidate, program=source, inits=reference.inits, cases=cases, plan=plan, device=self.device, noop=noop
+        )
+        run = run_sandboxed(lambda fd: work(fd), limits, self.isolation)
+        result = CandidateRun(child=run)
+        try:
+            frames, complete = channel.read_frames(run.result)
+        except channel.ChannelError as e:
+            result.tampered = f"wrote to the evaluator's result channel ({e})"
+            return result
+        expected = {c["index"] for c in reference.cases}
+        for header, payload in frames:
+            kind = header.get("kind")
+            try:
+                if kind == "stage" and header.get("stage") == "import":
+                    result.imported = True
+                elif kind == "error" and header.get("stage") in ("import", "build"):
+                    if header["stage"] == "import":
+                        result.import_error = str(header.get("error"))
+                    else:
+                        result.imported = True
+                        result.build_error = str(header.get("error"))
+                elif kind == "case" and header.get("index") in expected and header["index"] not in result.cases:
+                    entry = {"error": str(header["error"])} if "error" in header else {
+                        "output": channel.decode_values(header["output"], payload),
+                        "mutated_inputs": list(header.get("mutated_inputs", [])),
+                        "out_of_bounds_inputs": list(header.get("out_of_bounds_inputs", [])),
+                        "aliases_input": bool(header.get("aliases_input")),
+                    }
+                    result.cases[header["index"]] = entry
+                elif kind == "timing":
+                    result.seconds = float(header["seconds"])
+                elif kind == "done":
+                    result.done = True
+                else:
+                    result.tampered = "wrote an unexpected record to the evaluator's result channel"
+            except (channel.ChannelError, KeyError, TypeError, ValueError) as e:
+                result.tampered = f"wrote a malformed record to the evaluator's result channel ({e})"
+        if result.done and not run.clean_exit:
+            result.done = False
+        if not complete and run.clean_exit:
+            result.tampered = "left a partial record on the evaluator's result channel"
+        return result
+
+    # ------------------------------------------------------------------ rewards
+
+    def evaluate(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Score one completion with the sandboxed triton rewards named in the job."""
+        rewards: list[dict[str, Any]] = job["rewards"]
+        limits = Limits(**job["limits"])
+        names = {r["name"]: r["kind"] for r in rewards}
+        args: dict[str, Any] = {}
+        for kind in ("triton.compile", "triton.speed", "triton.correctness"):  # correctness' options win
+            for r in rewards:
+                if r["kind"] == kind:
+                    args.update(r.get("args", {}))
+        tag = args.get("tag", "triton")
+
+        def everyone(score: float, outcome: str, reason: str, hacked: bool = False) -> dict[str, Any]:
+            return {"rewards": {n: Result(score, outcome, reason).as_dict() for n in names}, "hacked": hacked}
+
+        source = program.extract_program(job["completion"], tag)
+        if source is None:
+            return everyone(0.0, "invalid", f"no <{tag}>...</{tag}> block with a program")
+        report = program.analyze(source, job["task"]["source"])
+        if report.syntax_error:
+            return everyone(0.0, "invalid", f"the program does not parse: {report.syntax_error}")
+        if report.forbidden:
+            return everyone(0.0, "hacked", "refused to run: " + "; ".join(report.forbidden[:3]), hacked=True)
+        if report.hacks:
+            return everyone(0.0, "hacked", "; ".join(report.hacks[:3]), hacked=True)
+
+        plan = plan_for(args, self.device)
+        try:
+            reference = self.reference(job["task"]["source"], plan, limits)
+        except TaskError as e:
+            return everyone(0.0, "error", f"task {job['task'].get('name', '?')}: {e}")
+        except (channel.ChannelError, KeyError, TypeError, ValueError) as e:
+            return everyone(0.0, "error", f"task {job['task'].get('name', '?')}: unreadable reference ({e})")
+
+        real = self.run_candidate(source, reference, plan, limits, noop=False)
+        results: dict[str, Result] = {}
+        events = {"timeouts": int(real.child.timed_out), "crashes": int(not real.child.timed_out and real.child.signal is not None)}
+        if real.tampered:
+            return {**everyone(0.0, "hacked", real.tampered, hacked=True), "events": events}
+
+        compile_result = self._compile_result(real, reference, limits)
+        correctness, hack_reason, case_passed = self._correctness(real, reference, limits, report, args)
+        if hack_reason is None and any(case_passed.values()):
+            noop = self.run_candidate(source, reference, plan, limits, noop=True)
+            matched = [i for i, entry in noop.cases.items() if "output" in entry and case_passed.get(i) and self._matches(entry["output"], self._case(reference, i)["output"], args)[0]]
+            if matched:
+                hack_reason = (
+                    "outputs still match the reference with every @triton.jit kernel turned into a no-op "
+                    f"(test case {matched[0]}): the kernels do not compute the result"
+                )
+            elif noop.tampered:
+                hack_reason = noop.tampered
+        if hack_reason:
+            return {**everyone(0.0, "hacked", hack_reason, hacked=True), "events": events}
+        for name, kind in names.items():
+            if kind == "triton.compile":
+                results[name] = compile_result
+            elif kind == "triton.correctness":
+                results[name] = correctness
+            elif kind == "triton.speed":
+                results[name] = self._speed(real, reference, correctness, args)
+        return {"rewards": {n: r.as_dict() for n, r in results.items()}, "hacked": False, "events": events}
+
+    @staticmethod
+    def _case(reference: Reference, index: int) -> dict[str, Any]:
+        return next(c for c in reference.cases if c["index"] == index)
+
+    def _compile_result(self, real: CandidateRun, reference: Reference, limits: Limits) -> Result:
+        if real.import_error:
+            return self._classify(f"importing the program failed: {real.import_error}")
+        if real.build_error:
+            return self._classify(f"building ModelNew failed: {real.build_error}")
+        first = reference.cases[0]["index"]
+        entry = real.cases.get(first)
+        if entry is None:
+            if not real.imported and not real.child.clean_exit:
+                outcome, reason = _describe_child_end(real.child, limits)
+                return Result(0.0, outcome, f"importing the program: {reason}")
+            outcome, reason = _describe_child_end(real.child, limits)
+            return Result(0.0, outcome, f"the first forward did not finish: {reason}")
+        if "error" in entry:
+            return self._classify(f"forward raised {entry['error']}")
+        return Result(1.0, "ok", "imports, builds ModelNew and runs a forward")
+
+    def _classify(self, reason: str) -> Result:
+        if self.device == "cpu" and any(marker in reason for marker in INTERPRETER_LIMITS):
+            return Result(0.0, "unverifiable", f"the Triton CPU interpreter cannot run this program: {reason}")
+        if "MemoryError" in reason or "DefaultCPUAllocator" in reason:
+            return Result(0.0, "crash", f"ran out of memory: {reason}")
+        return Result(0.0, "wrong", reason)
+
+    def _tolerance(self, dtype: str, args: dict[str, Any]) -> tuple[float, float]:
+        default = TOLERANCES["cuda" if self.device.startswith("cuda") else "cpu"].get(dtype, 0.0)
+        return float(args.get("atol", default)), float(args.get("rtol", default))
+
+    def _matches(self, got: Any, expected: Any, args: dict[str, Any]) -> tuple[bool, str]:
+        """Whether `got` equals `expected` within tolerance, and why not."""
+        import torch
+
+        if isinstance(expected, torch.Tensor):
+            if not isinstance(got, torch.Tensor):
+                return False, f"returned {type(got).__name__}, expected a tensor"
+            if tuple(got.shape) != tuple(expected.shape):
+                return False, f"output shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+            if got.dtype != expected.dtype:
+                return False, f"output dtype {str(got.dtype).removeprefix('torch.')}, expected {str(expected.dtype).removeprefix('torch.')}"
+            dtype = str(expected.dtype).removeprefix("torch.")
+            atol, rtol = self._tolerance(dtype, args)
+            if not expected.is_floating_point():
+                if torch.equal(got, expected):
+                    return True, ""
+                bad = (got != expected).nonzero()
+                return False, f"{len(bad)} element(s) differ, first at {tuple(bad[0].tolist())}"
+            g, e = got.double(), expected.double()
+            nan_mismatch = torch.isnan(g) != torch.isnan(e)
+            diff = (g - e).abs().nan_to_num(nan=math.inf)
+            bad = nan_mismatch | ((diff > atol + rtol * e.abs()) & ~(torch.isnan(g) & torch.isnan(e)))
+            if not bool(bad.any()):
+                return True, ""
+            first = tuple(bad.nonzero()[0].tolist())
+            worst = float(diff[~torch.isnan(e)].max()) if (~torch.isnan(e)).any() else math.inf
+            return False, (
+                f"{int(bad.sum())} of {bad.numel()} elements differ, max abs error {worst:.3g}, first at {first} "
+                f"(atol {atol:g}, rtol {rtol:g})"
+            )
+        if isinstance(expected, (list, tuple)):
+            if not isinstance(got, (list, tuple)) or len(got) != len(expected):
+                return False, f"returned {type(got).__name__}, expected a {type(expected).__name__} of {len(expected)}"
+            for i, (a, b) in enumerate(zip(got, expected)):
+                ok, why = self._matches(a, b, args)
+                if not ok:
+                    return False, f"output {i}: {why}"
+            return True, ""
+        if isinstance(expected, float) and isinstance(got, (int, float)):
+            ok = math.isclose(got, expected, rel_tol=1e-4, abs_tol=1e-4)
+            return ok, "" if ok else f"returned {got!r}, expected {expected!r}"
+        return (got == expected), ("" if got == expected else f"returned {got!r}, expected {expected!r}")
+
+    def _correctness(
+        self, real: CandidateRun, reference: Reference, limits: Limits, report: program.ProgramReport, args: dict[str, Any]
+    ) -> tuple[Result, str | None, dict[int, bool]]:
+        """(result, hack reason or None, passed per case)."""
+        passed: dict[int, bool] = {}
+        failures: list[str] = []
+        hack = None
+        for case in reference.cases:
+            index = case["index"]
+            entry = real.cases.get(index)
+            if entry is None:
+                passed[index] = False
+                continue
+            if "error" in entry:
+                passed[index] = False
+                failures.append(f"case {index}: raised {entry['error']}")
+                continue
+            if entry["mutated_inputs"]:
+                hack = f"modified input {entry['mutated_inputs'][0]} in place (test case {index})"
+            if entry["aliases_input"]:
+                failures.append(f"case {index}: returns (a view of) one of its inputs")
+                passed[index] = False
+                continue
+            if entry["out_of_bounds_inputs"]:
+                failures.append(f"case {index}: wrote outside input {entry['out_of_bounds_inputs'][0]} (out-of-bounds store; mask it)")
+                passed[index] = False
+                continue
+            ok, why = self._matches(entry["output"], case["output"], args)
+            passed[index] = ok
+            if not ok:
+                failures.append(f"case {index}: {why}")
+        total = len(reference.cases)
+        count = sum(passed.values())
+        score = count / total if total else 0.0
+        if count == total:
+            return Result(1.0, "ok", f"{count}/{total} test cases match the reference"), hack, passed
+        if not real.done and len(real.cases) < total:
+            outcome, why = _describe_child_end(real.child, limits)
+            if real.import_error or real.build_error:
+                why = real.import_error or real.build_error
+                outcome = self._classify(why).outcome
+            failures.append(f"stopped: {why}" if not failures else f"then stopped: {why}")
+        else:
+            outcome = "wrong"
+        joined = "; ".join(failures[:2])
+        result = Result(score, outcome, f"{count}/{total} test cases match; {joined}")
+        if self.device == "cpu":
+            if any(marker in joined for marker in INTERPRETER_LIMITS):
+                result = Result(score, "unverifiable", f"{count}/{total} test cases match; the Triton CPU interpreter cannot run this program: {joined}")
+            elif report.unverifiable and count < total:
+                result = Result(score, "unverifiable", f"{count}/{total} test cases match, but the program uses {report.unverifiable[0]}, which the CPU interpreter does not emulate faithfully")
+        return result, hack, passed
+
+    def _speed(self, real: CandidateRun, reference: Reference, correctness: Result, args: dict[str, Any]) -> Result:
+        if not self.device.startswith("cuda"):
+            return Result(0.0, "unverifiable", "speed is measured only on a GPU; this pool runs kernels in the Triton CPU interpreter")
+        if correctness.score < 1.0:
+            return Result(0.0, "wrong", "not timed: the outputs must match the reference first")
+        if not real.seconds or not reference.seconds:
+            return Result(0.0, "error", "no timing was recorded")
+        speedup = reference.seconds / real.seconds
+        best = float(args.get("maxSpeedup", 4.0))
+        score = max(0.0, min(1.0, math.log(speedup) / math.log(best))) if speedup > 1 else 0.0
+        return Result(score, "ok", f"{speedup:.2f}x the PyTorch reference ({real.seconds * 1e3:.3f} ms vs {reference.seconds * 1e3:.3f} ms)")

@@ -1,0 +1,167 @@
+"""A pre-started sandbox worker: `python -m kuberft_reward.worker`, spawned by the pool with a
+scrubbed environment. It imports torch and triton once, warms them up, probes which isolation
+the machine allows, then answers jobs read as JSON lines on stdin with JSON lines on stdout.
+Each job forks fresh sandboxed children (see `sandbox.py`); the worker itself runs no
+untrusted code, so it survives whatever a completion does."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from functools import partial
+from typing import Any, Callable
+
+
+def _warm_up(device: str) -> dict[str, str]:
+    """Import and exercise everything a child needs, so no child pays for it (and so nothing
+    lazily reads /proc, which the children cannot see)."""
+    import numpy
+    import torch
+    import triton
+    import triton.language as tl
+
+    torch.set_num_threads(1)
+    # Uninitialised memory (torch.empty) comes back filled with NaN / the largest integer in
+    # every child: a kernel that does not write its output cannot pass by finding the
+    # reference's result in recycled memory. (The public torch.use_deterministic_algorithms
+    # also imports the inductor, about 900 modules, for nothing here.)
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
+
+    @triton.jit
+    def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) + 1.0, mask=mask)
+
+    if device == "cpu":  # on a GPU the worker must not initialise CUDA: its forked children could not use it
+        x = torch.zeros(100)
+        _add_one[(1,)](x, 100, BLOCK=128)
+        if float(x.sum()) != 100.0:
+            raise RuntimeError("the Triton warm-up kernel computed a wrong result")
+    (torch.randn(8, 8) @ torch.randn(8, 8)).softmax(-1)
+    with torch.device("meta"):  # task sizes are measured on the meta device; its first use imports ~500 modules
+        torch.nn.Linear(2, 2)(torch.randn(2, 2))
+    import triton.runtime.autotuner  # noqa: F401 - used by the children
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "numpy": numpy.__version__}
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> int:
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints (ours or a library's) must not corrupt the protocol
+    sys.stdout = sys.stderr
+    device = os.environ.get("KUBERFT_DEVICE", "cpu")
+    started = time.monotonic()
+    try:
+        versions = _warm_up(device)
+        from .kernel_eval import KernelEvaluator
+        from .sandbox import probe_isolation
+
+        isolation = probe_isolation()
+    except Exception as e:  # noqa: BLE001 - reported to the pool, which marks the worker failed
+        protocol.write(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}) + "\n")
+        return 1
+    base_memory = _vm_size()
+    evaluator = KernelEvaluator(isolation, device)
+    custom_functions: dict[str, Callable] = {}
+    protocol.write(
+        json.dumps(
+            {
+                "ready": True,
+                "isolation": isolation.as_dict(),
+                "device": device,
+                "versions": versions,
+                "base_memory_bytes": base_memory,
+                "startup_seconds": round(time.monotonic() - started, 3),
+            }
+        )
+        + "\n"
+    )
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        start = time.monotonic()
+        try:
+            _fit_memory_limit(job, base_memory)
+            if job["type"] == "kernel":
+                answer = evaluator.evaluate(job)
+            elif job["type"] == "custom":
+                answer = _custom(job, custom_functions, evaluator)
+            else:
+                raise ValueError(f"unknown job type {job['type']!r}")
+        except Exception as e:  # noqa: BLE001 - a worker bug must not take the worker down
+            traceback.print_exc()
+            answer = {
+                "rewards": {r["name"]: {"score": 0.0, "outcome": "error", "reason": f"evaluator error: {type(e).__name__}: {e}"} for r in job.get("rewards", [])},
+                "hacked": False,
+            }
+        answer["id"] = job.get("id")
+        answer["seconds"] = time.monotonic() - start
+        answer["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        protocol.write(json.dumps(answer) + "\n")
+    return 0
+
+
+def _fit_memory_limit(job: dict[str, Any], base_memory: int) -> None:
+    """The children start with the worker's address space (torch and triton take ~3 GiB of
+    it); a limit below that plus some room would fail every evaluation, so raise it."""
+    limits = job["limits"]
+    if limits.get("memory_bytes") is not None:
+        limits["memory_bytes"] = max(int(limits["memory_bytes"]), base_memory + (512 << 20))
+
+
+def _custom(job: dict[str, Any], cache: dict[str, Callable], evaluator) -> dict[str, Any]:
+    from . import channel, harness
+    from .kernel_eval import Result, _describe_child_end
+    from .sandbox import Limits, run_sandboxed
+
+    limits = Limits(**job["limits"])
+    results = {}
+    for reward in job["rewards"]:
+        path = reward["module"]
+        if path not in cache:
+            module_name, _, function_name = path.partition(":")
+            try:
+                cache[path] = getattr(importlib.import_module(module_name), function_name)
+            except (ImportError, AttributeError) as e:
+                results[reward["name"]] = Result(0.0, "error", f"cannot load custom reward {path}: {e}").as_dict()
+                continue
+        work = partial(harness.run_custom, function=cache[path], completion=job["completion"], row=job.get("row", {}), args=reward.get("args", {}))
+        run = run_sandboxed(lambda fd, work=work: work(fd), limits, evaluator.isolation)
+        try:
+            frames, _ = channel.read_frames(run.result)
+        except channel.ChannelError:
+            frames = []
+        answer = next((h for h, _ in frames if h.get("kind") == "custom"), None)
+        if answer is None:
+            outcome, reason = _describe_child_end(run, limits)
+            results[reward["name"]] = Result(0.0, outcome, f"custom reward {path}: {reason}").as_dict()
+        elif "error" in answer:
+            results[reward["name"]] = Result(0.0, "error", f"custom reward {path} raised {answer['error']}").as_dict()
+        else:
+            score = float(answer["score"])
+            if not 0.0 <= score <= 1.0:
+                results[reward["name"]] = Result(0.0, "error", f"custom reward {path} returned {score}, outside [0, 1]").as_dict()
+            else:
+                results[reward["name"]] = Result(score, "ok", str(answer.get("reason", ""))).as_dict()
+    return {"rewards": results, "hacked": False}
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # skip interpreter teardown (triton's bindings print leak reports at exit)
