@@ -398,24 +398,29 @@ async def run(config: OperatorConfig) -> int:
             )
         )
         tasks += [asyncio.create_task(controller.worker()) for _ in range(config.workers)]
-        watchers = [asyncio.create_task(stop.wait())]
-        if elector is not None:
-            watchers.append(asyncio.create_task(elector.hold()))
+        kopf_task = tasks[0]
+        stop_task = asyncio.create_task(stop.wait())
+        hold_task = asyncio.create_task(elector.hold()) if elector is not None else None
         log.info(
             "kuberft operator %s started (%s, %d workers)",
             config.identity,
             "namespaces " + ",".join(config.namespaces) if config.namespaces else "all namespaces",
             config.workers,
         )
-        done, pending = await asyncio.wait(watchers + [tasks[0]], return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            if task is not tasks[0]:
+        watched = {stop_task, kopf_task} | ({hold_task} if hold_task else set())
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        if hold_task is not None and hold_task in done:
+            exit_code = 1  # leadership lost: stop acting at once, the pod restarts as a candidate
+        elif kopf_task in done and not kopf_task.cancelled() and kopf_task.exception() is not None:
+            exit_code = 1
+            log.error("kopf stopped: %s", kopf_task.exception())
+        # Otherwise a signal stopped us (kopf handles SIGTERM/SIGINT itself once it runs).
+        for task in (stop_task, hold_task):
+            if task is not None:
                 task.cancel()
-        if not stop.is_set():
-            exit_code = 1  # leadership lost or kopf ended: stop acting at once
         kopf_stop.set()
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(tasks[0], timeout=10)
+            await asyncio.wait_for(kopf_task, timeout=10)
     finally:
         for task in tasks[1:]:
             task.cancel()

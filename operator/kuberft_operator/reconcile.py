@@ -228,7 +228,8 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     restarts_before = int(job_annotations.get(ANNOTATION_RESTARTS_BEFORE, 0)) if job else int(status.get("restarts") or 0)
     failures = restarts_before + int(((job or {}).get("status") or {}).get("failed") or 0) if job else restarts_before
     job_true = _true_conditions(job)
-    job_failed = "Failed" in job_true or "FailureTarget" in job_true
+    # Only the final conditions: with FailureTarget/SuccessCriteriaMet the counts are not final yet.
+    job_failed = "Failed" in job_true
     # Every failure but a final one was followed by a restart from the latest checkpoint.
     restarts = failures - 1 if job_failed and failures > 0 else failures
     previous_restarts = int(status.get("restarts") or 0)
@@ -248,11 +249,11 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             plan.requeue(remaining)
 
     if outcome is None and job is not None:
-        if "Complete" in job_true or "SuccessCriteriaMet" in job_true:
+        if "Complete" in job_true:
             location = status.get("adapter") or output_location(effective, name)
             outcome = ("Succeeded", "TrainerSucceeded", "training finished" + (f"; output in {location}" if location else ""))
-        elif "Failed" in job_true or "FailureTarget" in job_true:
-            cond = job_true.get("Failed") or job_true["FailureTarget"]
+        elif job_failed:
+            cond = job_true["Failed"]
             reason = cond.get("reason") if cond.get("reason") in ("BackoffLimitExceeded", "DeadlineExceeded") else "TrainerFailed"
             detail = pod_failure(observed.trainer_pods)
             message = f"the trainer failed {failures} time(s); backoffLimit {effective.backoff_limit} allows {effective.backoff_limit} restart(s)"

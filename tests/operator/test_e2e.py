@@ -373,6 +373,6 @@ def test_two_replicas_elect_one_leader_and_the_standby_takes_over(cluster, start
 def test_metrics_count_reconciles_and_jobs_by_phase(cluster, operator, namespace):
     apply(cluster, namespace, job_manifest("measured", outcome="succeed"))
     wait_phase(cluster, namespace, "measured", "Succeeded", timeout=60)
-    text = wait_for(lambda: (m := operator.metrics()) if 'kuberft_operator_rftjobs{phase="Succeeded"} 1.0' in m else None, 20, "the phase gauge")
+    text = wait_for(lambda: next((m for m in [operator.metrics()] if 'kuberft_operator_rftjobs{phase="Succeeded"} 1.0' in m), None), 20, "the phase gauge")
     assert 'kuberft_operator_reconciles_total{kind="RFTJob",result="success"}' in text
     assert 'kuberft_operator_reconcile_seconds_count{kind="RFTJob"}' in text

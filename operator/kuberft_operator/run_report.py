@@ -1,0 +1,76 @@
+"""The report of a local run: `report.json` (config, per-step metrics, final evaluation) and
+`report.png` (reward curves per function, loss and KL over steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def reward_summary(steps: list[dict[str, Any]], window: int = 10) -> dict[str, dict[str, float]]:
+    """Per reward function (and `total`): mean over the first and the last `window` steps."""
+    if not steps:
+        return {}
+    window = max(1, min(window, len(steps) // 2 or 1))
+    names = list(steps[0]["rewards"]) + ["total"]
+
+    def mean(rows: list[dict[str, Any]], name: str) -> float:
+        values = [r["reward_total"] if name == "total" else r["rewards"][name] for r in rows]
+        return sum(values) / len(values)
+
+    return {
+        name: {"first": mean(steps[:window], name), "last": mean(steps[-window:], name)}
+        for name in names
+    }
+
+
+def write_report(output_dir: Path, *, config: dict[str, Any], steps: list[dict[str, Any]],
+                 final_eval: dict[str, Any] | None) -> tuple[Path, Path]:
+    """Write report.json and report.png under `output_dir`; returns both paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / "report.json"
+    report = {
+        "config": config,
+        "steps": steps,
+        "summary": reward_summary(steps),
+        "final_eval": final_eval,
+    }
+    json_path.write_text(json.dumps(report, indent=2))
+    png_path = output_dir / "report.png"
+    _plot(steps, png_path, title=config.get("name", "RFT run"))
+    return json_path, png_path
+
+
+def _plot(steps: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [s["step"] for s in steps]
+    figure, (rewards_ax, loss_ax, kl_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    if steps:
+        for name in steps[0]["rewards"]:
+            rewards_ax.plot(xs, [s["rewards"][name] for s in steps], label=name, alpha=0.8)
+        rewards_ax.plot(xs, _smooth([s["reward_total"] for s in steps]), label="total (smoothed)", color="black")
+        loss_ax.plot(xs, [s["loss"] for s in steps], color="tab:red")
+        kl_ax.plot(xs, [s["kl"] for s in steps], color="tab:purple")
+    rewards_ax.set(title="mean reward per function", xlabel="step", ylabel="reward")
+    rewards_ax.legend(loc="lower right", fontsize=8)
+    loss_ax.set(title="policy loss", xlabel="step")
+    kl_ax.set(title="KL to the base model", xlabel="step")
+    for ax in (rewards_ax, loss_ax, kl_ax):
+        ax.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _smooth(values: list[float], window: int = 10) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
