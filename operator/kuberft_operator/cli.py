@@ -11,7 +11,7 @@ import sys
 from . import __version__
 
 # Component command modules, in the order their commands appear in `kuberft --help`.
-COMMAND_MODULES = ("kuberft_operator.cli_api", "kuberft_operator.cli_operator", "kuberft_trainer.cli", "kuberft_reward.cli", "kuberft_serve.cli")
+COMMAND_MODULES = ("kuberft_operator.cli_run", "kuberft_operator.cli_api", "kuberft_operator.cli_operator", "kuberft_trainer.cli", "kuberft_reward.cli", "kuberft_serve.cli")
 
 DESCRIPTION = """\
 kuberft: Reinforcement Fine-Tuning (GRPO + LoRA) on Kubernetes.

@@ -369,6 +369,9 @@ class KernelEvaluator:
             passed[index] = ok
             if not ok:
                 failures.append(f"case {index}: {why}")
+        repeated = self._repeated_output(real, reference)
+        if repeated and hack is None:
+            hack = repeated
         total = len(reference.cases)
         count = sum(passed.values())
         score = count / total if total else 0.0
@@ -390,6 +393,32 @@ class KernelEvaluator:
             elif report.unverifiable and count < total:
                 result = Result(score, "unverifiable", f"{count}/{total} test cases match, but the program uses {report.unverifiable[0]}, which the CPU interpreter does not emulate faithfully")
         return result, hack, passed
+
+    @staticmethod
+    def _repeated_output(real: CandidateRun, reference: Reference) -> str | None:
+        """A later test case returning bit for bit an earlier case's output, where the
+        reference outputs differ, means outputs are cached across calls."""
+        import torch
+
+        seen: list[tuple[int, Any, Any]] = []
+        for case in reference.cases:
+            entry = real.cases.get(case["index"])
+            if not entry or "output" not in entry or not isinstance(entry["output"], torch.Tensor):
+                continue
+            out = entry["output"]
+            if out.is_floating_point() and bool(torch.isnan(out).all()):
+                continue  # never written (poisoned memory), not cached
+            for index, earlier, expected in seen:
+                if (
+                    earlier.shape == out.shape
+                    and earlier.dtype == out.dtype
+                    and torch.equal(earlier.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8))
+                    and not torch.equal(expected, case["output"])
+                    and out.numel() > 1
+                ):
+                    return f"test case {case['index']} returned exactly the output of test case {index}: outputs are cached across calls"
+            seen.append((case["index"], out, case["output"]))
+        return None
 
     def _speed(self, real: CandidateRun, reference: Reference, correctness: Result, args: dict[str, Any]) -> Result:
         if not self.device.startswith("cuda"):

@@ -48,6 +48,12 @@ HOST_COMPUTE_METHODS = frozenset(
         "add_", "sub", "sub_", "div", "div_", "neg", "square", "erf", "gelu", "silu", "logsumexp", "layer_norm",
         "softplus", "where", "masked_fill", "einsum", "dot", "outer", "conv1d", "conv2d", "sort", "topk", "maximum",
         "minimum", "reciprocal", "sin", "cos", "floor", "ceil", "round", "sign", "mv", "baddbmm", "lerp",
+        "clamp_min", "clamp_max", "clamp_min_", "clamp_max_", "addcmul", "addcdiv", "sigmoid_", "tanh_", "exp2",
+        "expm1", "log1p", "log2", "log10", "floor_divide", "remainder", "fmod", "true_divide", "multiply",
+        "subtract", "divide", "negative", "var_mean", "std_mean", "median", "mode", "kthvalue", "cummax", "cummin",
+        "logcumsumexp", "nansum", "nanmean", "count_nonzero", "triu", "tril", "trace", "matrix_power", "kron",
+        "renorm", "dist", "hardtanh", "leaky_relu", "elu", "selu", "softmin", "normalize", "erfinv", "cross",
+        "tensordot", "matrix_exp", "pdist", "cdist", "pow_", "sqrt_", "abs_", "neg_", "square_", "exp_", "div_",
     }
 )
 # Features the Triton CPU interpreter cannot execute faithfully.
@@ -245,6 +251,10 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
             for base in node.bases:
                 if isinstance(base, ast.Name) and base.id == "Model":
                     report.hacks.append(f"line {node.lineno}: {node.name} inherits from the reference Model")
+        elif isinstance(node, ast.Try) and not in_kernel:
+            body_calls = [n for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)]
+            if body_calls and node.handlers:
+                report.hacks.append(f"line {node.lineno}: falls back when a kernel launch fails (try/except around the launch)")
         elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult) and not in_kernel:
             report.hacks.append(f"line {node.lineno}: computes a matrix product with @ in host code")
         if isinstance(node, ast.Call):

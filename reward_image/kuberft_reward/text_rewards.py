@@ -104,7 +104,7 @@ def countdown(completion: str, row: dict[str, Any], args: dict[str, Any]) -> Ver
 
 _LETTER_PATTERNS = (
     r"<answer>\s*\(?([A-Za-z])\)?\s*</answer>",
-    r"(?i:answer)\s*(?:is|:)?\s*[:\-]?\s*\(?([A-Z])\)?(?![A-Za-z])",
+    r"(?i:answer)\s*(?:is|:)?\s*[:\-]?\s*(?:\(([A-Za-z])\)|([A-Z])(?![A-Za-z]))",
 )
 
 
@@ -124,7 +124,8 @@ def multiple_choice(completion: str, row: dict[str, Any], args: dict[str, Any]) 
     for pattern in _LETTER_PATTERNS:
         matches = re.findall(pattern, completion)
         if matches:
-            found = matches[-1].upper()
+            last = matches[-1]
+            found = ("".join(last) if isinstance(last, tuple) else last).upper()
             break
     if found is None:
         bare = re.fullmatch(r"\s*\(?([A-Za-z])[).]?\s*", completion)
