@@ -369,7 +369,7 @@ class KernelEvaluator:
             passed[index] = ok
             if not ok:
                 failures.append(f"case {index}: {why}")
-        repeated = self._repeated_output(real, reference)
+        repeated = self._repeated_output(real, reference, passed)
         if repeated and hack is None:
             hack = repeated
         total = len(reference.cases)
@@ -395,9 +395,9 @@ class KernelEvaluator:
         return result, hack, passed
 
     @staticmethod
-    def _repeated_output(real: CandidateRun, reference: Reference) -> str | None:
-        """A later test case returning bit for bit an earlier case's output, where the
-        reference outputs differ, means outputs are cached across calls."""
+    def _repeated_output(real: CandidateRun, reference: Reference, passed: dict[int, bool]) -> str | None:
+        """A later test case returning bit for bit an earlier case's correct output, where
+        the reference outputs differ, means outputs are cached across calls."""
         import torch
 
         seen: list[tuple[int, Any, Any]] = []
@@ -417,7 +417,8 @@ class KernelEvaluator:
                     and out.numel() > 1
                 ):
                     return f"test case {case['index']} returned exactly the output of test case {index}: outputs are cached across calls"
-            seen.append((case["index"], out, case["output"]))
+            if passed.get(case["index"]):
+                seen.append((case["index"], out, case["output"]))
         return None
 
     def _speed(self, real: CandidateRun, reference: Reference, correctness: Result, args: dict[str, Any]) -> Result:

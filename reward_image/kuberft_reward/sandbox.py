@@ -366,9 +366,12 @@ def run_sandboxed(work: Callable[[int], None], limits: Limits, isolation: Isolat
         elif os.WIFEXITED(status):
             run.exit_code = os.WEXITSTATUS(status)
     run.result = bytes(result)
+    if len(log_tail) > limits.log_bytes:
+        log_dropped += len(log_tail) - limits.log_bytes
+        del log_tail[: len(log_tail) - limits.log_bytes]
+    run.log = bytes(log_tail).decode(errors="replace")
     if log_dropped:
-        log_tail = f"[... {log_dropped} bytes of output dropped ...]\n".encode() + log_tail
-    run.log = bytes(log_tail[-limits.log_bytes :]).decode(errors="replace")
+        run.log = f"[... {log_dropped} bytes of output dropped ...]\n" + run.log
     return run
 
 
