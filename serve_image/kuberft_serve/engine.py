@@ -225,6 +225,8 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.inbox: queue.Queue[Sequence] = queue.Queue()
         self._recent = deque(maxlen=64)  # (proposed, accepted, row-steps) per step, for the gauges
+        self.stats = {"proposed": 0, "accepted": 0, "spec_steps": 0, "steps": 0, "emitted": 0}
+        """Totals since start (the benchmark reads them; Prometheus gets the same numbers)."""
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.lock = threading.Lock()
@@ -406,17 +408,22 @@ class Engine:
         # 5. learn and report
         finished_at = time.perf_counter()
         lengths = [len(p) for p in proposed]
-        group.controller.observe(lengths, accepted, k, proposed_at - started, finished_at - proposed_at)
+        group.controller.observe(lengths, accepted, width - 1, proposed_at - started, finished_at - proposed_at)
         self._record(lengths, accepted, sum(len(t) for t in emitted), finished_at - started)
 
     def _record(self, proposed: list[int], accepted: list[int], emitted: int, seconds: float) -> None:
+        steps = sum(1 for p in proposed if p)
+        self.stats["proposed"] += sum(proposed)
+        self.stats["accepted"] += sum(accepted)
+        self.stats["spec_steps"] += steps
+        self.stats["steps"] += 1
+        self.stats["emitted"] += emitted
         if self.metrics is None:
             return
         self.metrics.tokens_per_second.set(emitted / seconds if seconds > 0 else 0.0)
         if not self.speculating:
             return
         name = self.speculator.name
-        steps = sum(1 for p in proposed if p)
         self.metrics.spec_proposed_tokens.labels(name).inc(sum(proposed))
         self.metrics.spec_accepted_tokens.labels(name).inc(sum(accepted))
         self.metrics.spec_steps.labels(name).inc(steps)

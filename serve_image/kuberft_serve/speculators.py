@@ -84,9 +84,11 @@ class NgramSpeculator(Speculator):
 class DraftSpeculator(Speculator):
     name = "draft"
 
-    def __init__(self, runner: ModelRunner, pad_id: int):
+    def __init__(self, runner: ModelRunner, pad_id: int, confidence_threshold: float = 0.3):
         self.runner = runner
         self.pad_id = pad_id
+        self.confidence_threshold = confidence_threshold
+        """Stop drafting early once no row's draft gives its next token this probability."""
 
     @dataclass
     class State:
@@ -94,7 +96,7 @@ class DraftSpeculator(Speculator):
         pending: list[list[int]] = field(default_factory=list)
         """Per row, emitted tokens the draft has not been fed yet (1 or 2)."""
         fed: int = 0
-        """Proposals fed to the draft during the last `propose` (k-1)."""
+        """Proposals fed to the draft during the last `propose` (one fewer than proposed)."""
 
     def new_state(self, adapter):
         return self.State(SequenceBatch(self.runner))
@@ -111,24 +113,42 @@ class DraftSpeculator(Speculator):
         feed = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in state.pending], device=device)
         result = state.batch.extend(feed)
         state.batch.commit([len(p) for p in state.pending])
-        last = torch.tensor([len(p) - 1 for p in state.pending], device=device)
-        logits = result.logits[torch.arange(len(seqs), device=device), last]  # [B, V]
+        if width == 1:
+            logits = result.logits[:, -1]
+        else:
+            last = torch.tensor([len(p) - 1 for p in state.pending], device=device)
+            logits = result.logits[torch.arange(len(seqs), device=device), last]  # [B, V]
         tokens: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        all_greedy = all(seq.params.greedy for seq in seqs)
         for i in range(k):
             if i:
                 logits = state.batch.extend(torch.tensor([[row[-1]] for row in tokens], device=device)).logits[:, -1]
-            for b, seq in enumerate(seqs):
-                params = seq.params
-                if params.greedy:
-                    tokens[b].append(int(logits[b].argmax()))
-                else:
-                    q = warp(logits[b], params.temperature, params.top_p)
-                    u = keyed_uniform(params.seed, len(seq.output_ids) + i, STREAM_DRAFT)
-                    tokens[b].append(sample(q, u))
-                    probs[b].append(q)
+            if all_greedy:
+                top_p, top = torch.softmax(logits, dim=-1).max(dim=-1)
+                for row, token in zip(tokens, top.tolist()):
+                    row.append(token)
+                confident = bool((top_p >= self.confidence_threshold).any())
+            else:
+                confident = False
+                for b, seq in enumerate(seqs):
+                    params = seq.params
+                    if params.greedy:
+                        q = torch.softmax(logits[b].double(), dim=-1)
+                        tokens[b].append(int(q.argmax()))
+                        confident |= float(q.max()) >= self.confidence_threshold
+                        probs[b].append(None)
+                    else:
+                        q = warp(logits[b], params.temperature, params.top_p)
+                        u = keyed_uniform(params.seed, len(seq.output_ids) + i, STREAM_DRAFT)
+                        tokens[b].append(sample(q, u))
+                        confident |= float(q.max()) >= self.confidence_threshold
+                        probs[b].append(q)
+            if not confident:
+                break
+        k = len(tokens[0]) if tokens else 0
         state.fed = k - 1 if k else 0
-        draft_probs = [torch.stack(p) if p else None for p in probs]
+        draft_probs = [torch.stack(p) if p and p[0] is not None else None for p in probs]
         return Proposal(tokens, draft_probs if any(p is not None for p in draft_probs) else None)
 
     def commit(self, state, seqs, accepted, proposal, verify):
