@@ -152,28 +152,72 @@ def generate(
     return Rollout(prompt_ids, prompt_mask, tokens, completion_mask, truncated)
 
 
-def sequence_logprobs(model, rollout: Rollout, *, temperature: float = 1.0, row_chunk: int = 8) -> torch.Tensor:
-    """(N, T) log-probabilities of the completion tokens under `model` (at the sampling
-    temperature, as the tokens were drawn). Grad flows when called outside no_grad."""
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
-    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-    completion_length = rollout.completion_ids.shape[1]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention,
-        position_ids=positions(attention),
-        use_cache=False,
-        logits_to_keep=completion_length + 1,
-    )
-    logits = out.logits[:, :-1, :]  # position t predicts completion token t
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, row_chunk: int) -> torch.Tensor:
+    """log softmax(logits / temperature) at `targets`, a few rows at a time (never the whole
+    (N, T, V) tensor in float32 at once)."""
     chunks = []
     for start in range(0, logits.shape[0], row_chunk):
         part = logits[start:start + row_chunk].float()
         if temperature != 1.0:
             part = part / temperature
-        targets = rollout.completion_ids[start:start + row_chunk]
-        chunks.append(part.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(part, dim=-1))
+        chunk_targets = targets[start:start + row_chunk]
+        chunks.append(part.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(part, dim=-1))
     return torch.cat(chunks, dim=0)
+
+
+def _shares_prompts(rollout: Rollout, group_size: int) -> bool:
+    rows = rollout.prompt_ids.shape[0]
+    if group_size < 2 or rows % group_size or rollout.completion_ids.shape[1] < 2:
+        return False
+    grouped = rollout.prompt_ids.view(rows // group_size, group_size, -1)
+    return bool((grouped == grouped[:, :1]).all())
+
+
+def sequence_logprobs(model, rollout: Rollout, *, temperature: float = 1.0, group_size: int = 1, row_chunk: int = 8) -> torch.Tensor:
+    """(N, T) log-probabilities of the completion tokens under `model` (at the sampling
+    temperature, as the tokens were drawn). Grad flows when called outside no_grad.
+
+    With `group_size` G > 1 and the rows in groups of G completions of one prompt, the prompt
+    is run once per group and its KV cache (with its gradient path) is shared by the G
+    completions: P + G*T tokens per group instead of G*(P+T)."""
+    completion_length = rollout.completion_ids.shape[1]
+    if not _shares_prompts(rollout, group_size):
+        input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+        attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions(attention),
+            use_cache=False,
+            logits_to_keep=completion_length + 1,
+        )
+        return _token_logprobs(out.logits[:, :-1, :], rollout.completion_ids, temperature, row_chunk)
+
+    from transformers import DynamicCache
+
+    prompt_ids, prompt_mask = rollout.prompt_ids[::group_size], rollout.prompt_mask[::group_size]
+    cache = DynamicCache(config=getattr(model, "config", None))
+    head = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+        **_cache_argument(model, cache),
+    )
+    cache.batch_repeat_interleave(group_size)
+    first = head.logits[:, -1:, :].repeat_interleave(group_size, dim=0)  # predicts completion token 0
+    # completion tokens 0..T-2 are the inputs predicting tokens 1..T-1
+    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask[:, :-1]], dim=1)
+    tail = model(
+        input_ids=rollout.completion_ids[:, :-1],
+        attention_mask=attention,
+        position_ids=positions(attention)[:, -(completion_length - 1):],
+        use_cache=True,
+        **_cache_argument(model, cache),
+    )
+    logits = torch.cat([first, tail.logits], dim=1)
+    return _token_logprobs(logits, rollout.completion_ids, temperature, row_chunk)
 
 
 class VllmGenerator:

@@ -379,11 +379,16 @@ class Trainer:
         return torch.tensor([[math.nan if s is None else s for s in row] for row in matrix.scores], dtype=torch.float64)
 
     def _micro_batches(self, rows: int) -> list[slice]:
+        """Slices of the completions per forward/backward; whole groups when the size allows
+        (a group's completions then share one forward of their prompt)."""
         size = self.grpo.micro_batch_size or rows
         return [slice(i, min(rows, i + size)) for i in range(0, rows, size)]
 
     def _logprobs(self, rollout: Rollout, batches: list[slice]) -> torch.Tensor:
-        return torch.cat([sequence_logprobs(self.model, rollout.select(b), temperature=self.grpo.temperature) for b in batches])
+        return torch.cat([self._sequence_logprobs(rollout.select(b)) for b in batches])
+
+    def _sequence_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        return sequence_logprobs(self.model, rollout, temperature=self.grpo.temperature, group_size=self.grpo.num_generations)
 
     def _train_step(self) -> StepMetrics:
         grpo, G = self.grpo, self.grpo.num_generations
@@ -430,7 +435,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
             for b in batches:
-                logprobs = sequence_logprobs(self.model, rollout.select(b), temperature=grpo.temperature)
+                logprobs = self._sequence_logprobs(rollout.select(b))
                 loss, stats = policy_loss(
                     logprobs,
                     old[b] if old is not None else logprobs.detach(),
