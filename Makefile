@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup tools demo test test-slow test-all crds clean
+.PHONY: setup tools demo test test-slow test-all crds images clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,23 @@ test-all: test test-slow
 
 crds: setup
 	$(BIN)/kuberft crds --output-dir crds
+
+# The four container images, tagged as the Helm chart expects (<registry>/<name>:<version>);
+# needs a Docker engine (or DOCKER=podman). The build context is the repository root.
+IMAGE_REGISTRY ?= ghcr.io/kuberft
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DOCKER ?= docker
+IMAGE_DOCKERFILES := operator=operator/Dockerfile trainer=trainer_image/Dockerfile reward=reward_image/Dockerfile serve=serve_image/Dockerfile
+
+images:
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "make images: no container engine answers '$(DOCKER) info'; start Docker or set DOCKER=podman" >&2; exit 1; }
+	@for image in $(IMAGE_DOCKERFILES); do \
+	  test -f "$${image#*=}" || { echo "make images: $${image#*=} is missing (image $${image%%=*})" >&2; exit 1; }; \
+	done
+	@set -e; for image in $(IMAGE_DOCKERFILES); do \
+	  echo "make images: $(IMAGE_REGISTRY)/$${image%%=*}:$(IMAGE_TAG) from $${image#*=}"; \
+	  $(DOCKER) build -f "$${image#*=}" -t "$(IMAGE_REGISTRY)/$${image%%=*}:$(IMAGE_TAG)" .; \
+	done
 
 clean:
 	rm -rf $(VENV) .tools
