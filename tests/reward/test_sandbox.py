@@ -192,3 +192,66 @@ def test_output_is_capped_and_a_result_flood_is_cut_off():
 def test_os_exit_ends_only_the_child():
     child = run("import os\nos._exit(0)\n")
     assert child.exit_code == 0 and child.result == b""
+
+
+@needs_seccomp
+def test_without_namespaces_the_sandbox_still_blocks_network_and_processes():
+    """As in a pod under the RuntimeDefault seccomp profile, where unshare is refused."""
+    from kuberft_reward import seccomp
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # an outer process whose own filter refuses unshare, like the container runtime's
+        try:
+            os.close(read_end)
+            _refuse_unshare(seccomp)
+            isolation = probe_isolation()
+
+            def work(fd):
+                import socket
+
+                lines = [f"namespaces={isolation.mount_namespace} seccomp={isolation.seccomp}"]
+                for attempt in (lambda: socket.socket(), lambda: os.fork()):
+                    try:
+                        attempt()
+                        lines.append("allowed")
+                    except OSError as e:
+                        lines.append(e.strerror)
+                lines.append(os.getcwd().startswith(("/tmp/kuberft-sandbox-", "/var/tmp/kuberft-sandbox-")) and "private dir" or os.getcwd())
+                os.write(fd, "\n".join(lines).encode())
+
+            child = run_sandboxed(work, Limits(wall_seconds=10, memory_bytes=None), isolation)
+            os.write(write_end, child.result)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    report = b""
+    while chunk := os.read(read_end, 4096):
+        report += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert report.decode().splitlines() == [
+        "namespaces=False seccomp=True", "Operation not permitted", "Operation not permitted", "private dir",
+    ]
+
+
+def _refuse_unshare(seccomp) -> None:
+    """Install a filter that refuses only unshare(2), as container runtimes' default profiles do."""
+    import ctypes
+    import errno
+    import platform
+
+    arch = seccomp._ARCHES[platform.machine().lower()]
+    program = b"".join(
+        [
+            seccomp._insn(seccomp._LD_W_ABS, 0, 0, seccomp._NR),
+            seccomp._insn(seccomp._JEQ_K, 0, 1, arch.syscalls["unshare"]),
+            seccomp._insn(seccomp._RET_K, 0, 0, seccomp._RET_ERRNO | errno.EPERM),
+            seccomp._insn(seccomp._RET_K, 0, 0, seccomp._RET_ALLOW),
+        ]
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = seccomp._SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    assert libc.prctl(seccomp._PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    assert libc.prctl(seccomp._PR_SET_SECCOMP, seccomp._SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
