@@ -17,8 +17,6 @@ from typing import Any
 from . import channel, harness, program
 from .sandbox import EXIT_SANDBOX_SETUP_FAILED, ChildRun, Isolation, Limits, run_sandboxed
 
-TRITON_KINDS = ("triton.compile", "triton.correctness", "triton.speed")
-
 # Messages of errors that come from the interpreter's limits, not from the program.
 INTERPRETER_LIMITS = (
     "not supported in interpreter mode",

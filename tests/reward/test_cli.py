@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kuberft_reward.kernel_tasks import SHIPPED_DIR, TaskSet
 
 from .conftest import SECRET, solution
@@ -17,6 +19,7 @@ def kuberft(*args: str, stdin: str | None = None, env: dict | None = None) -> su
     return subprocess.run(KUBERFT + list(args), input=stdin, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
+@pytest.mark.slow  # starts a sandbox worker twice (~40 s on 2 cores)
 def test_eval_json_scores_a_kernel_task_file_and_leaks_nothing(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text(solution("softmax"))
