@@ -239,6 +239,11 @@ class KernelEvaluator:
             return {**everyone(0.0, "hacked", real.tampered, hacked=True), "events": events}
 
         compile_result = self._compile_result(real, reference, limits)
+        if self.device == "cpu" and compile_result.outcome == "wrong" and report.unverifiable:
+            compile_result = Result(
+                0.0, "unverifiable",
+                f"the program uses {report.unverifiable[0]}, which the CPU interpreter cannot run: {compile_result.reason}",
+            )
         correctness, hack_reason, case_passed = self._correctness(real, reference, limits, report, args)
         if hack_reason is None and any(case_passed.values()):
             noop = self.run_candidate(source, reference, plan, limits, noop=True)

@@ -100,6 +100,24 @@ def test_a_solution_right_on_some_shapes_gets_partial_credit(pool):
     assert result.reason.startswith("3/4 test cases match; case 3: ")
 
 
+def test_autotuned_kernels_run_with_their_first_config_on_the_interpreter(pool):
+    autotuned = (
+        RELU.replace("@triton.jit", "@triton.autotune(configs=[triton.Config({'BLOCK_SIZE': 256}), triton.Config({'BLOCK_SIZE': 512})], key=['n_elements'])\n@triton.jit")
+        .replace(", BLOCK_SIZE=1024)", ")")
+        .replace("grid = (triton.cdiv(n, 1024),)", "grid = lambda meta: (triton.cdiv(n, meta['BLOCK_SIZE']),)")
+    )
+    result = pool.evaluate_sync(kernel_request([tagged(autotuned)])).results[0]
+    assert {n: r.score for n, r in result.rewards.items()} == {"triton.format": 1.0, "triton.compile": 1.0, "triton.correctness": 1.0}
+
+
+def test_what_the_interpreter_cannot_run_is_unverifiable_not_wrong(pool):
+    libdevice = RELU.replace("out = tl.maximum(x, 0.0)", "out = tl.maximum(tl.extra.cuda.libdevice.tanh(x) * 0 + x, 0.0)")
+    result = pool.evaluate_sync(kernel_request([tagged(libdevice)])).results[0]
+    assert result.rewards["triton.compile"].outcome == "unverifiable"
+    assert result.rewards["triton.correctness"].outcome == "unverifiable"
+    assert "libdevice functions" in result.rewards["triton.correctness"].reason
+
+
 # --------------------------------------------------------------------------- adversarial suite
 
 ADVERSARIAL = {
