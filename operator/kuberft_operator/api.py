@@ -306,7 +306,7 @@ class GRPOSpec(ApiModel):
     )
 
     steps: int = Field(default=100, ge=1, le=1_000_000)
-    """Optimizer steps to run."""
+    """GRPO steps to run: each samples promptsPerStep x numGenerations completions, scores them and makes numIterations optimizer updates."""
     prompts_per_step: int = Field(default=4, ge=1, le=4096)
     """Prompts sampled per step; each yields numGenerations completions."""
     num_generations: int = Field(default=8, ge=2, le=512)

@@ -120,3 +120,24 @@ def test_a_missing_model_is_reported_with_the_field(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "tiny:nonexistent-recipe" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_trains_one_adapter(tiny_model, tmp_path):
+    config, _ = write_spec(tiny_model, tmp_path, steps=3)
+    output = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with RewardServer() as server:
+        result = subprocess.run(
+            [str(torchrun), "--standalone", "--nproc-per-node=2", "--no-python", str(Path(sys.executable).with_name("kuberft")),
+             "train", "--config", str(config), "--output", str(output), "--reward-url", server.url, "--metrics-port", "0", "--no-progress"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        scored = server.backend.items_scored
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])  # printed once, by rank 0
+    assert summary["step"] == 3 and not summary["interrupted"]
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]  # one line per step, not one per process
+    assert scored >= 3 * 32  # both ranks scored their half of the 4 x 8 completions per step
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()
