@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,8 +25,6 @@ def helm_binary() -> str:
 
 
 def helm(*args: str, check: bool = True, extra_env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
-    import os
-
     env = dict(os.environ, **(extra_env or {}))
     result = subprocess.run([helm_binary(), *args], capture_output=True, text=True, env=env, timeout=120)
     if check and result.returncode != 0:

@@ -11,7 +11,7 @@ import yaml
 
 from kuberft_operator.metrics import exported_series_names
 
-from .dashboards import DASHBOARD_DIR, REPO, TARGET_LABELS, load_dashboards, panel_queries, series_labels, variable_queries
+from .dashboards import REPO, TARGET_LABELS, load_dashboards, panel_queries, series_labels, variable_queries
 from .promql import PromQLError, label_values_query, metric_names, selectors, substitute_grafana_variables
 
 # What Grafana puts in place of the variables when "All" jobs are selected.
