@@ -53,6 +53,7 @@ CHILD_KINDS = (
     ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
     ("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
 )
+CHILD_EVENT_DELAY = 0.25
 PARENT_KINDS = {"RFTJob": "rftjobs", "TurboDeployment": "turbodeployments"}
 
 # What the operator's ServiceAccount needs (the Helm chart grants exactly this).
@@ -117,17 +118,23 @@ class Controller:
         self.phases: dict[Key, str] = {}
         self._written_versions: dict[Key, str] = {}
         self._turbo_by_rftjob: dict[tuple[str, str], set[str]] = {}
+        self.parents: dict[Key, dict[str, Any]] = {}
+        self._event_tasks: set[asyncio.Task[None]] = set()
+        self._event_slots = asyncio.Semaphore(8)
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ events from kopf
 
     def on_parent_event(self, kind: str, event_type: Optional[str], body: dict[str, Any]) -> None:
         key = _key_of(kind, body)
+        log.debug("event %s %s %s/%s", event_type, kind, key[1], key[2])
         if event_type == "DELETED":
             self.phases.pop(key, None)
             self._written_versions.pop(key, None)
+            self.parents.pop(key, None)
             self._update_phase_gauges()
             return
+        self.parents[key] = body
         phase = (body.get("status") or {}).get("phase") or "Pending"
         self.phases[key] = phase
         self._update_phase_gauges()
@@ -145,11 +152,13 @@ class Controller:
             self.children.pop(key, None)
         else:
             self.children[key] = _slim(kind, body)
+        # Children change in bursts (a Deployment's status moves several times in a second):
+        # a short delay lets those events collapse into one reconcile of the owner.
         labels = body["metadata"].get("labels") or {}
         if LABEL_RFTJOB in labels:
-            self.queue.add(("RFTJob", key[1], labels[LABEL_RFTJOB]))
+            self.queue.add_after(("RFTJob", key[1], labels[LABEL_RFTJOB]), CHILD_EVENT_DELAY)
         elif LABEL_TURBO in labels:
-            self.queue.add(("TurboDeployment", key[1], labels[LABEL_TURBO]))
+            self.queue.add_after(("TurboDeployment", key[1], labels[LABEL_TURBO]), CHILD_EVENT_DELAY)
 
     def _update_phase_gauges(self) -> None:
         counts: dict[tuple[str, str], int] = {}
@@ -213,7 +222,9 @@ class Controller:
 
     async def reconcile(self, key: Key) -> Optional[float]:
         kind, namespace, name = key
-        body = await self.client.get(API_VERSION, kind, namespace, name)
+        # The watched copy is good enough to plan with: a stale one fails the status write with a
+        # conflict (resourceVersion precondition) and the retry reads the object fresh.
+        body = self.parents.get(key) or await self.client.get(API_VERSION, kind, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # garbage collection removes the children through their owner references
         now = datetime.now(timezone.utc)
@@ -252,6 +263,7 @@ class Controller:
             )
             plan = plan_turbo(observed, self.config.images, now)
         await self.execute(key, body, plan)
+        log.debug("reconciled %s %s/%s: phase %s, %d applied/created/deleted", kind, namespace, name, plan.status.get("phase"), len(plan.apply) + len(plan.create) + len(plan.delete))
         return plan.requeue_after
 
     async def execute(self, key: Key, body: dict[str, Any], plan: Plan) -> None:
@@ -266,17 +278,30 @@ class Controller:
         changes = status_changes(body.get("status") or {}, plan.status)
         if changes:
             patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "status": changes}
-            written = await self.client.merge_patch(API_VERSION, key[0], namespace, key[2], patch, subresource="status")
+            try:
+                written = await self.client.merge_patch(API_VERSION, key[0], namespace, key[2], patch, subresource="status")
+            except ApiError as error:
+                if error.conflict:
+                    self.parents.pop(key, None)
+                raise
             if written is None:
                 return
+            self.parents[key] = written
             self._written_versions[key] = written["metadata"]["resourceVersion"]
             self.phases[key] = (written.get("status") or {}).get("phase") or "Pending"
             self._update_phase_gauges()
         for event in plan.events:
+            task = asyncio.create_task(self._post_event(body, event))
+            self._event_tasks.add(task)
+            task.add_done_callback(self._event_tasks.discard)
+
+    async def _post_event(self, body: dict[str, Any], event: Any) -> None:
+        """Events are posted in the background: a reconcile does not wait for its announcements."""
+        async with self._event_slots:
             try:
                 await self.client.post_event(body, event.type, event.reason, event.message)
-            except ApiError as error:
-                log.warning("posting event %s for %s/%s failed: %s", event.reason, namespace, key[2], error)
+            except (ApiError, OSError, asyncio.TimeoutError) as error:
+                log.warning("posting event %s for %s failed: %s", event.reason, body["metadata"]["name"], error)
 
     async def _apply(self, namespace: str, manifest: dict[str, Any]) -> None:
         digest = content_hash(manifest)
@@ -284,7 +309,15 @@ class Controller:
         cached = self.children.get((manifest["kind"], namespace, manifest["metadata"]["name"]))
         if cached is not None and (cached["metadata"].get("annotations") or {}).get(ANNOTATION_HASH) == digest:
             return
-        await self.client.apply(manifest)
+        applied = None
+        if cached is None:
+            # A plain create is much cheaper for the API server than a server-side apply; an
+            # existing object (the cache may simply not have seen it yet) falls back to apply.
+            applied = await self.client.create(manifest)
+        if applied is None:
+            applied = await self.client.apply(manifest)
+        # Remember what we wrote at once, so the next reconcile skips it even before the watch event.
+        self.children[(manifest["kind"], namespace, manifest["metadata"]["name"])] = _slim(manifest["kind"], applied)
 
 
 _API_VERSIONS = {kind: (f"{group}/{version}" if group else version) for group, version, _, kind in CHILD_KINDS}
@@ -292,12 +325,13 @@ _API_VERSIONS["Pod"] = "v1"
 
 
 def build_registry(controller: Controller, settings: kopf.OperatorSettings) -> kopf.OperatorRegistry:
-    """kopf handlers: every event only updates the cache and queues a key."""
+    """kopf handlers: every event only updates the cache and queues a key. They are coroutines
+    so kopf runs them on the event loop (plain functions would run in threads)."""
     registry = kopf.OperatorRegistry()
 
     for kind, plural in PARENT_KINDS.items():
 
-        def parent_handler(event: dict[str, Any], _kind: str = kind, **_: Any) -> None:
+        async def parent_handler(event: dict[str, Any], _kind: str = kind, **_: Any) -> None:
             controller.on_parent_event(_kind, event.get("type"), event["object"])
 
         kopf.on.event(GROUP, VERSION, plural, registry=registry, id=f"{plural}-events")(parent_handler)
@@ -306,7 +340,7 @@ def build_registry(controller: Controller, settings: kopf.OperatorSettings) -> k
     for group, version, plural, kind in CHILD_KINDS:
         settings.watching.label_selectors[group, version, plural] = managed
 
-        def child_handler(event: dict[str, Any], _kind: str = kind, **_: Any) -> None:
+        async def child_handler(event: dict[str, Any], _kind: str = kind, **_: Any) -> None:
             controller.on_child_event(_kind, event.get("type"), event["object"])
 
         kopf.on.event(group, version, plural, registry=registry, id=f"{plural}-events")(child_handler)
@@ -314,7 +348,7 @@ def build_registry(controller: Controller, settings: kopf.OperatorSettings) -> k
     # Trainer pods carry our labels through the Job's pod template; their failures explain a Failed job.
     settings.watching.label_selectors["", "v1", "pods"] = f"{managed},{LABEL_ROLE}=trainer"
 
-    def pod_handler(event: dict[str, Any], **_: Any) -> None:
+    async def pod_handler(event: dict[str, Any], **_: Any) -> None:
         controller.on_child_event("Pod", event.get("type"), event["object"])
 
     kopf.on.event("", "v1", "pods", registry=registry, id="pods-events")(pod_handler)
@@ -355,7 +389,7 @@ async def _serve_metrics(controller: Controller, port: int) -> web.AppRunner:
 async def run(config: OperatorConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until leadership is lost (exit 1)."""
     info = connection_info()
-    client = KubeClient(Credentials.from_connection_info(info), max_connections=max(8, config.workers * 2))
+    client = KubeClient(Credentials.from_connection_info(info), max_connections=max(16, config.workers * 8))
     controller = Controller(client, config)
     controller.connection_info = info  # type: ignore[attr-defined]
     stop = asyncio.Event()
@@ -383,6 +417,8 @@ async def run(config: OperatorConfig) -> int:
         settings.posting.enabled = False  # our Events are posted by the reconciler, one per transition
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        # Our handlers only queue keys, so there is nothing to gain from waiting for more events.
+        settings.batching.batch_window = 0.01
         registry = build_registry(controller, settings)
         kopf_stop = asyncio.Event()
         tasks.append(
