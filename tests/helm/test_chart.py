@@ -10,7 +10,7 @@ import yaml
 
 from kuberft_operator import __version__
 from kuberft_operator.api import RFTJob, TurboDeployment
-from kuberft_operator.builders import Images, Owner, reward_deployment, serve_deployment, trainer_job, trainer_role
+from kuberft_operator.builders import REWARD_PORT, Images, Owner, reward_deployment, serve_deployment, trainer_job, trainer_role
 from kuberft_operator.cli import build_parser
 from kuberft_operator.controller import RBAC_RULES
 from kuberft_operator.manifests import load
@@ -290,7 +290,7 @@ def test_reward_metrics_policy_admits_only_the_given_peers_and_keeps_egress_deni
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert policy["spec"]["egress"] == []
     [rule] = policy["spec"]["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": REWARD_PORT}]
     assert rule["from"] == [
         {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
