@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup tools demo test test-slow test-all crds images clean
+.PHONY: setup tools cluster demo test test-slow test-all crds images clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,17 @@ tools:
 demo: setup
 	$(BIN)/kuberft validate examples/*.yaml
 
+# The Kubernetes control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok) the
+# operator tests run against, built from Go modules and cached by version under
+# ~/.cache/kuberft: the first build takes ~15-40 minutes on 2 cores, later runs a second.
+cluster:
+	tests/cluster/build.sh >/dev/null
+
 # The default test run (under ~20 minutes); slow end-to-end tests run with `make test-slow`.
-test: setup tools
+test: setup tools cluster
 	PATH=$(CURDIR)/.tools/bin:$$PATH $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: setup tools
+test-slow: setup tools cluster
 	PATH=$(CURDIR)/.tools/bin:$$PATH $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 test-all: test test-slow

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 import aiohttp  # noqa: E402
 
 from kuberft_operator.kube import Credentials, KubeClient  # noqa: E402
-from tests.cluster.controlplane import ControlPlane, free_port  # noqa: E402
+from tests.cluster.controlplane import ControlPlane, die_with_parent, free_port  # noqa: E402
 
 CHILD_KINDS = {
     ("ConfigMap", "/api/v1/configmaps"): 1,
@@ -248,7 +248,7 @@ def main() -> int:
 
         operator = subprocess.Popen(
             [sys.executable, "-m", "kuberft_operator.cli", "operator", "--metrics-port", str(metrics_port), "--no-leader-election", "--workers", str(args.workers)],
-            stdout=log, stderr=subprocess.STDOUT, env=plane.env(), cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, env=plane.env(), cwd=REPO, preexec_fn=die_with_parent,
         )
         try:
             deadline = time.monotonic() + 30

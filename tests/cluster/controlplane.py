@@ -14,8 +14,11 @@ that component's log: the tests that need a cluster fail loudly, they never skip
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
+import signal
 import secrets
 import shutil
 import socket
@@ -49,6 +52,16 @@ def build_binaries() -> Path:
     if result.returncode != 0:
         raise ControlPlaneError(f"tests/cluster/build.sh failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
     return Path(result.stdout.strip().splitlines()[-1])
+
+
+def die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the test process dies, even by SIGKILL,
+    so a killed test run leaves no control plane behind."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -113,7 +126,9 @@ class ControlPlane:
     def _spawn(self, name: str, args: list[str]) -> Process:
         log = self.workdir / f"{name}.log"
         handle = log.open("wb")
-        popen = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        popen = subprocess.Popen(
+            args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
+        )
         handle.close()
         process = Process(name, popen, log)
         self.processes.append(process)

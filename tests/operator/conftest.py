@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from tests.cluster.controlplane import ControlPlane, free_port
+from tests.cluster.controlplane import ControlPlane, die_with_parent, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ class OperatorProcess:
                 "--image-registry", "registry.test/kuberft", "--image-tag", "e2e",
                 *self.extra,
             ],
-            stdout=handle, stderr=subprocess.STDOUT, env=self.cluster.env(), cwd=REPO,
+            stdout=handle, stderr=subprocess.STDOUT, env=self.cluster.env(), cwd=REPO, preexec_fn=die_with_parent,
         )
         handle.close()
         return self
