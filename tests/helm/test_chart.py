@@ -16,6 +16,8 @@ from kuberft_operator.controller import RBAC_RULES
 from kuberft_operator.manifests import load
 
 from .chart import ALL_ON, CHART, NAMESPACE, REPO, find, helm, normalized_rules, one, render, template_text
+from .k8s_schema import model_for
+from .k8s_schema import problems as k8s_problems
 
 FULLNAME = "kuberft"  # the release name contains the chart name
 WATCHED = ["team-a", "team-b"]
@@ -340,3 +342,30 @@ def test_bad_values_fail_with_a_message_naming_the_value(tmp_path, values, messa
     result = template_text([path], check=False)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------ the Kubernetes schema, offline
+
+
+@pytest.mark.parametrize("values", [[], [ALL_ON]], ids=["defaults", "all-toggles-on"])
+def test_every_built_in_object_matches_the_kubernetes_types(values):
+    objects = render(values)
+    custom = sorted({o["kind"] for o in objects if model_for(o) is None})
+    # prometheus-operator's kinds are checked by the API server with their CRDs (test_chart_cluster.py).
+    assert custom in ([], ["PodMonitor", "ServiceMonitor"])
+    found = [problem for o in objects if model_for(o) is not None for problem in k8s_problems(o)]
+    assert not found, "\n".join(found)
+
+
+def test_the_offline_schema_check_finds_misspelt_missing_and_mistyped_fields(defaults):
+    deployment = json.loads(json.dumps(one(defaults, "Deployment")))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["readinessprobe"] = container.pop("readinessProbe")
+    del container["name"]
+    deployment["spec"]["replicas"] = "one"
+    container["resources"]["limits"]["nvidia.com/gpu"] = 1  # a number is a valid quantity
+    assert sorted(k8s_problems(deployment)) == [
+        "Deployment/kuberft: spec.replicas: Input should be a valid integer",
+        "Deployment/kuberft: spec.template.spec.containers.0.name: Field required",
+        "Deployment/kuberft: spec.template.spec.containers.0.readinessprobe: Extra inputs are not permitted",
+    ]
