@@ -222,7 +222,11 @@ def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: 
     container = {
         "name": "reward",
         "image": pool.placement.image or images.reward,
-        "command": ["kuberft", "reward", "serve", "--port", str(REWARD_PORT), "--workers", str(pool.workers)],
+        "command": [
+            "kuberft", "reward", "serve", "--port", str(REWARD_PORT), "--workers", str(pool.workers),
+            "--timeout", str(pool.sandbox.timeout_seconds), "--memory-mib", str(pool.sandbox.memory_mi_b),
+            "--max-queue", str(pool.max_queue),
+        ],
         "ports": [{"name": "http", "containerPort": REWARD_PORT, "protocol": "TCP"}],
         "env": [
             {"name": "HOME", "value": "/tmp"},
@@ -463,7 +467,11 @@ def adapter_mount(adapter: str) -> tuple[Optional[dict[str, Any]], Optional[dict
 def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, adapter: Optional[str]) -> dict[str, Any]:
     """`kuberft serve` pods: the base model, the adapter and the speculator."""
     role = "serve"
-    command = ["kuberft", "serve", "--model", spec.model.name]
+    command = ["kuberft", "serve", "--model", spec.model.name, "--dtype", spec.model.dtype]
+    if spec.model.revision:
+        command += ["--revision", spec.model.revision]
+    if spec.model.trust_remote_code:
+        command.append("--trust-remote-code")
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     if adapter:
@@ -471,16 +479,22 @@ def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, ad
         if volume:
             volumes.append(volume)
             mounts.append(mount)
-        command += ["--adapter", path]
+        name = spec.adapter.name if spec.adapter else "default"
+        command += ["--adapter", f"{name}={path}"]
     speculator = spec.speculator
     command += ["--speculator", speculator.type]
     if speculator.type != "none":
         command += ["--num-speculative-tokens", str(speculator.num_speculative_tokens)]
+        if not speculator.adaptive:
+            command.append("--no-adaptive")
     if speculator.type == "draft" and speculator.draft_model:
         command += ["--draft-model", speculator.draft_model]
-    if speculator.type == "heads" and speculator.heads_path:
-        command += ["--heads", speculator.heads_path]
-    command += ["--port", str(spec.port)]
+    if speculator.type == "heads":
+        if speculator.heads_path:
+            command += ["--heads", speculator.heads_path]
+        if speculator.train_heads:
+            command.append("--train-heads")
+    command += ["--max-batch-size", str(spec.max_batch_size), "--port", str(spec.port)]
     container = {
         "name": "serve",
         "image": spec.placement.image or images.serve,

@@ -59,7 +59,9 @@ def test_reward_pods_are_locked_down():
     spec.reward_pool.sandbox.runtime_class_name = "gvisor"
     pod = reward_deployment(spec, OWNER, IMAGES, replicas=2)["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"] == ["kuberft", "reward", "serve", "--port", "8080", "--workers", "4"]
+    assert container["command"] == [
+        "kuberft", "reward", "serve", "--port", "8080", "--workers", "4", "--timeout", "120", "--memory-mib", "8192", "--max-queue", "1024",
+    ]
     assert container["image"] == "registry.test/kuberft/reward:9.9.9"
     assert container["securityContext"] == {
         "runAsNonRoot": True,
@@ -138,8 +140,9 @@ def test_serve_deployment_mounts_a_pvc_adapter_and_passes_the_speculator():
     deployment = serve_deployment(spec, owner, IMAGES, adapter="pvc://ckpt/triton-kernels")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["containers"][0]["command"] == [
-        "kuberft", "serve", "--model", "Qwen/Qwen2.5-0.5B", "--adapter", "/adapters/triton-kernels",
-        "--speculator", "draft", "--num-speculative-tokens", "5", "--draft-model", "tiny-draft", "--port", "9000",
+        "kuberft", "serve", "--model", "Qwen/Qwen2.5-0.5B", "--dtype", "auto", "--adapter", "default=/adapters/triton-kernels",
+        "--speculator", "draft", "--num-speculative-tokens", "5", "--draft-model", "tiny-draft",
+        "--max-batch-size", "8", "--port", "9000",
     ]
     assert {"name": "adapter", "persistentVolumeClaim": {"claimName": "ckpt", "readOnly": True}} in pod["volumes"]
     assert deployment["spec"]["replicas"] == 1
@@ -155,5 +158,36 @@ def test_autoscaled_serving_leaves_replicas_to_the_hpa():
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
 
 
+def test_the_example_turbo_deployment_trains_heads_at_start_up_for_its_named_adapter():
+    from kuberft_operator.api import TurboDeployment
+
+    turbo = load(EXAMPLES / "turbodeployment.yaml", TurboDeployment)
+    owner = Owner("TurboDeployment", "triton-kernels", "team-a", "uid-3")
+    command = serve_deployment(turbo.spec, owner, IMAGES, adapter="/models/adapter")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command == [
+        "kuberft", "serve", "--model", "Qwen/Qwen2.5-Coder-7B-Instruct", "--dtype", "bfloat16",
+        "--adapter", "triton-kernels=/models/adapter", "--speculator", "heads", "--num-speculative-tokens", "4",
+        "--train-heads", "--max-batch-size", "16", "--port", "8000",
+    ]
+
+
 def test_adapter_paths_that_are_not_claims_pass_through():
     assert adapter_mount("/models/adapter") == (None, None, "/models/adapter")
+
+
+def test_every_command_the_operator_runs_is_accepted_by_the_kuberft_cli():
+    """The pods' commands are a contract with the trainer, reward and serve components."""
+    from kuberft_operator.api import TurboDeployment
+    from kuberft_operator.cli import build_parser
+
+    spec = _example_spec()
+    turbo = load(EXAMPLES / "turbodeployment.yaml", TurboDeployment).spec
+    commands = [
+        trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["command"],
+        reward_deployment(spec, OWNER, IMAGES, replicas=1)["spec"]["template"]["spec"]["containers"][0]["command"],
+        serve_deployment(turbo, Owner("TurboDeployment", "t", "team-a", "u"), IMAGES, "pvc://c/p")["spec"]["template"]["spec"]["containers"][0]["command"],
+    ]
+    parsed = [build_parser().parse_args(command[1:]) for command in commands]
+    assert (parsed[0].command, str(parsed[0].config), parsed[0].reward_url) == ("train", "/etc/kuberft/job.json", "http://triton-kernels-reward.team-a.svc:8080")
+    assert (parsed[1].reward_command, parsed[1].workers, parsed[1].timeout, parsed[1].memory_mib) == ("serve", 4, 120, 8192)
+    assert (parsed[2].command, parsed[2].adapter, parsed[2].train_heads) == ("serve", ["triton-kernels=/adapters/p"], True)

@@ -122,7 +122,9 @@ def test_the_example_job_gets_its_children_runs_and_succeeds(cluster, operator, 
     pod = reward["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
-    assert pod["containers"][0]["command"] == ["kuberft", "reward", "serve", "--port", "8080", "--workers", "4"]
+    assert pod["containers"][0]["command"] == [
+        "kuberft", "reward", "serve", "--port", "8080", "--workers", "4", "--timeout", "120", "--memory-mib", "8192", "--max-queue", "1024",
+    ]
     policy = get(cluster, namespace, "networkpolicy", f"{name}-reward")
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "egress" not in policy["spec"] or policy["spec"]["egress"] == []
     assert get(cluster, namespace, "service", f"{name}-reward")["spec"]["ports"][0]["port"] == 8080
@@ -193,7 +195,7 @@ def test_kwok_completes_the_trainer_and_the_turbo_deployment_serves_its_adapter(
     assert ready["adapter"] == "pvc://kernels-checkpoints/kernels"
     deployment = get(cluster, namespace, "deployment", name)
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command[:6] == ["kuberft", "serve", "--model", "Qwen/Qwen2.5-Coder-7B-Instruct", "--adapter", "/adapters/kernels"]
+    assert command[:8] == ["kuberft", "serve", "--model", "Qwen/Qwen2.5-Coder-7B-Instruct", "--dtype", "bfloat16", "--adapter", "triton-kernels=/adapters/kernels"]
     assert owned_by(deployment, "TurboDeployment", name)
     assert owned_by(get(cluster, namespace, "service", name), "TurboDeployment", name)
     table = cluster.kubectl("get", "turbodeployments", "-n", namespace).stdout.split("\n")

@@ -240,7 +240,7 @@ def test_a_turbo_deployment_waits_for_its_rftjob_then_serves_its_adapter():
     done = rftjob(status={"phase": "Succeeded", "adapter": "pvc://demo-checkpoints/demo"})
     serving = plan_turbo(TurboObserved(body=turbo, rftjob=done), IMAGES, NOW)
     command = serving.apply[0]["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command[command.index("--adapter") + 1] == "/adapters/demo"
+    assert command[command.index("--adapter") + 1] == "default=/adapters/demo"
     assert serving.status["url"] == "http://chat.ns.svc:8000/v1"
     assert serving.status["phase"] == "Progressing"
     failed = plan_turbo(TurboObserved(body=turbo, rftjob=rftjob(status={"phase": "Failed"})), IMAGES, NOW)
