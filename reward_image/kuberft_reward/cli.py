@@ -96,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .kernel_tasks import TaskError, TaskSet, load_task_file
     from .pool import RewardPool
-    from .rewards import TRITON_KINDS, RequestError
+    from .rewards import TRITON_KINDS, RequestError, needs_sandbox
     from .schema import EvaluateRequest, InlineTask, Item, RewardRequest
 
     completion = sys.stdin.read() if args.completion == "-" else _read(args.completion, "--completion")
@@ -123,9 +123,8 @@ def _eval(args: argparse.Namespace) -> int:
     reward_args = {"numTestCases": args.num_test_cases} if args.num_test_cases else {}
     rewards = [RewardRequest(kind=k, args=reward_args if k == "triton.correctness" else {}) for k in kinds]
     item = Item(completion=completion, row=row, task=InlineTask(source=task.source, name=task.id) if task else None)
-    needs_sandbox = any(k in ("triton.compile", "triton.correctness", "triton.speed", "custom") for k in kinds)
     try:
-        with RewardPool(1 if needs_sandbox else 0, _sandbox(args), device=args.device) as pool:
+        with RewardPool(1 if needs_sandbox(kinds) else 0, _sandbox(args), device=args.device) as pool:
             result = pool.evaluate_sync(EvaluateRequest(items=[item], rewards=rewards)).results[0]
     except RequestError as e:
         raise SystemExit(f"kuberft reward eval: {e}") from None

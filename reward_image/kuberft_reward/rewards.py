@@ -106,7 +106,12 @@ class RewardPlan:
 
     @property
     def sandboxed(self) -> bool:
-        return self.kind in TRITON_SANDBOX_KINDS or self.kind == "custom"
+        return needs_sandbox([self.kind])
+
+
+def needs_sandbox(kinds) -> bool:
+    """Whether any of these reward kinds runs model code (so the pool needs sandbox workers)."""
+    return any(kind in TRITON_SANDBOX_KINDS or kind == "custom" for kind in kinds)
 
 
 def plan_rewards(rewards: list[RewardRequest]) -> list[RewardPlan]:
