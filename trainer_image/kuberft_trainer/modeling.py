@@ -81,34 +81,17 @@ def build_tiny_model(
 
 # --------------------------------------------------------------------------- loading
 
-TINY_PREFIX = "tiny:"
-
-
-def tiny_model_cache() -> Path:
-    """Where `tiny:<task>` models live: $KUBERFT_CACHE/models, else ~/.cache/kuberft/models."""
-    import os
-
-    return Path(os.environ.get("KUBERFT_CACHE", Path.home() / ".cache" / "kuberft")) / "models"
-
-
 def resolve_model_path(name: str) -> str:
     """What to hand to `from_pretrained` for the spec's `model.name`.
 
-    A hub name or a path is returned as is. `tiny:<task>` names the demo models built in code:
-    they are looked up in `tiny_model_cache()/<task>` (the local runner builds them there).
-    This is the single place model names are resolved: every loader goes through it."""
-    if not name.startswith(TINY_PREFIX):
-        return name
-    task = name[len(TINY_PREFIX):]
-    if not task or "/" in task or task.startswith("."):
-        raise ValueError(f"model.name {name!r}: expected tiny:<task>, e.g. tiny:countdown")
-    path = tiny_model_cache() / task
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.name {name!r}: no tiny model at {path}; `kuberft run` builds it there, "
-            "or set KUBERFT_CACHE to the folder whose models/ holds it"
-        )
-    return str(path)
+    A hub name or a path is returned as is. `tiny:<recipe>` names the demo models built in
+    code (`tiny_zoo`), built and cached on first use. This is the single place model names are
+    resolved: every loader goes through it."""
+    from . import tiny_zoo
+
+    if tiny_zoo.is_tiny(name):
+        return str(tiny_zoo.resolve(name))
+    return name
 
 
 def resolve_dtype(dtype: str, device):

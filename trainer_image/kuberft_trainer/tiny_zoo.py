@@ -1,0 +1,158 @@
+"""Tiny models for runs without a model hub: `model.name: tiny:<recipe>` in an RFTJob.
+
+Each recipe builds a small Llama with a character-level tokenizer in code and pretrains it
+briefly (supervised) on a task's *answer format*, so that reinforcement fine-tuning starts
+from a model that answers in the right shape but is mostly wrong, as a real base model would.
+Built once per recipe version and cached under $KUBERFT_CACHE/models (default
+~/.cache/kuberft/models); concurrent builders wait for each other.
+
+Recipes:
+- `tiny:random`    untrained (tests).
+- `tiny:countdown` writes `a<op>b` expressions over the given numbers with a random operator,
+                   right about a third of the time; GRPO learns which operator hits the target.
+- `tiny:triton`    answers `Write the Triton kernel for <task>.` by imitating the shipped
+                   solution character by character; its samples are kernels that sometimes
+                   run and sometimes fail, which exercises the whole reward pipeline (it does
+                   not learn to write kernels).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+PREFIX = "tiny:"
+
+log = logging.getLogger("kuberft.tiny")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    version: int
+    build: Callable[[Path], None]
+    description: str
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KUBERFT_CACHE", Path.home() / ".cache" / "kuberft")) / "models"
+
+
+def is_tiny(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def resolve(name: str) -> Path:
+    """The local directory of the tiny model `name` (`tiny:<recipe>`), built on first use."""
+    recipe_name = name[len(PREFIX):]
+    recipe = RECIPES.get(recipe_name)
+    if recipe is None:
+        known = ", ".join(PREFIX + r for r in RECIPES)
+        raise ValueError(f"unknown tiny model {name!r}; known: {known}")
+    target = cache_root() / f"tiny-{recipe_name}-v{recipe.version}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        log.info("building %s (%s) into %s, once", name, recipe.description, target)
+        try:
+            recipe.build(staging)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _supervised_pretrain(model_dir: Path, sample_texts: Callable[[random.Random, int], list[str]], *,
+                         iterations: int, batch_size: int, learning_rate: float, seed: int) -> None:
+    """Teach the model at `model_dir` to continue texts like `sample_texts` produces (next-token
+    loss on whole sequences), then save it in place."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    for iteration in range(1, iterations + 1):
+        batch = tokenizer(sample_texts(rng, batch_size), return_tensors="pt", padding=True)
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if iteration % 100 == 0 or iteration == iterations:
+            log.info("pretraining %s: %d/%d, loss %.3f", model_dir.name, iteration, iterations, loss.item())
+    model.save_pretrained(model_dir)
+
+
+def _build_random(out: Path) -> None:
+    from .modeling import build_tiny_model
+
+    build_tiny_model(out, seed=0)
+
+
+COUNTDOWN_OPTIONS = {"numbers": 2, "maxNumber": 9, "operators": "+-*"}
+
+
+def _build_countdown(out: Path) -> None:
+    from kuberft_reward.tasksets import builtin_rows
+
+    from .modeling import build_tiny_model
+
+    build_tiny_model(out, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=256,
+                     max_positions=128, seed=0, chat_template=False)
+    puzzles = builtin_rows("countdown", 4096, 12345, COUNTDOWN_OPTIONS)
+    operators = COUNTDOWN_OPTIONS["operators"]
+
+    def well_formed_guesses(rng: random.Random, n: int) -> list[str]:
+        texts = []
+        for row in rng.sample(puzzles, n):
+            expression = str(row["numbers"][0])
+            for number in row["numbers"][1:]:
+                expression += rng.choice(operators) + str(number)
+            texts.append(row["prompt"] + expression + "\n")
+        return texts
+
+    _supervised_pretrain(out, well_formed_guesses, iterations=600, batch_size=64, learning_rate=3e-3, seed=0)
+
+
+# The prompt `examples/local-triton.yaml` gives the tiny kernel model (its dataset.promptTemplate).
+TRITON_PROMPT = "Write the Triton kernel for {task}.\n"
+
+
+def _build_triton(out: Path) -> None:
+    from kuberft_reward.kernel_tasks import TaskSet, shipped_solution
+
+    from .modeling import build_tiny_model
+
+    examples = [
+        TRITON_PROMPT.format(task=task) + f"<triton>\n{shipped_solution(task)}</triton>\n"
+        for task in TaskSet().ids()
+    ]
+    build_tiny_model(out, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256,
+                     max_positions=2048, seed=0, chat_template=False)
+
+    def solutions(rng: random.Random, n: int) -> list[str]:
+        return rng.sample(examples, min(n, len(examples)))
+
+    _supervised_pretrain(out, solutions, iterations=250, batch_size=4, learning_rate=3e-3, seed=0)
+
+
+RECIPES: dict[str, Recipe] = {
+    "random": Recipe(1, _build_random, "untrained tiny Llama"),
+    "countdown": Recipe(1, _build_countdown, "pretrained on the Countdown answer format"),
+    "triton": Recipe(1, _build_triton, "pretrained to imitate the shipped Triton solutions"),
+}
