@@ -78,7 +78,11 @@ class Conditions:
             updated["observedGeneration"] = self.generation
         if current is None:
             self.items.append(updated)
-            self.transitions.append(Transition(type_, status_text, reason, message))
+            transition = Transition(type_, status_text, reason, message)
+            # A condition that starts out False is not news (nothing happened yet), unless it is a
+            # warning such as a refused spec; one that starts True is (e.g. Created).
+            if status_text == "True" or event_type(transition) == "Warning":
+                self.transitions.append(transition)
             return
         if current.get("status") == status_text:
             updated["lastTransitionTime"] = current.get("lastTransitionTime", updated["lastTransitionTime"])

@@ -99,13 +99,22 @@ def _key_of(kind: str, body: dict[str, Any]) -> Key:
 
 
 def _slim(kind: str, body: dict[str, Any]) -> dict[str, Any]:
-    """What the cache keeps of a child: pods and Jobs only need metadata, spec flags and status."""
-    if kind == "Pod":
-        return {"metadata": body.get("metadata") or {}, "status": body.get("status") or {}}
+    """What the cache keeps of a child: the metadata the reconciler reads (no managedFields, which
+    are most of an object's size) and only the spec and status fields it looks at."""
+    meta = body.get("metadata") or {}
+    slim: dict[str, Any] = {"metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta}}
+    if kind in ("Pod", "Job", "Deployment", "HorizontalPodAutoscaler"):
+        slim["status"] = body.get("status") or {}
     if kind == "Job":
-        spec = body.get("spec") or {}
-        return {"metadata": body.get("metadata") or {}, "spec": {"suspend": spec.get("suspend")}, "status": body.get("status") or {}}
-    return body
+        slim["spec"] = {"suspend": (body.get("spec") or {}).get("suspend")}
+    elif kind == "Deployment":
+        slim["spec"] = {"replicas": (body.get("spec") or {}).get("replicas")}
+    elif kind == "ConfigMap":
+        slim["data"] = body.get("data") or {}
+    return slim
+
+
+_KEPT_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp", "labels", "annotations", "ownerReferences", "deletionTimestamp")
 
 
 class Controller:

@@ -163,8 +163,8 @@ def pod_failure(pods: list[dict[str, Any]]) -> Optional[str]:
 def _finish_status(plan: Plan, conds: Conditions, status: dict[str, Any]) -> Plan:
     plan.status["conditions"] = conds.items
     plan.status["phase"] = _phase(conds)
-    for transition in conds.transitions:
-        plan.events.append(Event(event_type(transition), transition.reason, transition.message or transition.type))
+    # Condition transitions first, then what this reconcile did about them.
+    plan.events[:0] = [Event(event_type(t), t.reason, t.message or t.type) for t in conds.transitions]
     return plan
 
 
@@ -331,6 +331,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             plan.create.append(trainer_job(effective, owner, images, restarts_before=restarts_before, deadline_seconds=left))
             plan.status.setdefault("startTime", timestamp(now))
             conds.set("Running", False, "TrainerStarting", "the trainer Job is created; waiting for its pod")
+            plan.events.append(Event("Normal", "TrainerCreated", f"created the trainer Job {names.trainer}" + (f" ({restarts_before} earlier restart(s) counted)" if restarts_before else "")))
         else:
             conds.set("Running", False, "WaitingForRewardPool", "the trainer starts once the reward pool is ready")
         return _finish_status(plan, conds, status)

@@ -169,7 +169,7 @@ def test_the_example_job_gets_its_children_runs_and_succeeds(cluster, operator, 
     assert types["RewardPoolReady"][0] == "True"
     assert types["Running"] == ("False", "Completed")
     reasons = [e["reason"] for e in events(cluster, namespace, name)]
-    for reason in ("ChildrenCreated", "PodsReady", "TrainerStarting", "TrainerRunning", "TrainerSucceeded"):
+    for reason in ("ChildrenCreated", "PodsReady", "TrainerCreated", "TrainerRunning", "TrainerSucceeded"):
         assert reason in reasons, reasons
     # The reward pool is not needed any more.
     wait_for(lambda: get(cluster, namespace, "deployment", f"{name}-reward")["spec"]["replicas"] == 0, 20, "the reward pool to scale to 0")
