@@ -31,6 +31,7 @@ REWARD_PORT = 8080
 CONFIG_KEY = "job.json"
 CONFIG_DIR = "/etc/kuberft"
 CHECKPOINT_DIR = "/checkpoints"
+DATASET_DIR = "/etc/kuberft/dataset"
 GPU_RESOURCE = "nvidia.com/gpu"
 NONROOT_UID = 65532
 
@@ -370,11 +371,22 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "config", "mountPath": f"{CONFIG_DIR}/{CONFIG_KEY}", "subPath": CONFIG_KEY, "readOnly": True},
             {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
     }
+    volumes = [
+        {"name": "config", "configMap": {"name": RFTJobNames(owner.name).config}},
+        {"name": "checkpoints", **checkpoints},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    if spec.dataset.config_map is not None:
+        # The trainer reads `dataset.configMap` rows from $KUBERFT_DATASET_DIR/<key>.
+        source = spec.dataset.config_map
+        volumes.append({"name": "dataset", "configMap": {"name": source.name, "items": [{"key": source.key, "path": source.key}]}})
+        container["volumeMounts"].append({"name": "dataset", "mountPath": DATASET_DIR, "readOnly": True})
+        container["env"].append({"name": "KUBERFT_DATASET_DIR", "value": DATASET_DIR})
     resources = _resources(spec.trainer)
     if resources:
         container["resources"] = resources
@@ -385,11 +397,7 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
             "serviceAccountName": RFTJobNames(owner.name).trainer,
             "enableServiceLinks": False,
             "containers": [container],
-            "volumes": [
-                {"name": "config", "configMap": {"name": RFTJobNames(owner.name).config}},
-                {"name": "checkpoints", **checkpoints},
-                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-            ],
+            "volumes": volumes,
             **_scheduling(spec.trainer),
         },
     }

@@ -109,6 +109,17 @@ def test_trainer_job_runs_kuberft_train_on_a_gpu_with_the_checkpoint_claim():
     assert "suspend" not in job["spec"]
 
 
+def test_a_config_map_dataset_is_mounted_where_the_trainer_reads_it():
+    spec = _example_spec().model_copy(deep=True)
+    spec.dataset = spec.dataset.model_validate({"configMap": {"name": "prompts", "key": "rows.jsonl"}})
+    pod = trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert {"name": "dataset", "configMap": {"name": "prompts", "items": [{"key": "rows.jsonl", "path": "rows.jsonl"}]}} in pod["volumes"]
+    assert {"name": "dataset", "mountPath": "/etc/kuberft/dataset", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "KUBERFT_DATASET_DIR", "value": "/etc/kuberft/dataset"} in container["env"]
+    assert {"name": "config", "mountPath": "/etc/kuberft/job.json", "subPath": "job.json", "readOnly": True} in container["volumeMounts"]
+
+
 def test_more_than_one_gpu_uses_torchrun():
     spec = _example_spec().model_copy(deep=True)
     spec.trainer.resources.limits["nvidia.com/gpu"] = 4
