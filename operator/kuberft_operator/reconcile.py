@@ -21,10 +21,12 @@ from .builders import (
     ANNOTATION_GENERATION,
     ANNOTATION_POD_TEMPLATE_HASH,
     ANNOTATION_RESTARTS_BEFORE,
+    CHECKPOINT_DIR,
     CONFIG_KEY,
     Images,
     Owner,
     RFTJobNames,
+    checkpoint_claim_name,
     content_hash,
     output_location,
     rftjob_children,
@@ -38,6 +40,9 @@ from .builders import (
 )
 from .conditions import Conditions, Transition, event_type, parse_time, timestamp
 from .manifests import problems_from
+
+# Where the trainer writes the final adapter inside its output directory (kuberft_trainer.train).
+TRAINER_ADAPTER_DIR = "adapter"
 
 # Fields of a running job that cannot change: the trainer's checkpoints depend on them.
 IMMUTABLE_WHILE_RUNNING = ("model", "lora", "dataset", "rewards", "grpo", "checkpoint", "queueName")
@@ -217,6 +222,13 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     elif conds.get("SpecAccepted") is not None:
         conds.set("SpecAccepted", True, "Accepted", f"generation {generation} is in effect")
 
+    # The trainer reports where it wrote the adapter as a path in its pod; a serving pod reaches
+    # it through the claim, so the status says `pvc://<claim>/<path>`.
+    reported = status.get("adapter")
+    claim = checkpoint_claim_name(effective, name)
+    if reported and claim and reported.startswith(CHECKPOINT_DIR + "/"):
+        plan.status["adapter"] = f"pvc://{claim}/{reported[len(CHECKPOINT_DIR) + 1:]}"
+
     plan.status["totalSteps"] = effective.grpo.steps
     plan.status["progress"] = status.get("progress") or f"{status.get('step') or 0}/{effective.grpo.steps}"
 
@@ -250,7 +262,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
 
     if outcome is None and job is not None:
         if "Complete" in job_true:
-            location = status.get("adapter") or output_location(effective, name)
+            location = plan.status.get("adapter") or output_location(effective, name)
             outcome = ("Succeeded", "TrainerSucceeded", "training finished" + (f"; output in {location}" if location else ""))
         elif job_failed:
             cond = job_true["Failed"]
@@ -268,10 +280,10 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         conds.set(cond_type, True, reason, message)
         conds.set("Running", False, "Completed" if cond_type == "Succeeded" else reason, message)
         plan.status["completionTime"] = timestamp(now)
-        if cond_type == "Succeeded" and not status.get("adapter"):
+        if cond_type == "Succeeded" and not plan.status.get("adapter"):
             location = output_location(effective, name)
             if location:
-                plan.status["adapter"] = location
+                plan.status["adapter"] = f"{location}/{TRAINER_ADAPTER_DIR}"
         if delete_trainer:
             plan.delete.append(ChildRef("batch/v1", "Job", names.trainer))
         plan.apply = rftjob_children(effective, owner, images, effective_generation, reward_replicas=0)

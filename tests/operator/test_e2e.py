@@ -159,7 +159,7 @@ def test_the_example_job_gets_its_children_runs_and_succeeds(cluster, operator, 
     pod_name = wait_for(lambda: trainer_pods(cluster, namespace, name), 30, "the trainer pod")[0]["metadata"]["name"]
     set_pod_phase(cluster, namespace, pod_name, "Succeeded", 0)
     done = wait_phase(cluster, namespace, name, "Succeeded")
-    assert done["adapter"] == f"pvc://{name}-checkpoints/{name}"
+    assert done["adapter"] == f"pvc://{name}-checkpoints/{name}/adapter"
     assert done["step"] == 250 and done["totalSteps"] == 500
     assert done["observedGeneration"] == 1
     assert done["startTime"] <= done["completionTime"]
@@ -192,10 +192,10 @@ def test_kwok_completes_the_trainer_and_the_turbo_deployment_serves_its_adapter(
                      60, "the TurboDeployment to be Ready")
     assert ready["readyReplicas"] == 1
     assert ready["url"] == f"http://{name}.{namespace}.svc:8000/v1"
-    assert ready["adapter"] == "pvc://kernels-checkpoints/kernels"
+    assert ready["adapter"] == "pvc://kernels-checkpoints/kernels/adapter"
     deployment = get(cluster, namespace, "deployment", name)
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command[:8] == ["kuberft", "serve", "--model", "Qwen/Qwen2.5-Coder-7B-Instruct", "--dtype", "bfloat16", "--adapter", "triton-kernels=/adapters/kernels"]
+    assert command[:8] == ["kuberft", "serve", "--model", "Qwen/Qwen2.5-Coder-7B-Instruct", "--dtype", "bfloat16", "--adapter", "triton-kernels=/adapters/kernels/adapter"]
     assert owned_by(deployment, "TurboDeployment", name)
     assert owned_by(get(cluster, namespace, "service", name), "TurboDeployment", name)
     table = cluster.kubectl("get", "turbodeployments", "-n", namespace).stdout.split("\n")

@@ -109,9 +109,15 @@ def test_a_completed_trainer_job_makes_the_job_succeeded_and_scales_the_pool_dow
     )
     assert plan.status["phase"] == "Succeeded"
     assert plan.status["completionTime"] == "2026-11-25T12:00:00Z"
-    assert plan.status["adapter"] == "pvc://demo-checkpoints/demo"
+    assert plan.status["adapter"] == "pvc://demo-checkpoints/demo/adapter"
     deployment = next(c for c in plan.apply if c["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 0
+
+
+def test_the_adapter_path_the_trainer_reports_becomes_a_claim_location():
+    status = {"startTime": "2026-11-25T11:00:00Z", "adapter": "/checkpoints/demo/adapter"}
+    plan = run(rftjob(status=status), reward_deployment=ready_pool(), trainer_job=created_job(conditions=[("Complete", "", "")]))
+    assert plan.status["adapter"] == "pvc://demo-checkpoints/demo/adapter"
 
 
 def test_a_failed_trainer_restart_is_counted_and_announced():
