@@ -16,6 +16,7 @@ over each step as a saved adapter (no weight merge, no full-weight transfer).
 from __future__ import annotations
 
 import inspect
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,7 +232,7 @@ class VllmGenerator:
         self.llm = LLM(
             model=model_path,
             enable_lora=True,
-            max_lora_rank=max(8, lora_rank),
+            max_lora_rank=max(8, 1 << (lora_rank - 1).bit_length()),  # vLLM takes powers of two
             dtype="auto" if dtype == "auto" else dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -259,6 +260,7 @@ class VllmGenerator:
         )
         requests = [{"prompt_token_ids": p} for p in prompts]
         outputs = self.llm.generate(requests, params, lora_request=LoRARequest(f"policy-{self._version}", self._version, str(adapter_dir)), use_tqdm=False)
+        shutil.rmtree(Path(self._scratch.name) / f"v{self._version - 1}", ignore_errors=True)
         completions: list[list[int]] = []
         for output in outputs:
             completions.extend(list(c.token_ids) for c in output.outputs)

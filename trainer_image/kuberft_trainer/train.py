@@ -431,7 +431,11 @@ class Trainer:
         self.model.train()
         loss_value = kl_sum = clip_sum = token_sum = 0.0
         grad_norm = 0.0
-        for _ in range(grpo.num_iterations):
+        iterations = grpo.num_iterations
+        if step_tokens == 0:  # nothing scorable (or everything masked): no signal, and no momentum step either
+            log.warning("step %d: no completion could be used (all unscorable or masked): no update", self.step + 1)
+            iterations = 0
+        for _ in range(iterations):
             self.optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
             for b in batches:
