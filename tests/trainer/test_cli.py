@@ -111,15 +111,16 @@ def test_a_bad_config_is_rejected_naming_the_field(tmp_path):
     assert "spec.grpo.lossType" in result.stderr
 
 
-def test_a_missing_model_is_reported_with_the_field(tmp_path):
+@pytest.mark.parametrize("name", ["tiny:nonexistent-recipe", "/nonexistent/model-dir"])
+def test_a_missing_model_is_reported_with_its_name(tmp_path, name):
     config = tmp_path / "job.json"
-    config.write_text(json.dumps({"model": {"name": "tiny:nonexistent-recipe"}, "dataset": {"rows": [{"prompt": "x"}]},
+    config.write_text(json.dumps({"model": {"name": name}, "dataset": {"rows": [{"prompt": "x"}]},
                                   "rewards": [{"kind": "countdown"}]}))
     result = subprocess.run([*KUBERFT, "train", "--config", str(config), "--output", str(tmp_path / "o"),
                              "--reward-url", "http://127.0.0.1:9", "--metrics-port", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "tiny:nonexistent-recipe" in result.stderr and "Traceback" not in result.stderr
+    assert f"'{name}'" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

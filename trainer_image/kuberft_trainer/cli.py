@@ -109,39 +109,6 @@ def _reward_backend(args: argparse.Namespace, spec):
     return pool
 
 
-class _Progress:
-    """A progress bar on a terminal, else one log line per step."""
-
-    def __init__(self, bar: bool):
-        self.use_bar = bar
-        self.bar = None
-
-    def _open(self, m) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=m.total_steps, initial=m.step - 1, unit="step", dynamic_ncols=True)
-
-    def __call__(self, m) -> None:
-        reward = "n/a" if m.reward is None else f"{m.reward:.3f}"
-        if self.use_bar and self.bar is None:
-            self._open(m)
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"reward {reward} loss {m.loss:.4f} len {m.completion_length_mean:.0f}", refresh=False)
-            self.bar.update(1)
-        else:
-            per_function = " ".join(f"{k}={v:.3f}" for k, v in m.rewards.items())
-            extra = f" pass@1={m.eval_pass_at_1:.3f}" if m.eval_pass_at_1 is not None else ""
-            logging.getLogger("kuberft.train").info(
-                "step %d/%d reward %s (%s) loss %.4f kl %.4f clip %.3f len %.1f tok/s %.0f failures %d%s",
-                m.step, m.total_steps, reward, per_function, m.loss, m.kl, m.clip_ratio,
-                m.completion_length_mean, m.tokens_per_second, m.reward_failures, extra,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _train(args: argparse.Namespace) -> int:
     from kuberft_operator.manifests import ManifestError
 
@@ -160,6 +127,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from .data import DatasetError
     from .observe import JobStatusReporter, MetricsServer
+    from .progress import StepProgress
     from .train import Trainer
 
     job_name = os.environ.get("KUBERFT_JOB_NAME") or manifest_name or "local"
@@ -177,7 +145,7 @@ def _train(args: argparse.Namespace) -> int:
             return 2
         with trainer:
             if rank0:
-                progress = _Progress(bar=not args.no_progress and sys.stderr.isatty())
+                progress = StepProgress(bar=not args.no_progress and sys.stderr.isatty())
                 trainer.on_step = progress
             result = trainer.run(max_steps=args.max_steps)
     finally:

@@ -114,7 +114,10 @@ def load_model_and_tokenizer(model_spec, device):
 
     path = resolve_model_path(model_spec.name)
     common = {"revision": model_spec.revision, "trust_remote_code": model_spec.trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    except OSError as error:
+        raise FileNotFoundError(f"model.name {model_spec.name!r}: cannot load it ({error})") from error
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
