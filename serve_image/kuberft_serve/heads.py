@@ -142,7 +142,7 @@ def train_heads(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += loss.item()
         log.info("heads epoch %d/%d: distillation loss %.4f", epoch + 1, epochs, total / len(examples))
     log.info("trained %d heads on %d completions in %.1fs", num_heads, len(examples), time.monotonic() - started)
     return heads.eval().requires_grad_(False)

@@ -1,0 +1,131 @@
+"""Speculation heads trained by self-distillation (`kuberft serve train-heads`, and at start-up
+with --train-heads) propose what the model will say; the CLI explains itself and refuses
+incomplete command lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kuberft_operator.cli import main
+from kuberft_serve.config import ServeConfig
+from kuberft_serve.heads import MedusaHeads
+from kuberft_serve.loading import build_engine
+from kuberft_serve.sampling import SamplingParams
+
+PROMPTS = ["abc abc", "hello, ", "a cafe", "jig jag", "bad bed", "ace. ace.", "fig, ", "j", "head ", "dice", "gab", "i, e"]
+
+
+def acceptance(engine, prompts, adapter=None) -> float:
+    engine.stats = dict.fromkeys(engine.stats, 0)
+    params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)] * len(prompts)
+    engine.generate_batch([engine.tokenizer.encode(p) for p in prompts], params, adapter)
+    return engine.stats["accepted"] / engine.stats["proposed"]
+
+
+@pytest.fixture(scope="module")
+def patterned_dir(tmp_path_factory):
+    """A tiny model trained for a few seconds on phrases in random order, so its greedy output
+    runs through words (a randomly initialised one just repeats its last character, which
+    untrained heads would predict as well as trained ones)."""
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kuberft_trainer.modeling import build_tiny_model
+
+    from .conftest import ALPHABET
+
+    out = build_tiny_model(tmp_path_factory.mktemp("patterned"), alphabet=ALPHABET, hidden_size=48, num_layers=2,
+                           intermediate_size=96, seed=0)
+    rng = random.Random(0)
+    phrases = ["a big cafe, ", "i hid a jade bead. ", "he fed a dog\n", "jab, jab, hi. ", "add a fig "]
+    text = "".join(rng.choice(phrases) for _ in range(3000))
+    ids = torch.tensor(AutoTokenizer.from_pretrained(out).encode(text))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        starts = torch.randint(0, len(ids) - 65, (16,))
+        batch = torch.stack([ids[s : s + 64] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+    adapter = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    adapter.save_pretrained(out / "adapter")
+    return out
+
+
+def test_train_heads_command_writes_heads_that_predict_the_adapted_models_output(patterned_dir, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "heads"
+    adapter = patterned_dir / "adapter"
+    code = main(["serve", "train-heads", "--model", str(patterned_dir), "--adapter", str(adapter), "--data", str(data),
+                 "--output", str(out), "--num-heads", "3", "--max-new-tokens", "40", "--epochs", "20", "--learning-rate", "1e-2"])
+    assert code == 0
+    meta = json.loads((out / "heads.json").read_text())
+    assert (meta["format"], meta["num_heads"], meta["hidden_size"]) == ("kuberft-medusa-v1", 3, 48)
+
+    untrained = tmp_path / "untrained"
+    MedusaHeads(48, 3).save(untrained)
+
+    def engine(heads_dir):
+        return build_engine(ServeConfig(model=str(patterned_dir), adapters={"tuned": str(adapter)}, speculator="heads",
+                                        heads={"tuned": str(heads_dir)}, num_speculative_tokens=3, adaptive=False,
+                                        device="cpu", dtype="float32", max_batch_size=16))
+
+    trained_rate = acceptance(engine(out), PROMPTS, "tuned")
+    untrained_rate = acceptance(engine(untrained), PROMPTS, "tuned")
+    assert trained_rate > 0.5
+    assert trained_rate > untrained_rate + 0.3, (trained_rate, untrained_rate)
+
+
+def test_train_heads_at_start_up_saves_them_and_serves_with_them(tiny_dir, tmp_path):
+    heads_dir = tmp_path / "startup-heads"
+    config = ServeConfig(model=str(tiny_dir), speculator="heads", heads={None: str(heads_dir)}, train_heads=True,
+                         num_speculative_tokens=2, device="cpu", dtype="float64")
+    engine = build_engine(config)
+    assert (heads_dir / "heads.safetensors").is_file()
+    plain = build_engine(ServeConfig(model=str(tiny_dir), speculator="none", device="cpu", dtype="float64"))
+    ids = engine.tokenizer.encode("abc abc")
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    assert engine.generate(ids, params) == plain.generate(ids, params)
+    assert engine.stats["proposed"] > 0
+
+
+def test_heads_for_another_model_size_are_refused(tiny_dir, tmp_path):
+    MedusaHeads(48, 2).save(tmp_path / "wrong")
+    with pytest.raises(ValueError, match="trained for hidden size 48, the model has 32"):
+        build_engine(ServeConfig(model=str(tiny_dir), speculator="heads", heads={None: str(tmp_path / "wrong")}, device="cpu"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "--port", "9"], "--model is required"),
+        (["serve", "--model", "m", "--speculator", "draft"], "--speculator draft needs --draft-model"),
+        (["serve", "--model", "m", "--speculator", "heads"], "--speculator heads needs --heads DIR or --train-heads"),
+        (["serve", "--model", "m", "--num-speculative-tokens", "0"], "--num-speculative-tokens must be between 1 and 32"),
+        (["serve", "--model", "m", "--adapter", "a=/x", "--adapter", "a=/y"], "the name 'a' is used twice"),
+        (["serve", "train-heads", "--model", "m", "--output", "o", "--data", "/no/such/file"], "--data /no/such/file: no such file"),
+    ],
+)
+def test_incomplete_command_lines_are_refused_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_help_teaches_the_speculators_and_the_api(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for phrase in ("ngram", "prompt lookup", "--draft-model", "Medusa-style", "/v1/chat/completions", "train-heads"):
+        assert phrase in text
