@@ -128,6 +128,7 @@ class Controller:
         self._written_versions: dict[Key, str] = {}
         self._turbo_by_rftjob: dict[tuple[str, str], set[str]] = {}
         self.parents: dict[Key, dict[str, Any]] = {}
+        self._by_owner: dict[tuple[str, str, str], set[Key]] = {}
         self._event_tasks: set[asyncio.Task[None]] = set()
         self._event_slots = asyncio.Semaphore(8)
         self.ready = asyncio.Event()
@@ -158,9 +159,9 @@ class Controller:
     def on_child_event(self, kind: str, event_type: Optional[str], body: dict[str, Any]) -> None:
         key = _key_of(kind, body)
         if event_type == "DELETED":
-            self.children.pop(key, None)
+            self._forget(key)
         else:
-            self.children[key] = _slim(kind, body)
+            self._remember(key, _slim(kind, body))
         # Children change in bursts (a Deployment's status moves several times in a second):
         # a short delay lets those events collapse into one reconcile of the owner.
         labels = body["metadata"].get("labels") or {}
@@ -189,14 +190,31 @@ class Controller:
         owners = body["metadata"].get("ownerReferences") or []
         return body if any(o.get("uid") == owner_uid for o in owners) else None
 
+    def _remember(self, key: Key, body: dict[str, Any]) -> None:
+        self.children[key] = body
+        labels = body["metadata"].get("labels") or {}
+        for label in (LABEL_RFTJOB, LABEL_TURBO):
+            if label in labels:
+                self._by_owner.setdefault((label, key[1], labels[label]), set()).add(key)
+
+    def _forget(self, key: Key) -> None:
+        body = self.children.pop(key, None)
+        labels = (body or {}).get("metadata", {}).get("labels") or {}
+        for label in (LABEL_RFTJOB, LABEL_TURBO):
+            owned = self._by_owner.get((label, key[1], labels.get(label, "")))
+            if owned is not None:
+                owned.discard(key)
+                if not owned:
+                    del self._by_owner[(label, key[1], labels[label])]
+
     def _owned(self, label: str, namespace: str, name: str, owner_uid: str) -> list[tuple[str, dict[str, Any]]]:
-        return [
-            (kind, body)
-            for (kind, ns, _), body in list(self.children.items())
-            if ns == namespace
-            and (body["metadata"].get("labels") or {}).get(label) == name
-            and any(o.get("uid") == owner_uid for o in body["metadata"].get("ownerReferences") or [])
-        ]
+        """(kind, body) of every cached child of one parent (pods included)."""
+        found = []
+        for key in list(self._by_owner.get((label, namespace, name), ())):
+            body = self.children.get(key)
+            if body is not None and any(o.get("uid") == owner_uid for o in body["metadata"].get("ownerReferences") or []):
+                found.append((key[0], body))
+        return found
 
     # ------------------------------------------------------------------ reconcile
 
@@ -242,18 +260,14 @@ class Controller:
             names = RFTJobNames(name)
             job = self._cached("Job", namespace, names.trainer, uid)
             job_uid = (job or {}).get("metadata", {}).get("uid")
-            pods = [
-                b
-                for (k, ns, _), b in list(self.children.items())
-                if k == "Pod" and ns == namespace and any(o.get("uid") == job_uid for o in b["metadata"].get("ownerReferences") or [])
-            ]
+            pods = [b for k, b in self._owned(LABEL_RFTJOB, namespace, name, job_uid) if k == "Pod"] if job_uid else []
             observed = RFTJobObserved(
                 body=body,
                 config_map=self._cached("ConfigMap", namespace, names.config, uid),
                 reward_deployment=self._cached("Deployment", namespace, names.reward, uid),
                 trainer_job=job,
                 trainer_pods=pods,
-                children=[ChildRef(_API_VERSIONS[k], k, b["metadata"]["name"]) for k, b in self._owned(LABEL_RFTJOB, namespace, name, uid)],
+                children=[ChildRef(_API_VERSIONS[k], k, b["metadata"]["name"]) for k, b in self._owned(LABEL_RFTJOB, namespace, name, uid) if k != "Pod"],
             )
             plan = plan_rftjob(observed, self.config.images, now)
         else:
@@ -326,7 +340,7 @@ class Controller:
         if applied is None:
             applied = await self.client.apply(manifest)
         # Remember what we wrote at once, so the next reconcile skips it even before the watch event.
-        self.children[(manifest["kind"], namespace, manifest["metadata"]["name"])] = _slim(manifest["kind"], applied)
+        self._remember((manifest["kind"], namespace, manifest["metadata"]["name"]), _slim(manifest["kind"], applied))
 
 
 _API_VERSIONS = {kind: (f"{group}/{version}" if group else version) for group, version, _, kind in CHILD_KINDS}
