@@ -141,6 +141,8 @@ class SpeculationController:
     tokens per second: E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step over the
     measured step cost t_propose(k) + t_verify(k+1)."""
 
+    EXPLORE_EVERY = 16
+
     def __init__(self, max_k: int, adaptive: bool, decay: float = 0.9):
         self.max_k = max_k
         self.adaptive = adaptive
@@ -150,6 +152,16 @@ class SpeculationController:
         self.propose_cost = 0.0  # seconds per proposed token (EMA)
         self.verify_cost: dict[int, float] = {}  # fed tokens per row -> seconds (EMA)
         self.k = max_k
+        self.steps = 0
+
+    def next_k(self) -> int:
+        """k for the next step: the best one, and every `EXPLORE_EVERY` steps a neighbour, so the
+        cost of other verify widths is measured too (the cost curve is what picks k)."""
+        self.steps += 1
+        if not self.adaptive or self.max_k == 1 or self.steps % self.EXPLORE_EVERY:
+            return self.k
+        neighbour = self.k - 1 if (self.steps // self.EXPLORE_EVERY) % 2 else self.k + 1
+        return min(max(neighbour, 1), self.max_k)
 
     @property
     def alpha(self) -> float:
@@ -371,7 +383,7 @@ class Engine:
 
     def speculative_step(self, group: Group) -> None:
         seqs = group.seqs
-        k = group.controller.k if self.speculating else 0
+        k = group.controller.next_k() if self.speculating else 0
         started = time.perf_counter()
 
         # 1. propose (never past a request's max_tokens: the target's own token always follows)
