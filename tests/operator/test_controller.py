@@ -1,0 +1,133 @@
+"""The controller's I/O rules, against an in-memory API server: reconciling twice writes
+nothing the second time, a stale status write fails instead of overwriting, and Events are
+posted only for a recorded transition."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+
+from kuberft_operator.builders import Images
+from kuberft_operator.controller import Controller, OperatorConfig
+from kuberft_operator.kube import ApiError
+
+JOB = {
+    "apiVersion": "kuberft.io/v1alpha1",
+    "kind": "RFTJob",
+    "metadata": {"name": "demo", "namespace": "ns", "uid": "u1", "generation": 1, "resourceVersion": "1"},
+    "spec": {"model": {"name": "m"}, "dataset": {"rows": [{"prompt": "p"}]}, "rewards": [{"kind": "exact_match"}]},
+}
+
+
+class FakeKube:
+    def __init__(self):
+        self.objects = {("RFTJob", "ns", "demo"): copy.deepcopy(JOB)}
+        self.writes: list[tuple[str, str, str]] = []
+        self.events: list[tuple[str, str]] = []
+        self.version = 1
+
+    def _store(self, kind, ns, name, body):
+        self.version += 1
+        body = copy.deepcopy(body)
+        body.setdefault("metadata", {})["resourceVersion"] = str(self.version)
+        body["metadata"].setdefault("uid", f"uid-{kind}-{name}")
+        self.objects[(kind, ns, name)] = body
+        return copy.deepcopy(body)
+
+    async def get(self, api_version, kind, namespace, name):
+        return copy.deepcopy(self.objects.get((kind, namespace, name)))
+
+    async def create(self, manifest):
+        key = (manifest["kind"], manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+        if key in self.objects:
+            return None
+        self.writes.append(("create",) + key[::2])
+        return self._store(*key, manifest)
+
+    async def apply(self, manifest):
+        key = (manifest["kind"], manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+        self.writes.append(("apply",) + key[::2])
+        return self._store(*key, manifest)
+
+    async def merge_patch(self, api_version, kind, namespace, name, patch, subresource=None):
+        current = self.objects.get((kind, namespace, name))
+        if current is None:
+            return None
+        expected = (patch.get("metadata") or {}).get("resourceVersion")
+        if expected and expected != current["metadata"]["resourceVersion"]:
+            raise ApiError(409, "Conflict", "the object has been modified")
+        self.writes.append(("patch", kind, name))
+        merged = copy.deepcopy(current)
+        for field, value in patch.items():
+            if field != "metadata":
+                merged.setdefault(field, {}).update(value)
+        return self._store(kind, namespace, name, merged)
+
+    async def delete(self, api_version, kind, namespace, name, propagation="Background"):
+        self.writes.append(("delete", kind, name))
+        return self.objects.pop((kind, namespace, name), None) is not None
+
+    async def post_event(self, involved, type_, reason, message, component="x"):
+        self.events.append((type_, reason))
+
+
+def controller(kube):
+    return Controller(kube, OperatorConfig(images=Images.for_version("r", "t"), leader_election=False, metrics_port=0))
+
+
+def test_a_second_reconcile_of_an_unchanged_job_writes_nothing():
+    async def scenario():
+        kube = FakeKube()
+        ctl = controller(kube)
+        key = ("RFTJob", "ns", "demo")
+        await ctl.reconcile(key)
+        await asyncio.sleep(0)  # background Events
+        first = list(kube.writes)
+        assert ("create", "ConfigMap", "demo-config") in first
+        assert ("patch", "RFTJob", "demo") in first
+        assert kube.events == [("Normal", "ChildrenCreated")]
+        kube.writes.clear()
+        ctl.parents.pop(key)  # read the job fresh, as after a restart of the watch
+        await ctl.reconcile(key)
+        await asyncio.sleep(0)
+        assert kube.writes == []
+        assert kube.events == [("Normal", "ChildrenCreated")]
+
+    asyncio.run(scenario())
+
+
+def test_a_status_write_from_a_stale_copy_fails_and_announces_nothing():
+    async def scenario():
+        kube = FakeKube()
+        ctl = controller(kube)
+        key = ("RFTJob", "ns", "demo")
+        ctl.parents[key] = copy.deepcopy(JOB)
+        kube.objects[key]["metadata"]["resourceVersion"] = "99"  # someone (the trainer) wrote since
+        with pytest.raises(ApiError) as raised:
+            await ctl.reconcile(key)
+        assert raised.value.conflict
+        await asyncio.sleep(0)
+        assert kube.events == []
+        assert key not in ctl.parents  # the retry reads the object fresh
+        await ctl.reconcile(key)
+        assert kube.objects[key]["status"]["phase"] == "Pending"
+
+    asyncio.run(scenario())
+
+
+def test_our_own_status_write_coming_back_as_an_event_queues_nothing():
+    async def scenario():
+        kube = FakeKube()
+        ctl = controller(kube)
+        key = ("RFTJob", "ns", "demo")
+        await ctl.reconcile(key)
+        ctl.on_parent_event("RFTJob", "MODIFIED", copy.deepcopy(kube.objects[key]))
+        assert len(ctl.queue) == 0
+        edited = copy.deepcopy(kube.objects[key])
+        edited["metadata"]["resourceVersion"] = "1000"
+        ctl.on_parent_event("RFTJob", "MODIFIED", edited)
+        assert len(ctl.queue) == 1
+
+    asyncio.run(scenario())
