@@ -159,6 +159,10 @@ def test_the_example_job_gets_its_children_runs_and_succeeds(cluster, operator, 
     pod_name = wait_for(lambda: trainer_pods(cluster, namespace, name), 30, "the trainer pod")[0]["metadata"]["name"]
     set_pod_phase(cluster, namespace, pod_name, "Succeeded", 0)
     done = wait_phase(cluster, namespace, name, "Succeeded")
+    # kopf only watches: it leaves no finalizers or bookkeeping annotations on the user's object.
+    meta = get(cluster, namespace, "rftjob", name)["metadata"]
+    assert not meta.get("finalizers")
+    assert not [a for a in meta.get("annotations") or {} if "kopf" in a]
     assert done["adapter"] == f"pvc://{name}-checkpoints/{name}/adapter"
     assert done["step"] == 250 and done["totalSteps"] == 500
     assert done["observedGeneration"] == 1
