@@ -131,7 +131,6 @@ class Controller:
         self._by_owner: dict[tuple[str, str, str], set[Key]] = {}
         self._event_tasks: set[asyncio.Task[None]] = set()
         self._event_slots = asyncio.Semaphore(8)
-        self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ events from kopf
 
@@ -144,7 +143,7 @@ class Controller:
             self.parents.pop(key, None)
             self._update_phase_gauges()
             return
-        self.parents[key] = body
+        self.parents[key] = {**body, "metadata": {k: v for k, v in body["metadata"].items() if k != "managedFields"}}
         phase = (body.get("status") or {}).get("phase") or "Pending"
         self.phases[key] = phase
         self._update_phase_gauges()
