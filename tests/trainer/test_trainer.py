@@ -161,3 +161,31 @@ def test_step_metrics_reach_prometheus_with_stable_names(tiny_model, tmp_path):
         'kuberft_trainer_eval_pass_at_1{rftjob="demo"}',
     ):
         assert series in text, series
+
+
+class JudgeBackend:
+    """`digits` passes (outcome ok) on even items only; `penalty` (negative weight) never says ok."""
+
+    async def evaluate(self, request):
+        def result(i, name):
+            if name == "penalty":
+                return RewardResult(score=0.0, outcome="wrong", reason="")
+            return RewardResult(score=1.0 if i % 2 == 0 else 0.5, outcome="ok" if i % 2 == 0 else "wrong", reason="")
+
+        return EvaluateResponse(results=[
+            ItemResult(rewards={r.effective_name: result(i, r.effective_name) for r in request.rewards})
+            for i in range(len(request.items))
+        ])
+
+
+def test_pass_at_1_counts_held_out_rows_whose_positively_weighted_rewards_all_passed(tiny_model, tmp_path):
+    spec = toy_spec(tiny_model, steps=1)
+    spec = spec.model_copy(update={"rewards": [*spec.rewards, type(spec.rewards[0]).model_validate(
+        {"kind": "exact_match", "name": "penalty", "weight": -1.0})]})
+    with Trainer(spec, tmp_path, JudgeBackend()) as trainer:
+        result = trainer.run()
+    assert result.eval_pass_at_1 == 0.5  # 4 held-out rows, the two even ones pass
+    samples = [json.loads(line) for line in (tmp_path / "samples" / "step-00000001.jsonl").read_text().splitlines()]
+    assert [s["passed"] for s in samples] == [True, False, True, False]
+    assert samples[1]["outcomes"] == {"digits": "wrong", "penalty": "wrong"}
+    assert read_metrics(tmp_path)[-1]["eval_pass_at_1"] == 0.5

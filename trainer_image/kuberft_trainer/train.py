@@ -518,9 +518,10 @@ class Trainer:
 
     def evaluate(self, step: int) -> tuple[Optional[float], Optional[float]]:
         """Greedy pass@1 and mean total reward on the held-out rows; writes
-        samples/step-N.jsonl. A row passes when its weighted total reaches the best possible
-        (every positively weighted reward at 1, every negatively weighted one at 0).
-        Runs on rank 0 only; returns (None, None) without held-out rows."""
+        samples/step-N.jsonl. A row passes when every positively weighted reward answered
+        outcome `ok` (the reward pool's word for "passed its check": a correct countdown
+        expression, a kernel matching the reference and timed). Rows the pool failed to score
+        are left out. Runs on rank 0 only; returns (None, None) without held-out rows."""
         if not self.eval_rows or not self.dist.main:
             return None, None
         prompts = [self.formatter.token_ids(r) for r in self.eval_rows]
@@ -530,18 +531,21 @@ class Trainer:
             texts.extend(self._decode(self._generate(prompts[i:i + batch], 1, greedy=True)))
         matrix = self._score(texts, self.eval_rows)
         totals = combine_rewards(self._score_tensor(matrix), self.reward_weights)
-        best = float(self.reward_weights.clamp(min=0).sum())
         scorable = ~torch.isnan(totals)
         if not bool(scorable.any()):
             return None, None
-        passed = (totals[scorable] >= best - 1e-6).float().mean().item()
+        judged = [name for name, spec in zip(self.reward_names, self.spec.rewards) if spec.weight > 0] or self.reward_names
+        passes = [all(outcomes[name] == "ok" for name in judged) for outcomes in matrix.outcomes]
+        passed = sum(p for p, ok in zip(passes, scorable.tolist()) if ok) / int(scorable.sum())
         mean_reward = totals[scorable].mean().item()
         folder = self.output_dir / SAMPLES_DIR
         folder.mkdir(exist_ok=True)
         lines = []
-        for row, text, total, outcomes, reasons, scores in zip(self.eval_rows, texts, totals.tolist(), matrix.outcomes, matrix.reasons, matrix.scores):
+        for row, text, total, outcomes, reasons, scores, passed_row in zip(
+            self.eval_rows, texts, totals.tolist(), matrix.outcomes, matrix.reasons, matrix.scores, passes
+        ):
             lines.append(json.dumps({
-                "prompt": self.formatter.text(row), "completion": text, "total": None if math.isnan(total) else total,
+                "prompt": self.formatter.text(row), "completion": text, "total": None if math.isnan(total) else total, "passed": passed_row,
                 "rewards": dict(zip(self.reward_names, scores)), "outcomes": outcomes, "reasons": reasons, "row": row,
             }, default=str))
         ckpt.write_atomically(folder / f"step-{step:08d}.jsonl", "\n".join(lines) + "\n")
