@@ -28,6 +28,7 @@ ANNOTATION_RESTARTS_BEFORE = "kuberft.io/restarts-before"
 ANNOTATION_GENERATION = "kuberft.io/spec-generation"
 
 REWARD_PORT = 8080
+TRAINER_METRICS_PORT = 8080
 CONFIG_KEY = "job.json"
 CONFIG_DIR = "/etc/kuberft"
 CHECKPOINT_DIR = "/checkpoints"
@@ -360,6 +361,8 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
         "name": "trainer",
         "image": spec.trainer.image or images.trainer,
         "command": trainer_command(spec, owner),
+        # `kuberft train` serves /metrics here (a PodMonitor scrapes declared ports only).
+        "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"}],
         "env": [
             {"name": "KUBERFT_JOB_NAME", "value": owner.name},
             {"name": "KUBERFT_JOB_NAMESPACE", "value": owner.namespace},

@@ -244,15 +244,7 @@ def _pod_templates():
     }
 
 
-TRAINER_PORT_MISSING = pytest.mark.xfail(
-    strict=True,
-    reason="the operator's trainer pod template (builders.trainer_pod_template) declares no container port, "
-    "while `kuberft train` serves /metrics on --metrics-port 8080: a PodMonitor only scrapes declared ports, "
-    "so the trainer container needs ports: [{name: metrics, containerPort: 8080}] (remove this mark then)",
-)
-
-
-@pytest.mark.parametrize("role", ["reward-pool", "serve", pytest.param("trainer", marks=TRAINER_PORT_MISSING)])
+@pytest.mark.parametrize("role", ["reward-pool", "serve", "trainer"])
 def test_pod_monitors_select_the_pods_the_operator_creates_and_their_metrics_port(all_on, role):
     monitor = one(all_on, "PodMonitor", f"kuberft-{role}")
     template = _pod_templates()[role]
