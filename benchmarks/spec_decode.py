@@ -184,7 +184,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded per method")
     parser.add_argument("--prompt-chars", type=int, default=160)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--k", type=int, default=10, help="most tokens proposed per step (kuberft speculators)")
+    parser.add_argument("--k", type=int, default=16, help="most tokens proposed per step (kuberft speculators)")
     parser.add_argument("--heads", type=int, default=4, help="Medusa heads to train")
     parser.add_argument("--target-steps", type=int, default=120)
     parser.add_argument("--draft-steps", type=int, default=300)

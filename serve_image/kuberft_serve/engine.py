@@ -134,12 +134,16 @@ class Sequence:
 
 # --------------------------------------------------------------------------- adaptive k
 class SpeculationController:
-    """Chooses the number of proposed tokens k for the next step.
+    """Chooses the number of proposed tokens k for the next step, to maximise tokens per second.
 
-    Acceptance is estimated as the per-token acceptance probability alpha of a geometric model
-    (accepted / (accepted + rejections), exponentially decayed), and k maximises expected
-    tokens per second: E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step over the
-    measured step cost t_propose(k) + t_verify(k+1)."""
+    For each k it has tried, it keeps the measured tokens emitted per row and step and the step
+    time (exponential averages). For k it has not tried, it predicts them: tokens per step from
+    a geometric acceptance model, E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha) (Leviathan et
+    al. 2023, eq. 1) with alpha = accepted / (accepted + rejections), and the step time from the
+    measured cost per proposed token and a line fitted to the measured verify times per width.
+    Every `EXPLORE_EVERY` steps it tries a neighbour of the best k, so the measurements follow
+    the load. Measured values capture what the model cannot: bursty acceptance, and drafts
+    that stop early when unsure."""
 
     EXPLORE_EVERY = 16
 
@@ -151,12 +155,12 @@ class SpeculationController:
         self.rejected = 1.0
         self.propose_cost = 0.0  # seconds per proposed token (EMA)
         self.verify_cost: dict[int, float] = {}  # fed tokens per row -> seconds (EMA)
+        self.measured: dict[int, tuple[float, float]] = {}  # k -> (tokens per row-step, step seconds)
         self.k = max_k
         self.steps = 0
 
     def next_k(self) -> int:
-        """k for the next step: the best one, and every `EXPLORE_EVERY` steps a neighbour, so the
-        cost of other verify widths is measured too (the cost curve is what picks k)."""
+        """k for the next step: the best one, or now and then a neighbour of it."""
         self.steps += 1
         if not self.adaptive or self.max_k == 1 or self.steps % self.EXPLORE_EVERY:
             return self.k
@@ -167,16 +171,23 @@ class SpeculationController:
     def alpha(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
-    def observe(self, proposed: list[int], accepted: list[int], k: int, propose_s: float, verify_s: float) -> None:
-        rejections = sum(1 for p, a in zip(proposed, accepted) if a < p)
+    def observe(self, k: int, proposed: list[int], accepted: list[int], propose_s: float, verify_s: float) -> None:
+        """One step: k asked for, each row's proposals and accepted counts, and the times."""
         if sum(proposed) == 0:
             return
         self.accepted = self.decay * self.accepted + sum(accepted)
-        self.rejected = self.decay * self.rejected + rejections
-        if k:
-            self.propose_cost = 0.8 * self.propose_cost + 0.2 * propose_s / k if self.propose_cost else propose_s / k
-        previous = self.verify_cost.get(k + 1)
-        self.verify_cost[k + 1] = verify_s if previous is None else 0.8 * previous + 0.2 * verify_s
+        self.rejected = self.decay * self.rejected + sum(1 for p, a in zip(proposed, accepted) if a < p)
+        width = max(proposed)
+        per_token = propose_s / width
+        self.propose_cost = 0.8 * self.propose_cost + 0.2 * per_token if self.propose_cost else per_token
+        previous = self.verify_cost.get(width + 1)
+        self.verify_cost[width + 1] = verify_s if previous is None else 0.8 * previous + 0.2 * verify_s
+        tokens = 1 + sum(accepted) / len(accepted)
+        seconds = propose_s + verify_s
+        if k in self.measured:
+            old_tokens, old_seconds = self.measured[k]
+            tokens, seconds = 0.8 * old_tokens + 0.2 * tokens, 0.8 * old_seconds + 0.2 * seconds
+        self.measured[k] = (tokens, seconds)
         if self.adaptive:
             self.k = self.best_k()
 
@@ -193,11 +204,18 @@ class SpeculationController:
         slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
         return max(float(ys.mean()) + max(slope, 0.0) * (n - float(xs.mean())), 1e-9)
 
+    def rate(self, k: int) -> float:
+        """Tokens per second per row expected at k."""
+        if k in self.measured:
+            tokens, seconds = self.measured[k]
+        else:
+            tokens, seconds = self.expected_tokens(k), k * self.propose_cost + self._verify_time(k + 1)
+        return tokens / max(seconds, 1e-9)
+
     def best_k(self) -> int:
         if not self.verify_cost:
             return self.max_k
-        rates = {k: self.expected_tokens(k) / (k * self.propose_cost + self._verify_time(k + 1)) for k in range(1, self.max_k + 1)}
-        return max(rates, key=rates.get)
+        return max(range(1, self.max_k + 1), key=self.rate)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -420,7 +438,7 @@ class Engine:
         # 5. learn and report
         finished_at = time.perf_counter()
         lengths = [len(p) for p in proposed]
-        group.controller.observe(lengths, accepted, width - 1, proposed_at - started, finished_at - proposed_at)
+        group.controller.observe(k, lengths, accepted, proposed_at - started, finished_at - proposed_at)
         self._record(lengths, accepted, sum(len(t) for t in emitted), finished_at - started)
 
     def _record(self, proposed: list[int], accepted: list[int], emitted: int, seconds: float) -> None:

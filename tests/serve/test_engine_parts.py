@@ -21,7 +21,7 @@ def feed(controller: SpeculationController, alpha: float, verify_ms, steps: int 
         accepted = 0
         while accepted < k and rng.random() < alpha:
             accepted += 1
-        controller.observe([k], [accepted], k, propose_s=0.0001 * k, verify_s=verify_ms(k + 1) / 1000)
+        controller.observe(k, [k], [accepted], propose_s=0.0001 * k, verify_s=verify_ms(k + 1) / 1000)
 
 
 def test_flat_verify_cost_and_high_acceptance_propose_the_most_tokens():
