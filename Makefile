@@ -20,13 +20,13 @@ setup: $(STAMP)
 tools:
 	PYTHON=$(BIN)/python scripts/install-tools.sh
 
-# The main job, locally.
+# The main job, locally: a tiny model learns Countdown with GRPO (outputs in runs/local-countdown/).
 demo: setup
-	$(BIN)/kuberft validate examples/*.yaml
+	$(BIN)/kuberft run examples/local-countdown.yaml
 
 # The Kubernetes control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok) the
 # operator tests run against, built from Go modules and cached by version under
-# ~/.cache/kuberft: the first build takes ~15-40 minutes on 2 cores, later runs a second.
+# ~/.cache/kuberft: the first build took 16.5 minutes on 2 busy cores (empty Go caches), later runs a second.
 cluster:
 	tests/cluster/build.sh >/dev/null
 
