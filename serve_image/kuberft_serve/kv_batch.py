@@ -104,6 +104,7 @@ class SequenceBatch:
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=runner.device)  # [B, T]
         self.next_position = torch.zeros(0, dtype=torch.long, device=runner.device)  # [B]
         self._pending = 0  # slots written by the last `extend`, awaiting `commit`
+        self.holes = False  # whether any slot is invalid (then attention needs a mask)
 
     @property
     def size(self) -> int:
@@ -137,26 +138,31 @@ class SequenceBatch:
             last_only=True,
         )
         self.valid = valid
+        self.holes = not bool(valid.all())
         self.next_position = valid.sum(dim=1)
         return result
 
     def extend(self, tokens: torch.Tensor) -> ForwardResult:
-        """Feed n tokens per row ([B, n]) after each row's last kept slot; every fed slot counts
-        as valid until `commit` says how many each row keeps."""
+        """Feed n tokens per row ([B, n]) after the slots fed so far; every fed slot counts as
+        valid until `commit` says how many of the slots fed since the last commit each row keeps."""
         n = tokens.shape[1]
-        positions = self.next_position[:, None] + torch.arange(n, device=tokens.device)[None, :]
+        # slots fed since the last commit come before these ones
+        positions = self.next_position[:, None] + torch.arange(self._pending, self._pending + n, device=tokens.device)[None, :]
         self.valid = torch.cat([self.valid, torch.ones(self.size, n, dtype=torch.bool, device=tokens.device)], dim=1)
-        mask = None if bool(self.valid.all()) else self.valid.long()
-        self._pending = n
+        mask = self.valid.long() if self.holes else None
+        self._pending += n
         return self.runner.forward(
             tokens, self.cache, mask, positions, adapter=self.adapter, want_hidden=self.want_hidden
         )
 
     def commit(self, keep: list[int]) -> None:
-        """Of the slots fed by the last `extend`, row b keeps the first keep[b]; the others are
+        """Of the slots fed since the last commit, row b keeps the first keep[b]; the others are
         rolled back (holes), and slots no row keeps are cut off the end of the cache."""
         n = self._pending
         self._pending = 0
+        if all(k == n for k in keep):  # everything kept: nothing to roll back
+            self.next_position += n
+            return
         keep_t = torch.tensor(keep, dtype=torch.long, device=self.valid.device)
         fed = torch.arange(n, device=self.valid.device)[None, :] < keep_t[:, None]
         self.valid[:, self.length - n :] = fed
@@ -164,6 +170,7 @@ class SequenceBatch:
         drop = n - max(keep, default=0)
         if drop > 0:
             self._slice_slots(0, self.length - drop)
+        self.holes = not bool(self.valid.all())
 
     # ------------------------------------------------------------------ batch membership
     def select(self, rows: list[int]) -> None:
@@ -184,11 +191,12 @@ class SequenceBatch:
         first = int(used[0]) if used.numel() else self.length
         if first > 0:
             self._slice_slots(first, self.length)
+        self.holes = not bool(self.valid.all())
 
     def merge(self, other: "SequenceBatch") -> None:
         """Append the rows of `other` (a freshly prefilled batch) to this one."""
         if not self.size:
-            self.cache, self.valid, self.next_position = other.cache, other.valid, other.next_position
+            self.cache, self.valid, self.next_position, self.holes = other.cache, other.valid, other.next_position, other.holes
             return
         width = max(self.length, other.length)
         self._left_pad(width - self.length)
@@ -198,6 +206,7 @@ class SequenceBatch:
             mine.values = torch.cat([mine.values, theirs.values], dim=0)
         self.valid = torch.cat([self.valid, other.valid], dim=0)
         self.next_position = torch.cat([self.next_position, other.next_position], dim=0)
+        self.holes = not bool(self.valid.all())
 
     # ------------------------------------------------------------------ helpers
     def _slice_slots(self, start: int, stop: int) -> None:

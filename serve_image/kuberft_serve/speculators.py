@@ -84,7 +84,7 @@ class NgramSpeculator(Speculator):
 class DraftSpeculator(Speculator):
     name = "draft"
 
-    def __init__(self, runner: ModelRunner, pad_id: int, confidence_threshold: float = 0.3):
+    def __init__(self, runner: ModelRunner, pad_id: int, confidence_threshold: float = 0.4):
         self.runner = runner
         self.pad_id = pad_id
         self.confidence_threshold = confidence_threshold

@@ -193,3 +193,17 @@ def test_speculative_sampling_end_to_end_matches_the_models_distribution(tmp_pat
     with torch.no_grad():
         q1 = torch.softmax(drafted(torch.tensor([prompt])).logits[0, -1].double() / 1.5, -1)
     assert chi_square(counts.reshape(vocab, vocab).sum(1), q1)[0] > chi_square_critical(vocab - 1)
+
+
+def test_a_draft_identical_to_the_model_has_every_proposal_accepted(patterned_dir):
+    """The draft's own cache and positions are right: drafting with the model itself proposes
+    exactly what the model then says, through rollbacks of every length."""
+    config = ServeConfig(model=str(patterned_dir), speculator="draft", draft_model=str(patterned_dir), num_speculative_tokens=4,
+                         adaptive=True, dtype="float64", device="cpu", max_batch_size=8)
+    engine = build_engine(config)
+    engine.speculator.confidence_threshold = 0.0
+    prompts = [encode(engine, t) for t in PROMPTS]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (9, 30, 17, 25, 12)]
+    engine.generate_batch(prompts, params)
+    assert engine.stats["proposed"] > 50
+    assert engine.stats["accepted"] == engine.stats["proposed"]
