@@ -365,3 +365,17 @@ def test_metrics_count_reconciles_and_jobs_by_phase(cluster, operator, namespace
     text = wait_for(lambda: next((m for m in [operator.metrics()] if 'kuberft_operator_rftjobs{phase="Succeeded"} 1.0' in m), None), 20, "the phase gauge")
     assert 'kuberft_operator_reconciles_total{kind="RFTJob",result="success"}' in text
     assert 'kuberft_operator_reconcile_seconds_count{kind="RFTJob"}' in text
+
+
+def test_an_operator_watching_one_namespace_leaves_the_others_alone(cluster, start_operator, namespace):
+    other = f"{namespace}-other"
+    cluster.kubectl("create", "namespace", other)
+    try:
+        start_operator("op-a", "--namespace", namespace)
+        apply(cluster, namespace, job_manifest("watched"))
+        apply(cluster, other, job_manifest("ignored"))
+        wait_phase(cluster, namespace, "watched", "Running")
+        assert status(cluster, other, "ignored") == {}
+        assert get(cluster, other, "configmap", "ignored-config") is None
+    finally:
+        cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
