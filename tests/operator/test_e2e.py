@@ -379,3 +379,32 @@ def test_an_operator_watching_one_namespace_leaves_the_others_alone(cluster, sta
         assert get(cluster, other, "configmap", "ignored-config") is None
     finally:
         cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def test_an_autoscaled_turbo_deployment_gets_an_hpa_and_keeps_its_scale(cluster, operator, namespace):
+    turbo = {
+        "apiVersion": "kuberft.io/v1alpha1",
+        "kind": "TurboDeployment",
+        "metadata": {"name": "chat"},
+        "spec": {
+            "model": {"name": "Qwen/Qwen2.5-0.5B-Instruct"},
+            "adapter": {"uri": "/models/adapter", "name": "chat"},
+            "speculator": {"type": "ngram"},
+            "autoscaling": {"minReplicas": 2, "maxReplicas": 4},
+            "placement": {"resources": {"requests": {"cpu": "1"}}},
+        },
+    }
+    apply(cluster, namespace, turbo)
+    hpa = wait_for(lambda: get(cluster, namespace, "hpa", "chat"), 30, "the HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 4)
+    assert owned_by(hpa, "TurboDeployment", "chat")
+    # What the autoscaler decides (here: scaled by hand, as the HPA would) survives reconciles.
+    wait_for(lambda: get(cluster, namespace, "deployment", "chat"), 30, "the serving Deployment")
+    cluster.kubectl("scale", "deployment", "chat", "-n", namespace, "--replicas=3")
+    ready = wait_for(lambda: (s := (get(cluster, namespace, "turbodeployment", "chat") or {}).get("status") or {}).get("readyReplicas") == 3 and s, 60, "3 ready serving pods")
+    assert ready["phase"] == "Ready"
+    assert get(cluster, namespace, "deployment", "chat")["spec"]["replicas"] == 3
+    # Turning autoscaling off removes the HPA and the spec's replica count applies again.
+    cluster.kubectl("patch", "turbodeployment", "chat", "-n", namespace, "--type=json", "-p", '[{"op": "remove", "path": "/spec/autoscaling"}]')
+    wait_for(lambda: get(cluster, namespace, "hpa", "chat") is None, 30, "the HPA to be deleted")
+    wait_for(lambda: get(cluster, namespace, "deployment", "chat")["spec"]["replicas"] == 1, 30, "spec.replicas to apply")
