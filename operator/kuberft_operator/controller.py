@@ -377,7 +377,8 @@ def build_registry(controller: Controller, settings: kopf.OperatorSettings) -> k
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
-        return controller.connection_info  # type: ignore[attr-defined]
+        # Read afresh each time: kopf logs in again after a 401 (a rotated token).
+        return connection_info()
 
     return registry
 
@@ -411,9 +412,12 @@ async def _serve_metrics(controller: Controller, port: int) -> web.AppRunner:
 async def run(config: OperatorConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until leadership is lost (exit 1)."""
     info = connection_info()
-    client = KubeClient(Credentials.from_connection_info(info), max_connections=max(16, config.workers * 8))
+    client = KubeClient(
+        Credentials.from_connection_info(info),
+        max_connections=max(16, config.workers * 8),
+        reload=lambda: Credentials.from_connection_info(connection_info()),
+    )
     controller = Controller(client, config)
-    controller.connection_info = info  # type: ignore[attr-defined]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

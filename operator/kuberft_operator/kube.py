@@ -14,7 +14,7 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlencode
 
 import aiohttp
@@ -127,14 +127,13 @@ class Credentials:
 class KubeClient:
     """One aiohttp session to the API server, pooled and shared by all reconciles."""
 
-    def __init__(self, credentials: Credentials, max_connections: int = 32):
+    def __init__(self, credentials: Credentials, max_connections: int = 32, reload: Optional[Callable[[], Credentials]] = None):
+        """`reload` gives fresh credentials after a 401 (a rotated service-account token)."""
         self.credentials = credentials
-        headers = {"Accept": "application/json"}
-        if credentials.token:
-            headers["Authorization"] = f"Bearer {credentials.token}"
+        self._reload = reload
         self._session = aiohttp.ClientSession(
             base_url=credentials.server,
-            headers=headers,
+            headers={"Accept": "application/json"},
             connector=aiohttp.TCPConnector(ssl=credentials.ssl_context(), limit=max_connections),
             timeout=aiohttp.ClientTimeout(total=30),
         )
@@ -145,12 +144,20 @@ class KubeClient:
     async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json", params: Optional[dict[str, str]] = None) -> dict[str, Any]:
         url = path + ("?" + urlencode(params) if params else "")
         data = None if body is None else json.dumps(body)
-        async with self._session.request(method, url, data=data, headers={"Content-Type": content_type}) as response:
-            text = await response.text()
-            payload = json.loads(text) if text else {}
-            if response.status >= 400:
-                raise ApiError(response.status, payload.get("reason", response.reason or ""), payload.get("message", text))
-            return payload
+        for attempt in (1, 2):
+            headers = {"Content-Type": content_type}
+            if self.credentials.token:
+                headers["Authorization"] = f"Bearer {self.credentials.token}"
+            async with self._session.request(method, url, data=data, headers=headers) as response:
+                text = await response.text()
+                payload = json.loads(text) if text.startswith("{") else {}
+                if response.status == 401 and attempt == 1 and self._reload is not None:
+                    self.credentials.token = self._reload().token
+                    continue
+                if response.status >= 400:
+                    raise ApiError(response.status, payload.get("reason", response.reason or ""), payload.get("message", text))
+                return payload
+        raise AssertionError("unreachable")
 
     async def get(self, api_version: str, kind: str, namespace: Optional[str], name: str) -> Optional[dict[str, Any]]:
         try:
