@@ -13,6 +13,7 @@ import random
 from typing import Any
 
 from .kernel_tasks import TaskSet
+from .text_rewards import expression_value
 
 KERNEL_INSTRUCTIONS = """\
 Convert this PyTorch module into Triton kernels.
@@ -29,7 +30,10 @@ from get_inputs() (float32).
 </torch_code>
 """
 
-COUNTDOWN_DEFAULTS = {"numbers": 3, "maxNumber": 20, "operators": "+-*"}
+COUNTDOWN_DEFAULTS = {"numbers": 3, "maxNumber": 20, "operators": "+-*", "ordered": False, "positiveTargets": True}
+"""Countdown generator options: how many numbers, their range, the operators; `ordered`: the
+target comes from the numbers in the listed order, left to right (an easier puzzle: an answer
+never needs to reorder them); `positiveTargets`: only targets above zero (classic Countdown)."""
 
 
 def builtin_rows(name: str, size: int, seed: int, options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -53,7 +57,9 @@ def kernel_prompt(task_source: str) -> str:
 def countdown_rows(size: int, seed: int, options: dict[str, Any]) -> list[dict[str, Any]]:
     unknown = sorted(set(options) - set(COUNTDOWN_DEFAULTS))
     if unknown:
-        raise ValueError(f"dataset.builtin.options.{unknown[0]}: unknown countdown option (known: numbers, maxNumber, operators)")
+        raise ValueError(
+            f"dataset.builtin.options.{unknown[0]}: unknown countdown option (known: {', '.join(COUNTDOWN_DEFAULTS)})"
+        )
     opts = {**COUNTDOWN_DEFAULTS, **options}
     count, max_number, operators = opts["numbers"], opts["maxNumber"], opts["operators"]
     if type(count) is not int or not 2 <= count <= 6:
@@ -62,22 +68,38 @@ def countdown_rows(size: int, seed: int, options: dict[str, Any]) -> list[dict[s
         raise ValueError(f"dataset.builtin.options.maxNumber: must be an integer from 2 to 10000, got {max_number!r}")
     if not isinstance(operators, str) or not operators or set(operators) - set("+-*/"):
         raise ValueError(f"dataset.builtin.options.operators: must be a non-empty string of + - * /, got {operators!r}")
+    for flag in ("ordered", "positiveTargets"):
+        if type(opts[flag]) is not bool:
+            raise ValueError(f"dataset.builtin.options.{flag}: must be true or false, got {opts[flag]!r}")
     if type(size) is not int or size < 1:
         raise ValueError(f"dataset.builtin.size: must be a positive integer, got {size!r}")
     rng = random.Random(seed)
     rows = []
     while len(rows) < size:
         numbers = [rng.randint(1, max_number) for _ in range(count)]
-        target = _random_target(numbers, operators, rng)
-        if target is None:
+        target = (_ordered_target if opts["ordered"] else _random_target)(numbers, operators, rng)
+        if target is None or (opts["positiveTargets"] and target <= 0):
             continue
         rows.append({"prompt": f"Use {' '.join(map(str, numbers))} to make {target}.\n", "numbers": numbers, "target": target})
     return rows
 
 
+def _ordered_target(numbers: list[int], operators: str, rng: random.Random) -> int | None:
+    """The value of `n1 op n2 op n3 ...` (usual precedence) with random operators, or None
+    when it is not a whole number (or divides by zero)."""
+    expression = str(numbers[0])
+    for number in numbers[1:]:
+        expression += rng.choice(operators) + str(number)
+    try:
+        value = expression_value(expression, operators)
+    except ValueError:
+        return None
+    return int(value) if value.denominator == 1 else None
+
+
 def _random_target(numbers: list[int], operators: str, rng: random.Random) -> int | None:
     """The value of a random expression using every number once (so the target is reachable),
-    or None when it is not a positive integer."""
+    or None when a division does not come out whole."""
     pool = list(numbers)
     rng.shuffle(pool)
     while len(pool) > 1:
@@ -88,5 +110,4 @@ def _random_target(numbers: list[int], operators: str, rng: random.Random) -> in
         if op is None:
             return None
         pool.append(a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a // b)
-    target = pool[0]
-    return target if target > 0 else None
+    return pool[0]

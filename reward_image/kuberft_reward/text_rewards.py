@@ -59,6 +59,16 @@ def _evaluate(node: ast.AST, allowed_ops: str, used: list[int]) -> Fraction:
     raise _BadExpression(f"contains {type(node).__name__.lower()}, not just numbers and + - * /")
 
 
+def expression_value(expression: str, operators: str = "+-*/") -> Fraction:
+    """The exact value of an arithmetic expression over whole numbers; ValueError says what is
+    wrong with it (including division by zero)."""
+    used: list[int] = []
+    try:
+        return _evaluate(ast.parse(expression, mode="eval"), operators, used)
+    except SyntaxError as error:
+        raise ValueError(f"not an arithmetic expression: {expression!r}") from error
+
+
 def countdown(completion: str, row: dict[str, Any], args: dict[str, Any]) -> Verdict:
     """1.0 when the expression uses only the given numbers, each at most once, and equals the
     target; `formatScore` for a well-formed expression over allowed numbers with the wrong

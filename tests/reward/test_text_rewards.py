@@ -123,6 +123,22 @@ def test_countdown_options_are_checked_by_name():
         tasksets.builtin_rows("chess", 5, seed=0, options={})
 
 
+def test_ordered_countdown_targets_come_from_the_numbers_in_order_and_may_be_negative():
+    options = {"numbers": 2, "maxNumber": 9, "ordered": True, "positiveTargets": False}
+    rows = tasksets.builtin_rows("countdown", 300, seed=1, options=options)
+    for row in rows:
+        a, b = row["numbers"]
+        assert row["target"] in {a + b, a - b, a * b}, row
+    assert any(r["target"] <= 0 for r in rows)
+    answer = next(r for r in rows if r["target"] == r["numbers"][0] - r["numbers"][1])
+    a, b = answer["numbers"]
+    assert countdown(f"{a}-{b}\n", answer, {})[0] == 1.0
+    positive = tasksets.builtin_rows("countdown", 300, seed=1, options={**options, "positiveTargets": True})
+    assert all(r["target"] > 0 for r in positive)
+    with pytest.raises(ValueError, match=r"dataset.builtin.options.ordered: must be true or false, got 'yes'"):
+        tasksets.builtin_rows("countdown", 5, seed=0, options={"ordered": "yes"})
+
+
 def test_triton_kernel_rows_carry_the_task_source_but_no_solution():
     rows = tasksets.builtin_rows("triton-kernels", 1, seed=0, options={})
     assert len(rows) >= 13
