@@ -76,18 +76,23 @@ def resolve(name: str) -> Path:
 def _supervised_pretrain(model_dir: Path, sample_texts: Callable[[random.Random, int], list[str]], *,
                          iterations: int, batch_size: int, learning_rate: float, seed: int) -> None:
     """Teach the model at `model_dir` to continue texts like `sample_texts` produces (next-token
-    loss on whole sequences), then save it in place."""
+    loss on whole sequences, each ended with EOS so generation stops after the answer), then
+    save it in place."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modeling import limit_cpu_threads_for_small_models
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    limit_cpu_threads_for_small_models(model, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
     for iteration in range(1, iterations + 1):
-        batch = tokenizer(sample_texts(rng, batch_size), return_tensors="pt", padding=True)
+        texts = [text + tokenizer.eos_token for text in sample_texts(rng, batch_size)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
         optimizer.zero_grad()
@@ -104,7 +109,9 @@ def _build_random(out: Path) -> None:
     build_tiny_model(out, seed=0)
 
 
-COUNTDOWN_OPTIONS = {"numbers": 2, "maxNumber": 9, "operators": "+-*"}
+# The puzzles of `examples/local-countdown.yaml` (its dataset.builtin.options): two numbers in
+# 1-9, targets from the numbers in the listed order, negative targets allowed.
+COUNTDOWN_OPTIONS = {"numbers": 2, "maxNumber": 9, "operators": "+-*", "ordered": True, "positiveTargets": False}
 
 
 def _build_countdown(out: Path) -> None:
@@ -153,6 +160,6 @@ def _build_triton(out: Path) -> None:
 
 RECIPES: dict[str, Recipe] = {
     "random": Recipe(1, _build_random, "untrained tiny Llama"),
-    "countdown": Recipe(1, _build_countdown, "pretrained on the Countdown answer format"),
-    "triton": Recipe(1, _build_triton, "pretrained to imitate the shipped Triton solutions"),
+    "countdown": Recipe(3, _build_countdown, "pretrained on the Countdown answer format"),
+    "triton": Recipe(2, _build_triton, "pretrained to imitate the shipped Triton solutions"),
 }

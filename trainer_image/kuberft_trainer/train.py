@@ -53,7 +53,7 @@ from kuberft_operator.metrics import ComponentMetrics, component_metrics
 from . import checkpoint as ckpt
 from .data import PromptFormatter, PromptSampler, load_rows, split_rows
 from .grpo import combine_rewards, group_advantages, policy_loss
-from .modeling import add_lora, load_model_and_tokenizer, resolve_model_path
+from .modeling import add_lora, limit_cpu_threads_for_small_models, load_model_and_tokenizer, resolve_model_path
 from .observe import JobStatusReporter
 from .rewards import RewardBackend, ScoreMatrix, reward_requests, score_completions
 from .rollout import Rollout, generate, sequence_logprobs
@@ -219,6 +219,7 @@ class Trainer:
         self.sampler = PromptSampler(len(self.train_rows), self.grpo.seed)
 
         base, self.tokenizer = load_model_and_tokenizer(spec.model, self.device)
+        limit_cpu_threads_for_small_models(base, self.device)
         self.model = add_lora(base, spec.lora)
         self.formatter = PromptFormatter(self.tokenizer, spec.dataset, self.grpo.max_prompt_length)
         self.eos_id = self.tokenizer.eos_token_id
