@@ -370,6 +370,7 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -377,12 +378,15 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
             {"name": "config", "mountPath": f"{CONFIG_DIR}/{CONFIG_KEY}", "subPath": CONFIG_KEY, "readOnly": True},
             {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            # Model downloads and compiler caches (HF_HOME, KUBERFT_CACHE) live under /tmp.
+            {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
     volumes = [
         {"name": "config", "configMap": {"name": RFTJobNames(owner.name).config}},
         {"name": "checkpoints", **checkpoints},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {}},
     ]
     if spec.dataset.config_map is not None:
         # The trainer reads `dataset.configMap` rows from $KUBERFT_DATASET_DIR/<key>.

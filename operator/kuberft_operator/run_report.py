@@ -38,11 +38,12 @@ def write_report(output_dir: Path, *, config: dict[str, Any], steps: list[dict[s
     }
     json_path.write_text(json.dumps(report, indent=2))
     png_path = output_dir / "report.png"
-    _plot(steps, png_path, title=config.get("name", "RFT run"))
+    beta = config.get("spec", {}).get("grpo", {}).get("beta", 0.0)
+    _plot(steps, png_path, title=config.get("name", "RFT run"), kl_measured=beta > 0)
     return json_path, png_path
 
 
-def _plot(steps: list[dict[str, Any]], path: Path, title: str) -> None:
+def _plot(steps: list[dict[str, Any]], path: Path, title: str, kl_measured: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,11 +56,14 @@ def _plot(steps: list[dict[str, Any]], path: Path, title: str) -> None:
             rewards_ax.plot(xs, [s["rewards"][name] for s in steps], label=name, alpha=0.8)
         rewards_ax.plot(xs, _smooth([s["reward_total"] for s in steps]), label="total (smoothed)", color="black")
         loss_ax.plot(xs, [s["loss"] for s in steps], color="tab:red")
-        kl_ax.plot(xs, [s["kl"] for s in steps], color="tab:purple")
+        if kl_measured:
+            kl_ax.plot(xs, [s["kl"] for s in steps], color="tab:purple")
     rewards_ax.set(title="mean reward per function", xlabel="step", ylabel="reward")
     rewards_ax.legend(loc="lower right", fontsize=8)
     loss_ax.set(title="policy loss", xlabel="step")
     kl_ax.set(title="KL to the base model", xlabel="step")
+    if not kl_measured:
+        kl_ax.text(0.5, 0.5, "grpo.beta = 0: no KL term, not measured", ha="center", va="center", transform=kl_ax.transAxes)
     for ax in (rewards_ax, loss_ax, kl_ax):
         ax.grid(alpha=0.3)
     figure.suptitle(title)

@@ -135,14 +135,7 @@ def test_image_bases_are_pinned(name):
         assert not image.endswith(":latest"), f"{DOCKERFILES[name]}: base {image} is not pinned"
 
 
-TRAINER_CACHES_ON_ROOT = pytest.mark.xfail(
-    strict=True,
-    reason="trainer_image/Dockerfile puts HF_HOME and KUBERFT_CACHE under /home/kuberft, which is read-only when the pod "
-    "sets readOnlyRootFilesystem: point them under /tmp (or a mounted volume), then remove this mark",
-)
-
-
-@pytest.mark.parametrize("name", ["operator", "reward", "serve", pytest.param("trainer", marks=TRAINER_CACHES_ON_ROOT)])
+@pytest.mark.parametrize("name", ["operator", "reward", "serve", "trainer"])
 def test_image_needs_no_writable_root_filesystem(name):
     """The chart's and the operator's pods mount writable volumes only at /tmp (and the trainer's
     /checkpoints): an image must not declare VOLUMEs or point caches elsewhere on the root."""
