@@ -111,7 +111,6 @@ def run_job(
     """Run the job here: local reward pool + trainer; write the report. `steps` overrides
     spec.grpo.steps (a shorter or longer run of the same job)."""
     from kuberft_reward.pool import RewardPool
-    from kuberft_reward.rewards import needs_sandbox
     from kuberft_trainer.progress import StepProgress
     from kuberft_trainer.train import Trainer
 
@@ -126,9 +125,7 @@ def run_job(
         if on_step is not None:
             on_step(m)
 
-    # Rewards that only read text (countdown, regex...) need no sandbox workers to start.
-    workers = spec.reward_pool.workers if needs_sandbox(r.kind for r in spec.rewards) else 0
-    with RewardPool(workers=workers, sandbox=spec.reward_pool.sandbox) as pool:
+    with RewardPool.for_job(spec) as pool:
         trainer = Trainer(spec, output_dir, pool, job.metadata.name, on_step=step_done)
         try:
             with trainer:

@@ -127,6 +127,14 @@ class RewardPool:
         self._closing = False
         self.hello: dict[str, Any] = {}
 
+    @classmethod
+    def for_job(cls, spec) -> "RewardPool":
+        """The in-process pool a local run of an `RFTJobSpec` needs: its sandbox settings, and
+        sandbox workers only when one of its rewards runs model code."""
+        kinds = [reward.kind for reward in spec.rewards]
+        workers = spec.reward_pool.workers if rewards.needs_sandbox(kinds) else 0
+        return cls(workers, spec.reward_pool.sandbox, max_queue=spec.reward_pool.max_queue)
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> "RewardPool":

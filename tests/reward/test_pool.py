@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from kuberft_reward.kernel_tasks import TaskSet, shipped_solution
-from kuberft_reward.pool import PoolBusy
+from kuberft_reward.pool import PoolBusy, RewardPool
 from kuberft_reward.rewards import RequestError
 from kuberft_reward.schema import EvaluateRequest
 
@@ -315,3 +315,19 @@ def test_metrics_count_evaluations_hacks_and_timeouts(pool, adversarial_results)
     timeouts = next(line for line in body.splitlines() if line.startswith("kuberft_reward_timeouts_total"))
     assert float(timeouts.split()[-1]) >= 2
     assert "kuberft_reward_workers 2.0" in body
+
+
+def test_a_jobs_pool_starts_sandbox_workers_only_for_rewards_that_run_model_code():
+    from kuberft_operator.api import RFTJobSpec
+
+    def spec(*kinds):
+        return RFTJobSpec.model_validate({
+            "model": {"name": "m"}, "dataset": {"rows": [{"prompt": "p"}]},
+            "rewards": [{"kind": k} for k in kinds],
+            "rewardPool": {"workers": 3, "maxQueue": 7, "sandbox": {"timeoutSeconds": 9}},
+        })
+
+    text_only = RewardPool.for_job(spec("countdown", "regex"))
+    assert text_only.num_workers == 0
+    kernels = RewardPool.for_job(spec("triton.format", "triton.correctness"))
+    assert (kernels.num_workers, kernels.max_queue, kernels.sandbox.timeout_seconds) == (3, 7, 9)

@@ -104,7 +104,7 @@ def _reward_backend(args: argparse.Namespace, spec):
         from kuberft_reward.pool import RewardPool
     except ImportError as error:
         raise SystemExit(f"no reward pool: pass --reward-url (the in-process pool is not installed: {error})") from error
-    pool = RewardPool(workers=spec.reward_pool.workers, sandbox=spec.reward_pool.sandbox)
+    pool = RewardPool.for_job(spec)
     pool.start()
     return pool
 
