@@ -60,7 +60,7 @@ def test_writes_outside_the_private_tmp_fail_and_tmp_is_private(tmp_path):
     host_tmp_file = tmp_path / "escaped.txt"  # the host's /tmp is not even visible
     child = run(
         f"""
-        for path in ({str(host_tmp_file)!r}, "/etc/kuberft-escape", {os.getcwd() + "/escape.txt"!r}):
+        for path in ({str(host_tmp_file)!r}, "/etc/kuberft-escape", "/var/tmp/kuberft-escape.txt"):
             try:
                 open(path, "w").write("x")
                 report("wrote " + path)
@@ -71,7 +71,9 @@ def test_writes_outside_the_private_tmp_fail_and_tmp_is_private(tmp_path):
         """
     )
     assert reports(child) == ["No such file or directory", "Read-only file system", "Read-only file system", "private"]
-    assert not host_tmp_file.exists() and not os.path.exists("/tmp/inside.txt") and not os.path.exists("escape.txt")
+    # (a path outside /tmp that the host can write: inside, every mount but /tmp is read-only)
+    assert not host_tmp_file.exists() and not os.path.exists("/tmp/inside.txt")
+    assert not os.path.exists("/var/tmp/kuberft-escape.txt")
 
 
 @needs_namespaces
