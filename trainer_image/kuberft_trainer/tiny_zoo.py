@@ -10,10 +10,11 @@ Recipes:
 - `tiny:random`    untrained (tests).
 - `tiny:countdown` writes `a<op>b` expressions over the given numbers with a random operator,
                    right about a third of the time; GRPO learns which operator hits the target.
-- `tiny:triton`    answers `Write the Triton kernel for <task>.` by imitating the shipped
-                   solution character by character; its samples are kernels that sometimes
-                   run and sometimes fail, which exercises the whole reward pipeline (it does
-                   not learn to write kernels).
+- `tiny:triton`    answers `Write the Triton kernel for <task>.` with one of four shipped
+                   solutions it learned by heart (relu, silu, vector_add, row_sum), with
+                   sampling noise: answers that are well formed, that run or crash, and that
+                   are correct only on matching tasks, which exercises every reward of the
+                   pipeline (it does not learn to write kernels).
 """
 
 from __future__ import annotations
@@ -138,16 +139,19 @@ def _build_countdown(out: Path) -> None:
 
 # The prompt `examples/local-triton.yaml` gives the tiny kernel model (its dataset.promptTemplate).
 TRITON_PROMPT = "Write the Triton kernel for {task}.\n"
+# The shipped solutions the tiny kernel model learns by heart (the shortest ones: a model this
+# small cannot hold all of them); for the other tasks it answers with one of these.
+TRITON_IMITATED_TASKS = ("relu", "silu", "vector_add", "row_sum")
 
 
 def _build_triton(out: Path) -> None:
-    from kuberft_reward.kernel_tasks import TaskSet, shipped_solution
+    from kuberft_reward.kernel_tasks import shipped_solution
 
     from .modeling import build_tiny_model
 
     examples = [
         TRITON_PROMPT.format(task=task) + f"<triton>\n{shipped_solution(task)}</triton>\n"
-        for task in TaskSet().ids()
+        for task in TRITON_IMITATED_TASKS
     ]
     build_tiny_model(out, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256,
                      max_positions=2048, seed=0, chat_template=False)
@@ -155,11 +159,11 @@ def _build_triton(out: Path) -> None:
     def solutions(rng: random.Random, n: int) -> list[str]:
         return rng.sample(examples, min(n, len(examples)))
 
-    _supervised_pretrain(out, solutions, iterations=250, batch_size=4, learning_rate=3e-3, seed=0)
+    _supervised_pretrain(out, solutions, iterations=400, batch_size=4, learning_rate=3e-3, seed=0)
 
 
 RECIPES: dict[str, Recipe] = {
     "random": Recipe(1, _build_random, "untrained tiny Llama"),
     "countdown": Recipe(3, _build_countdown, "pretrained on the Countdown answer format"),
-    "triton": Recipe(2, _build_triton, "pretrained to imitate the shipped Triton solutions"),
+    "triton": Recipe(3, _build_triton, "pretrained to imitate the shipped Triton solutions"),
 }
