@@ -250,6 +250,7 @@ class ControlPlane:
         self._create_nodes()
         self.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/rftjobs.kuberft.io", "crd/turbodeployments.kuberft.io")
+        self._wait_kinds_served(("rftjob", "turbodeployment"), 60)
         self._wait_nodes_ready(60)
         self._check_alive()
 
@@ -354,6 +355,19 @@ class ControlPlane:
             "spec": {"taints": taints},
             "status": {"capacity": capacity, "allocatable": capacity},
         }
+
+    def _wait_kinds_served(self, kinds: tuple[str, ...], timeout: float) -> None:
+        """Established CRDs reach discovery and the OpenAPI document a moment later; until then
+        `kubectl explain` and kind lookups fail with "couldn't find resource"."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [k for k in kinds if self.kubectl("explain", k, check=False).returncode != 0]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"the API server did not serve {', '.join(pending)} within {timeout:.0f}s of Established")
+            self._check_alive()
+            time.sleep(0.5)
 
     def _wait_nodes_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
