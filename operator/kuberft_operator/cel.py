@@ -3,11 +3,15 @@ and evaluated in Python (cel-python) so `kuberft validate` and the API server ag
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import celpy
+
+# cel-python logs every step of every evaluation at DEBUG, drowning the operator's own debug log.
+logging.getLogger("celpy").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
