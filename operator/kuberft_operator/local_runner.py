@@ -6,7 +6,6 @@ Running the same command again resumes from the latest checkpoint."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -67,39 +66,6 @@ class RunResult:
     adapter_dir: Optional[Path]
 
 
-def step_record(m) -> dict[str, Any]:
-    """The per-step entry of report.json, from one line of the trainer's metrics.jsonl."""
-    return {
-        "step": m["step"],
-        "rewards": m["rewards"],
-        "reward_total": m["reward"] if m["reward"] is not None else 0.0,
-        "loss": m["loss"],
-        "kl": m["kl"],
-        "clip_ratio": m["clip_ratio"],
-        "completion_length_mean": m["completion_length_mean"],
-        "truncated_fraction": m["truncated_fraction"],
-        "tokens_per_second": m["tokens_per_second"],
-        "step_seconds": m["step_seconds"],
-        "reward_failures": m["reward_failures"],
-        "eval_pass_at_1": m.get("eval_pass_at_1"),
-    }
-
-
-def read_step_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    """Every step's metrics of this output directory, across restarts (the last run of a step wins)."""
-    from kuberft_trainer.train import METRICS_FILE
-
-    path = output_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            by_step[entry["step"]] = entry
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def run_job(
     job: RFTJob,
     output_dir: Path,
@@ -112,7 +78,7 @@ def run_job(
     spec.grpo.steps (a shorter or longer run of the same job)."""
     from kuberft_reward.pool import RewardPool
     from kuberft_trainer.progress import StepProgress
-    from kuberft_trainer.train import Trainer
+    from kuberft_trainer.train import Trainer, read_metrics
 
     spec = job.spec
     if steps is not None:
@@ -132,7 +98,7 @@ def run_job(
                 result = trainer.run()
         finally:
             bar.close()
-    records = [step_record(m) for m in read_step_metrics(output_dir)]
+    records = read_metrics(output_dir)
     evaluations = [(r["step"], r["eval_pass_at_1"]) for r in records if r["eval_pass_at_1"] is not None]
     final_eval = {"step": evaluations[-1][0], "pass_at_1": evaluations[-1][1]} if evaluations else None
     config = {"name": job.metadata.name, "spec": spec.to_wire()}

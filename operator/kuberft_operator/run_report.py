@@ -9,15 +9,18 @@ from typing import Any
 
 
 def reward_summary(steps: list[dict[str, Any]], window: int = 10) -> dict[str, dict[str, float]]:
-    """Per reward function (and `total`): mean over the first and the last `window` steps."""
+    """Per reward function (and `total`): mean over the first and the last `window` steps.
+    `steps` are the trainer's per-step metrics; a step with nothing scorable (reward None) is
+    left out of the total's mean."""
     if not steps:
         return {}
     window = max(1, min(window, len(steps) // 2 or 1))
     names = list(steps[0]["rewards"]) + ["total"]
 
     def mean(rows: list[dict[str, Any]], name: str) -> float:
-        values = [r["reward_total"] if name == "total" else r["rewards"][name] for r in rows]
-        return sum(values) / len(values)
+        values = [r["reward"] if name == "total" else r["rewards"][name] for r in rows]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else float("nan")
 
     return {
         name: {"first": mean(steps[:window], name), "last": mean(steps[-window:], name)}
@@ -54,7 +57,8 @@ def _plot(steps: list[dict[str, Any]], path: Path, title: str, kl_measured: bool
     if steps:
         for name in steps[0]["rewards"]:
             rewards_ax.plot(xs, [s["rewards"][name] for s in steps], label=name, alpha=0.8)
-        rewards_ax.plot(xs, _smooth([s["reward_total"] for s in steps]), label="total (smoothed)", color="black")
+        totals = [s["reward"] if s["reward"] is not None else float("nan") for s in steps]
+        rewards_ax.plot(xs, _smooth(totals), label="total (smoothed)", color="black")
         loss_ax.plot(xs, [s["loss"] for s in steps], color="tab:red")
         if kl_measured:
             kl_ax.plot(xs, [s["kl"] for s in steps], color="tab:purple")
@@ -73,8 +77,9 @@ def _plot(steps: list[dict[str, Any]], path: Path, title: str, kl_measured: bool
 
 
 def _smooth(values: list[float], window: int = 10) -> list[float]:
+    """Trailing mean over `window` steps, skipping NaN (steps with nothing scorable)."""
     out = []
     for i in range(len(values)):
-        chunk = values[max(0, i - window + 1): i + 1]
-        out.append(sum(chunk) / len(chunk))
+        chunk = [v for v in values[max(0, i - window + 1): i + 1] if v == v]
+        out.append(sum(chunk) / len(chunk) if chunk else float("nan"))
     return out

@@ -67,6 +67,15 @@ SAMPLES_DIR = "samples"
 PHASES = ("generate", "reward", "train")
 
 
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """The `StepMetrics` lines of `output_dir/metrics.jsonl`, one per step in order (a resumed
+    run first drops the lines past its checkpoint, so no step appears twice)."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @dataclass
 class StepMetrics:
     """What one step did; one line of metrics.jsonl, and the argument of `on_step`."""
@@ -348,8 +357,8 @@ class Trainer:
         path = self.output_dir / METRICS_FILE
         if not self.dist.main or not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        ckpt.write_atomically(path, "".join(line + "\n" for line in kept))
+        kept = [m for m in read_metrics(self.output_dir) if m["step"] <= step]
+        ckpt.write_atomically(path, "".join(json.dumps(m) + "\n" for m in kept))
 
     # ------------------------------------------------------------------ one step
 
