@@ -90,15 +90,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(job, adapter_dir: Path, port: int) -> int:
+    import json
+    import shlex
+
     from kuberft_serve.config import ServeConfig
     from kuberft_serve.server import run_server
+    from kuberft_trainer.data import PromptFormatter, load_rows
 
     adapter_name = job.metadata.name
-    config = ServeConfig(model=job.spec.model.name, adapters={adapter_name: str(adapter_dir)}, port=port, host="127.0.0.1")
+    spec = job.spec
+    # A prompt of the job itself, as /v1/completions takes it (templated, without a chat template).
+    prompt = PromptFormatter(None, spec.dataset, spec.grpo.max_prompt_length).text(load_rows(spec.dataset)[0])
+    request = {"model": adapter_name, "prompt": prompt, "max_tokens": spec.grpo.max_completion_length, "temperature": 0}
+    config = ServeConfig(model=spec.model.name, adapters={adapter_name: str(adapter_dir)}, port=port, host="127.0.0.1")
     print(
         "serving; try:\n"
-        f"  curl -s http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' "
-        f"-d '{{\"model\": \"{adapter_name}\", \"prompt\": \"Use 3 7 to make 21.\\n\", \"max_tokens\": 8, \"temperature\": 0}}'"
+        f"  curl -s http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(request))}"
     )
     run_server(config)
     return 0
