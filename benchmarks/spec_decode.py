@@ -175,6 +175,21 @@ def forward_ms(model, n: int, context: int = 160, reps: int = 20) -> float:
     return statistics.median(times) * 1000
 
 
+def runner_ms(runner, n: int, context: int = 160, reps: int = 20) -> float:
+    """The same for an engine's model runner (the kuberft draft runs its own lean forward)."""
+    from kuberft_serve.kv_batch import SequenceBatch
+
+    ids = torch.randint(4, 90, (1, context + n))
+    times = []
+    for _ in range(reps):
+        batch = SequenceBatch(runner)
+        batch.prefill([ids[0, :context].tolist()], pad_id=0)
+        start = time.perf_counter()
+        batch.extend(ids[:, context:])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models and few prompts: a smoke run, not the goal")
@@ -255,7 +270,10 @@ def main() -> int:
     target_1 = forward_ms(hf_target, 1)
     draft_1 = forward_ms(hf_draft, 1)
     c = draft_1 / target_1
-    print(f"\ntarget pass {target_1:.2f} ms, draft pass {draft_1:.2f} ms: c = {c:.3f}")
+    lean_draft_1 = runner_ms(engines["kuberft draft"].speculator.runner, 1)
+    c_kuberft = lean_draft_1 / target_1
+    print(f"\ntarget pass {target_1:.2f} ms, draft pass {draft_1:.2f} ms (transformers; HF assisted): c = {c:.3f}; "
+          f"kuberft draft pass {lean_draft_1:.2f} ms ({type(engines['kuberft draft'].speculator.runner).__name__}): c = {c_kuberft:.3f}")
     print(f"\n{'method':38s} {'tok/s':>8s} {'vs plain':>9s} {'vs HF-assist':>12s} {'equal':>6s} {'accept':>7s} {'tok/step':>8s} {'k':>5s} {'theory':>7s} {'theory(v)':>9s}")
     for name in methods:
         line = f"{name:38s} {rate[name]:8.1f} {rate[name] / plain_rate:8.2f}x {rate[name] / hf_assisted:11.2f}x {equal[name]:>3d}/{len(prompts):<2d}"
@@ -265,7 +283,7 @@ def main() -> int:
             alpha = s["accepted"] / s["proposed"] if s["proposed"] else 0.0
             k = s["proposed"] / s["spec_steps"]
             per_step = s["emitted"] / s["steps"]
-            cost = c if name == "kuberft draft" else 0.0
+            cost = c_kuberft if name == "kuberft draft" else 0.0
             verify = forward_ms(hf_target, round(k) + 1) / target_1
             # acceptance per proposed token of a geometric model that gives the observed tokens per step
             a_geo = geometric_alpha(per_step, k)

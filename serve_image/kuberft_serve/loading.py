@@ -13,6 +13,7 @@ from .config import ServeConfig
 from .engine import Engine
 from .heads import MedusaHeads, train_heads
 from .kv_batch import ModelRunner
+from .lean_llama import LeanRunner
 from .speculators import DraftSpeculator, HeadsSpeculator, NgramSpeculator, Speculator
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,9 @@ def build_engine(config: ServeConfig, metrics=None) -> Engine:
         draft = load_causal_lm(config.draft_model, dtype=dtype, device=device, **load)
         if draft.config.vocab_size != runner.config.get_text_config().vocab_size:
             log.warning("draft vocabulary (%d) differs in size from the model's; it must share the tokenizer", draft.config.vocab_size)
-        speculator = DraftSpeculator(ModelRunner(draft), tokenizer.pad_token_id or 0)
+        # the draft runs at batch sizes where transformers' per-op overhead is its whole cost
+        draft_runner = LeanRunner(draft) if LeanRunner.supports(draft) else ModelRunner(draft)
+        speculator = DraftSpeculator(draft_runner, tokenizer.pad_token_id or 0)
     elif config.speculator == "heads":
         speculator = HeadsSpeculator(load_or_train_heads(config, runner, tokenizer, options), model.get_output_embeddings())
     else:

@@ -1,0 +1,156 @@
+"""A lean forward pass of a Llama-architecture causal LM, for the draft model.
+
+A draft of a few hundred thousand parameters costs almost nothing in arithmetic; at batch 1 its
+forward pass through transformers' module stack is per-op and per-call Python overhead (config
+lookups, mask builders, cache objects, output dataclasses), which is what speculative decoding
+pays k times per step. This is the same model with the same weights, computed in a handful of
+tensor ops per layer (fused QKV and gate/up projections, a precomputed rotary table), the way
+serving engines carry their own model code. Its cache duck-types the transformers cache
+layout that `SequenceBatch` rolls back (`cache.layers[i].keys / .values`, [B, kv_heads, T, D]).
+
+`LeanRunner.supports(model)` says whether a loaded model can take this path (Llama and the
+Llama-shaped families without biases, sliding windows or rope scaling); `ModelRunner` is the
+fallback for everything else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .kv_batch import ForwardResult
+
+SUPPORTED_TYPES = {"llama", "mistral"}
+
+
+class _Layer:
+    __slots__ = ("keys", "values")
+
+    def __init__(self):
+        self.keys = None
+        self.values = None
+
+
+class LeanCache:
+    """Keys and values per layer, [B, kv_heads, T, head_dim], appended by each forward."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [_Layer() for _ in range(num_layers)]
+
+
+class LeanRunner:
+    """`ModelRunner`'s interface over the lean forward of a Llama model's weights."""
+
+    has_adapters = False
+
+    @staticmethod
+    def supports(model) -> bool:
+        config = model.config
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        return (
+            getattr(config, "model_type", None) in SUPPORTED_TYPES
+            and rope.get("rope_type", rope.get("type", "default")) == "default"
+            and not getattr(config, "attention_bias", False)
+            and not getattr(config, "mlp_bias", False)
+            and getattr(config, "sliding_window", None) is None
+            and getattr(config, "hidden_act", "silu") == "silu"
+        )
+
+    def __init__(self, model):
+        if not self.supports(model):
+            raise ValueError(f"{type(model).__name__} is not a plain Llama-architecture model")
+        config = model.config
+        self.model = model
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        base = model.model
+        self.embed = base.embed_tokens.weight
+        self.final_norm = base.norm.weight
+        self.lm_head = model.get_output_embeddings().weight
+        self.layers = []
+        for layer in base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            q_w, k_w, v_w = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+            self.layers.append((
+                layer.input_layernorm.weight,
+                # one projection gives q, k, v and rotate_half(q), rotate_half(k) (rotary's second term)
+                torch.cat([q_w, k_w, v_w, self._rotate_half_rows(q_w), self._rotate_half_rows(k_w)]),
+                attn.o_proj.weight,
+                layer.post_attention_layernorm.weight,
+                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),  # [2 I, hidden]
+                mlp.down_proj.weight,
+            ))
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=self.device) / self.head_dim))
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=self.device)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
+        dtype = self.embed.dtype
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _rotate_half_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """W' with W' x = rotate_half(W x) per head: rotate_half(y) = [-y2, y1] of y's halves."""
+        heads = weight.view(-1, 2, self.head_dim // 2, weight.shape[-1])  # [h, 2, D/2, hidden]
+        return torch.stack([-heads[:, 1], heads[:, 0]], dim=1).reshape(weight.shape)
+
+    def new_cache(self) -> LeanCache:
+        return LeanCache(len(self.layers))
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: LeanCache | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        *,
+        adapter: str | None = None,
+        want_hidden: bool = False,
+        last_only: bool = False,
+    ) -> ForwardResult:
+        """input_ids [B, n] at position_ids [B, n] after the cache's T slots; attention_mask
+        [B, T + n] (1 = a token of the row) or None when every slot is valid."""
+        batch, n = input_ids.shape
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, n, D]
+        sin = self.sin[position_ids].unsqueeze(1)
+        past = 0
+        if cache is not None and cache.layers[0].keys is not None:
+            past = cache.layers[0].keys.shape[2]
+        mask = None
+        if attention_mask is not None or n > 1:
+            total = past + n
+            slots = torch.arange(total, device=input_ids.device)
+            mask = slots[None, :] <= (past + torch.arange(n, device=input_ids.device))[:, None]  # [n, T + n] causal
+            mask = mask[None, None]
+            if attention_mask is not None:
+                # a padding slot attends to itself only: a row with nothing to attend to would be NaN
+                own = slots[None, :] == (past + torch.arange(n, device=input_ids.device))[:, None]
+                mask = (mask & attention_mask[:, None, None, :].bool()) | own  # [B, 1, n, T + n]
+        x = F.embedding(input_ids, self.embed)
+        shape, eps = (x.shape[-1],), self.eps
+        for index, (norm_1, qkv_w, o_w, norm_2, gate_up_w, down_w) in enumerate(self.layers):
+            qkv = F.linear(F.rms_norm(x, shape, norm_1, eps), qkv_w).view(batch, n, 2 * heads + 3 * kv_heads, dim).transpose(1, 2)
+            qk, v, qk_rotated = qkv.split([heads + kv_heads, kv_heads, heads + kv_heads], dim=1)  # [B, h, n, D]
+            q, k = (qk * cos + qk_rotated * sin).split([heads, kv_heads], dim=1)  # rotary
+            if cache is not None:
+                layer = cache.layers[index]
+                if layer.keys is not None:
+                    k = torch.cat([layer.keys, k], dim=2)
+                    v = torch.cat([layer.values, v], dim=2)
+                else:
+                    v = v.contiguous()
+                layer.keys, layer.values = k, v
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+            x = x + F.linear(attn.transpose(1, 2).reshape(batch, n, heads * dim), o_w)
+            gate, up = F.linear(F.rms_norm(x, shape, norm_2, eps), gate_up_w).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, down_w)
+        if last_only:
+            x = x[:, -1:]
+        hidden = F.rms_norm(x, shape, self.final_norm, eps)
+        return ForwardResult(F.linear(hidden, self.lm_head).float(), hidden if want_hidden else None)
