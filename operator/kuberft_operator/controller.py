@@ -346,6 +346,22 @@ _API_VERSIONS = {kind: (f"{group}/{version}" if group else version) for group, v
 _API_VERSIONS["Pod"] = "v1"
 
 
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """Stores and builds nothing. kopf keeps a "last handled" essence of every watched object to
+    detect changes for on.create/on.update handlers; we have only event handlers, and building
+    that essence deep-copies every object of every watch event (a tenth of the operator's CPU
+    time when 200 RFTJobs arrive at once)."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: Any) -> None:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        pass
+
+
 def build_registry(controller: Controller, settings: kopf.OperatorSettings) -> kopf.OperatorRegistry:
     """kopf handlers: every event only updates the cache and queues a key. They are coroutines
     so kopf runs them on the event loop (plain functions would run in threads)."""
@@ -440,6 +456,7 @@ async def run(config: OperatorConfig) -> int:
             stopping.cancel()
 
         settings = kopf.OperatorSettings()
+        settings.persistence.diffbase_storage = _NoDiffBase()
         settings.posting.enabled = False  # our Events are posted by the reconciler, one per transition
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330

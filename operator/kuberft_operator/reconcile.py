@@ -9,14 +9,15 @@ restart or from two replicas, creates nothing twice and loses no status.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar, cast
 
 from pydantic import ValidationError
 
-from .api import RFTJobSpec, TurboDeploymentSpec
+from .api import ApiModel, RFTJobSpec, TurboDeploymentSpec
 from .builders import (
     ANNOTATION_GENERATION,
     ANNOTATION_POD_TEMPLATE_HASH,
@@ -46,6 +47,21 @@ TRAINER_ADAPTER_DIR = "adapter"
 
 # Fields of a running job that cannot change: the trainer's checkpoints depend on them.
 IMMUTABLE_WHILE_RUNNING = ("model", "lora", "dataset", "rewards", "grpo", "checkpoint", "queueName")
+
+
+Spec = TypeVar("Spec", bound=ApiModel)
+
+
+def parse_spec(model: type[Spec], wire: dict[str, Any]) -> Spec:
+    """`model.model_validate(wire)`, once per distinct spec. Checking the CEL rules in Python
+    was a fifth of the operator's CPU time when every reconcile re-validated an unchanged spec
+    (measured with benchmarks/operator_scale.py). The model is shared: never change it."""
+    return cast(Spec, _validated(model, json.dumps(wire, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _validated(model: type[ApiModel], canonical: str) -> ApiModel:
+    return model.model_validate(json.loads(canonical))
 
 
 @dataclass(frozen=True)
@@ -188,7 +204,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             plan.status[key] = status[key]
 
     try:
-        spec = RFTJobSpec.model_validate(body.get("spec") or {})
+        spec = parse_spec(RFTJobSpec, body.get("spec") or {})
     except ValidationError as error:
         problems = "; ".join(str(p) for p in problems_from(error, ""))
         conds.set("Failed", True, "InvalidSpec", f"spec: {problems}")
@@ -210,7 +226,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     requested_wire = spec.to_wire()
     refused = immutable_changes(accepted_wire, requested_wire) if accepted_wire is not None and (started or finished) else []
     if refused:
-        effective = RFTJobSpec.model_validate(accepted_wire)
+        effective = parse_spec(RFTJobSpec, accepted_wire)
         effective_generation = accepted_generation
         conds.set(
             "SpecAccepted",
@@ -401,7 +417,7 @@ def plan_turbo(observed: TurboObserved, images: Images, now: datetime) -> Plan:
     plan = Plan()
     plan.status["observedGeneration"] = generation
     try:
-        spec = TurboDeploymentSpec.model_validate(body.get("spec") or {})
+        spec = parse_spec(TurboDeploymentSpec, body.get("spec") or {})
     except ValidationError as error:
         problems = "; ".join(str(p) for p in problems_from(error, ""))
         conds.set("Failed", True, "InvalidSpec", f"spec: {problems}")

@@ -7,7 +7,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 from kuberft_operator.builders import Images, Owner, content_hash, reward_deployment, trainer_job, trainer_pod_template
-from kuberft_operator.reconcile import RFTJobObserved, TurboObserved, plan_rftjob, plan_turbo, status_changes
+from kuberft_operator.reconcile import RFTJobObserved, TurboObserved, parse_spec, plan_rftjob, plan_turbo, status_changes
 from kuberft_operator.api import RFTJobSpec
 
 IMAGES = Images.for_version("registry.test/kuberft", "1.0.0")
@@ -253,3 +253,14 @@ def test_a_turbo_deployment_waits_for_its_rftjob_then_serves_its_adapter():
     assert serving.status["phase"] == "Progressing"
     failed = plan_turbo(TurboObserved(body=turbo, rftjob=rftjob(status={"phase": "Failed"})), IMAGES, NOW)
     assert failed.status["phase"] == "Failed"
+
+
+def test_each_distinct_spec_is_validated_once_and_a_broken_rule_still_fails_the_job():
+    first = parse_spec(RFTJobSpec, json.loads(json.dumps(SPEC)))
+    assert parse_spec(RFTJobSpec, dict(reversed(list(SPEC.items())))) is first  # same content, another key order
+    broken = {**SPEC, "rewards": [{"kind": "countdown"}, {"kind": "countdown"}]}
+    plan = run(rftjob(broken))
+    failed = condition(plan, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
+    assert "reward names must be unique" in failed["message"]
+    assert run(rftjob(broken)).status == plan.status  # the refusal is not cached away
