@@ -13,7 +13,10 @@ creates N RFTJobs at once (concurrent POSTs, as a CI pipeline or a sweep would) 
 
 The peer, measured in the same run on the same cluster: kube-controller-manager turning the same
 number of plain Jobs into Pods (Job created -> Pod exists), i.e. a compiled, in-tree controller
-doing one child per object. Goals from issue 8: p50 apply -> children under 1 s, no errors,
+doing one child per object. And the floor this machine sets: the same children created straight
+from a client that does nothing else (no operator, no watches), 32 requests at a time in job
+order, on the quiet cluster before the operator's turn; the p50 a controller creating them in
+arrival order could reach at that rate is printed next to ours. Goals from issue 8: p50 apply -> children under 1 s, no errors,
 peak memory under 200 MB.
 
     .venv/bin/python benchmarks/operator_scale.py [--jobs 200] [--json out.json]
@@ -38,6 +41,8 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
+from kuberft_operator.api import RFTJobSpec  # noqa: E402
+from kuberft_operator.builders import LABEL_MANAGED_BY, Images, Owner, rftjob_children  # noqa: E402
 from kuberft_operator.kube import Credentials, KubeClient  # noqa: E402
 from tests.cluster.controlplane import ControlPlane, die_with_parent, free_port  # noqa: E402
 
@@ -138,6 +143,42 @@ async def create_all(client: KubeClient, namespace: str, manifests: list[dict[st
     return created
 
 
+async def floor_children(client: KubeClient, namespace: str, jobs: int) -> list[float]:
+    """Seconds after the start at which each job's children all exist, when a client does
+    nothing but create them (the operator's manifests, without owner references and with the
+    managed-by label changed so the operator does not watch them), in job order."""
+    spec = RFTJobSpec.model_validate(rftjob("floor")["spec"])
+    gate = asyncio.Semaphore(32)
+    started = time.perf_counter()
+
+    async def one(manifest: dict[str, Any]) -> None:
+        manifest["metadata"].pop("ownerReferences", None)
+        manifest["metadata"]["labels"][LABEL_MANAGED_BY] = "benchmark-floor"
+        async with gate:
+            await client.create(manifest)
+
+    async def children_of(index: int) -> float:
+        owner = Owner("RFTJob", f"floor-{index:04d}", namespace, f"00000000-0000-0000-0000-{index:012d}")
+        # No reward pods: their scheduling and kwok's status updates would still load the
+        # cluster when the operator's turn comes, and the floor is meant as an optimistic bound.
+        await asyncio.gather(*(one(m) for m in rftjob_children(spec, owner, Images.for_version(), 1, reward_replicas=0)))
+        return time.perf_counter() - started
+
+    return list(await asyncio.gather(*(children_of(i) for i in range(jobs))))
+
+
+async def settle(client: KubeClient, namespace: str, deployments: int, timeout: float = 180) -> None:
+    """Wait until the controller-manager has observed every Deployment of the namespace."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        items = await client.list("apps/v1", "Deployment", namespace)
+        observed = sum(1 for d in items if (d.get("status") or {}).get("observedGeneration") == d["metadata"].get("generation"))
+        if observed >= deployments:
+            return
+        await asyncio.sleep(1.0)
+    raise TimeoutError(f"the {deployments} Deployments of namespace {namespace} were not observed after {timeout:.0f}s")
+
+
 async def wait_until(predicate, timeout: float, what: str) -> None:
     deadline = time.perf_counter() + timeout
     while not predicate():
@@ -165,6 +206,11 @@ async def run(jobs: int, plane: ControlPlane, operator_pid: int, metrics_port: i
     try:
         plane.kubectl("create", "namespace", "bench")
         await wait_until(lambda: plane.kubectl("get", "sa", "default", "-n", "bench", check=False).returncode == 0, 30, "the default ServiceAccount")
+        # The floor first, on a quiet cluster (an optimistic bound), then let the controller-manager
+        # finish with the floor's Deployments before the operator's turn.
+        plane.kubectl("create", "namespace", "floor")
+        floor_done = await floor_children(client, "floor", jobs)
+        await settle(client, "floor", jobs)
         names = [f"job-{i:04d}" for i in range(jobs)]
         manifests = [rftjob(n) for n in names]
         for manifest in manifests:
@@ -206,6 +252,10 @@ async def run(jobs: int, plane: ControlPlane, operator_pid: int, metrics_port: i
         await wait_until(lambda: len({o for (k, _, o) in watcher.seen if k == "PeerPod"}) >= jobs, 300, "every peer Pod")
         peer_latency = [t - peer_created[o] for (k, _, o), t in watcher.seen.items() if k == "PeerPod"]
 
+        # Job i arrived when the i-th RFTJob was created; at the floor's rate its children exist at floor_done[i].
+        arrivals = sorted(t - started for t in created.values())
+        floor_latency = [max(0.0, done - arrival) for done, arrival in zip(floor_done, arrivals)]
+
         return {
             "jobs": jobs,
             "create_seconds": apply_seconds,
@@ -224,6 +274,8 @@ async def run(jobs: int, plane: ControlPlane, operator_pid: int, metrics_port: i
             "reconcile_conflicts": conflicts,
             "peer_job_to_pod_p50_s": statistics.median(peer_latency),
             "peer_job_to_pod_p95_s": percentile(peer_latency, 0.95),
+            "floor_all_children_s": max(floor_done),
+            "floor_children_p50_s": statistics.median(floor_latency),
         }
     finally:
         for task in tasks:
@@ -279,6 +331,10 @@ def main() -> int:
           f"{children_per_job * r['jobs']} children at {children_per_job * r['jobs'] / r['all_children_s']:.0f}/s")
     print(f"  peer (kube-controller-manager, Job -> Pod, one child per object): p50 {r['peer_job_to_pod_p50_s'] * 1000:.0f} ms, p95 {r['peer_job_to_pod_p95_s'] * 1000:.0f} ms")
     print(f"  ratio apply->children p50 / peer Job->Pod p50: {r['children_p50_s'] / r['peer_job_to_pod_p50_s']:.2f}x")
+    print(f"  floor (the same {children_per_job * r['jobs']} children created straight from a client, nothing else): "
+          f"{r['floor_all_children_s']:.2f} s ({children_per_job * r['jobs'] / r['floor_all_children_s']:.0f}/s); "
+          f"p50 apply -> children at that rate: {r['floor_children_p50_s'] * 1000:.0f} ms")
+    print(f"  ratio apply->children p50 / floor p50: {r['children_p50_s'] / r['floor_children_p50_s']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
