@@ -196,13 +196,14 @@ class SpeculationController:
         return (1 - alpha ** (k + 1)) / (1 - alpha)
 
     def _verify_time(self, n: int) -> float:
-        points = sorted(self.verify_cost.items())
+        """Least-squares line through the measured verify times per width, at width n."""
+        points = self.verify_cost
         if len(points) == 1:
-            return points[0][1]
-        xs = torch.tensor([p[0] for p in points], dtype=torch.float64)
-        ys = torch.tensor([p[1] for p in points], dtype=torch.float64)
-        slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
-        return max(float(ys.mean()) + max(slope, 0.0) * (n - float(xs.mean())), 1e-9)
+            return next(iter(points.values()))
+        x_mean = sum(points) / len(points)
+        y_mean = sum(points.values()) / len(points)
+        slope = sum((x - x_mean) * (y - y_mean) for x, y in points.items()) / sum((x - x_mean) ** 2 for x in points)
+        return max(y_mean + max(slope, 0.0) * (n - x_mean), 1e-9)
 
     def rate(self, k: int) -> float:
         """Tokens per second per row expected at k."""
@@ -252,6 +253,7 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.max_positions = getattr(target.config.get_text_config(), "max_position_embeddings", None)
         self.groups: dict[str | None, Group] = {}
+        self.controllers: dict[str | None, SpeculationController] = {}
         self.waiting: deque[Sequence] = deque()
         self.inbox: queue.Queue[Sequence] = queue.Queue()
         self._recent = deque(maxlen=64)  # (proposed, accepted, row-steps) per step, for the gauges
@@ -374,10 +376,17 @@ class Engine:
                     adapter,
                     SequenceBatch(self.target_runner, adapter, want_hidden=self.speculator.needs_target_hidden),
                     self.speculator.new_state(adapter),
-                    SpeculationController(self.max_k, self.adaptive),
+                    self._controller(adapter),
                 )
                 self.groups[adapter] = group
             self._prefill(group, seqs)
+
+    def _controller(self, adapter: str | None) -> SpeculationController:
+        """The k controller of a served model: it outlives the groups (a group ends when its last
+        request does), so what it learned about acceptance and step costs carries over."""
+        if adapter not in self.controllers:
+            self.controllers[adapter] = SpeculationController(self.max_k, self.adaptive)
+        return self.controllers[adapter]
 
     def _prefill(self, group: Group, seqs: list[Sequence]) -> None:
         fresh = SequenceBatch(self.target_runner, group.adapter, want_hidden=self.speculator.needs_target_hidden)

@@ -207,3 +207,15 @@ def test_a_draft_identical_to_the_model_has_every_proposal_accepted(patterned_di
     engine.generate_batch(prompts, params)
     assert engine.stats["proposed"] > 50
     assert engine.stats["accepted"] == engine.stats["proposed"]
+
+
+def test_what_the_k_controller_learned_outlives_the_request(tiny_dir, adapter_dir, draft_dir, heads_dir):
+    """A group ends with its last request; the next request of the same model starts from the
+    acceptance and step costs measured so far, not from the prior."""
+    engine = make_engine(tiny_dir, adapter_dir, draft_dir, heads_dir, "ngram", k=4, adaptive=True)
+    engine.generate(encode(engine, PROMPTS[3]), GREEDY)
+    controller = engine.controllers[None]
+    steps = controller.steps
+    assert steps > 0 and not engine.groups
+    engine.generate(encode(engine, PROMPTS[4]), GREEDY)
+    assert engine.controllers[None] is controller and controller.steps > steps
