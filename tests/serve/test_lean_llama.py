@@ -4,6 +4,7 @@ fed at once, a rollback that leaves a hole, and one token at a time after it."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -39,3 +40,61 @@ def test_lean_forward_gives_the_logits_of_transformers_for_the_same_weights(draf
 def test_the_draft_speculator_runs_the_lean_forward_for_a_llama_draft(tiny_dir, draft_dir):
     engine = build_engine(ServeConfig(model=str(tiny_dir), speculator="draft", draft_model=str(draft_dir), device="cpu", dtype="float64"))
     assert isinstance(engine.speculator.runner, LeanRunner)
+
+
+def test_a_packed_projection_computes_the_product_and_each_row_alike_whatever_the_rows():
+    from kuberft_serve.lean_llama import Projection
+
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 512)
+    projection = Projection(weight)
+    assert projection.packed == torch.backends.mkldnn.is_available()
+    x = torch.randn(2, 5, 512)
+    with torch.inference_mode():
+        out = projection(x)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-4)
+        # a verification pass of 5 tokens computes token 0 exactly as decoding it alone does
+        assert torch.equal(projection(x[:1, :1]), out[:1, :1])
+
+
+def test_the_target_runs_the_lean_forward_on_the_cpu_without_adapters_and_transformers_with_them(tiny_dir, adapter_dir):
+    plain = build_engine(ServeConfig(model=str(tiny_dir), speculator="none", device="cpu", dtype="float32"))
+    adapted = build_engine(ServeConfig(model=str(tiny_dir), adapters={"tuned": str(adapter_dir)}, speculator="none", device="cpu", dtype="float32"))
+    assert isinstance(plain.target_runner, LeanRunner)
+    assert isinstance(adapted.target_runner, ModelRunner)
+
+
+@pytest.mark.parametrize("speculator", ["ngram", "draft", "heads"])
+def test_greedy_speculation_on_the_lean_target_equals_its_plain_decoding(tiny_dir, draft_dir, tmp_path, speculator):
+    from kuberft_serve.heads import MedusaHeads
+    from kuberft_serve.sampling import SamplingParams
+
+    torch.manual_seed(4)
+    heads = MedusaHeads(hidden_size=32, num_heads=4)
+    for block in heads.blocks:
+        torch.nn.init.normal_(block.weight, std=0.3)
+    heads.save(tmp_path)
+
+    def engine(name):
+        return build_engine(ServeConfig(model=str(tiny_dir), speculator=name, draft_model=str(draft_dir), heads={None: str(tmp_path)},
+                                        num_speculative_tokens=4, device="cpu", dtype="float64", max_batch_size=4))
+
+    plain, fast = engine("none"), engine(speculator)
+    assert isinstance(fast.target_runner, LeanRunner)
+    prompts = [plain.tokenizer.encode(t) for t in ("abc abc ab", "hello, ", "a", "jig jag jig jag ")]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (30, 12, 25, 40)]
+    expected = [plain.generate(p, sp) for p, sp in zip(prompts, params)]
+    assert fast.generate_batch(prompts, params) == expected  # batched: holes and rollbacks per row
+    assert fast.stats["proposed"] > 0
+
+
+def test_plain_decoding_on_the_lean_target_writes_what_transformers_generate_writes(tiny_dir):
+    from kuberft_serve.sampling import SamplingParams
+
+    engine = build_engine(ServeConfig(model=str(tiny_dir), speculator="none", device="cpu", dtype="float32"))
+    assert isinstance(engine.target_runner, LeanRunner)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    for text in ("abc abc ab", "hello, ", "a", "the cafe. the cafe. the"):
+        ids = engine.tokenizer.encode(text)
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None)
+        assert engine.generate(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)) == reference[0, len(ids):].tolist()
