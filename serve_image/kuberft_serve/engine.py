@@ -143,7 +143,9 @@ class SpeculationController:
     measured cost per proposed token and a line fitted to the measured verify times per width.
     Every `EXPLORE_EVERY` steps it tries a neighbour of the best k, so the measurements follow
     the load. Measured values capture what the model cannot: bursty acceptance, and drafts
-    that stop early when unsure."""
+    that stop early when unsure. Tokens per step are learned for every cap up to the k of each
+    step (a cap k' < k would have emitted 1 + min(accepted, k'): the same proposals, cut), so the
+    smaller caps are never judged on the few steps that tried them."""
 
     EXPLORE_EVERY = 16
 
@@ -156,6 +158,7 @@ class SpeculationController:
         self.propose_cost = 0.0  # seconds per proposed token (EMA)
         self.verify_cost: dict[int, float] = {}  # fed tokens per row -> seconds (EMA)
         self.measured: dict[int, tuple[float, float]] = {}  # k -> (tokens per row-step, step seconds)
+        self.tokens_at: dict[int, float] = {}  # k -> tokens per row-step a cap of k gives (EMA, also from larger caps)
         self.k = max_k
         self.steps = 0
 
@@ -182,12 +185,16 @@ class SpeculationController:
         self.propose_cost = 0.8 * self.propose_cost + 0.2 * per_token if self.propose_cost else per_token
         previous = self.verify_cost.get(width + 1)
         self.verify_cost[width + 1] = verify_s if previous is None else 0.8 * previous + 0.2 * verify_s
-        tokens = 1 + sum(accepted) / len(accepted)
+        # what a smaller cap k' would have emitted is known too: the proposals up to k' are the
+        # same, so a row gets 1 + min(accepted, k'). Every step informs every k' <= k.
+        for cap in range(1, k + 1):
+            tokens = 1 + sum(min(a, cap) for a in accepted) / len(accepted)
+            previous = self.tokens_at.get(cap)
+            self.tokens_at[cap] = tokens if previous is None else 0.9 * previous + 0.1 * tokens
         seconds = propose_s + verify_s
         if k in self.measured:
-            old_tokens, old_seconds = self.measured[k]
-            tokens, seconds = 0.8 * old_tokens + 0.2 * tokens, 0.8 * old_seconds + 0.2 * seconds
-        self.measured[k] = (tokens, seconds)
+            seconds = 0.8 * self.measured[k][1] + 0.2 * seconds
+        self.measured[k] = (self.tokens_at[k], seconds)
         if self.adaptive:
             self.k = self.best_k()
 
@@ -207,10 +214,11 @@ class SpeculationController:
 
     def rate(self, k: int) -> float:
         """Tokens per second per row expected at k."""
+        tokens = self.tokens_at.get(k) or self.expected_tokens(k)
         if k in self.measured:
-            tokens, seconds = self.measured[k]
+            seconds = self.measured[k][1]
         else:
-            tokens, seconds = self.expected_tokens(k), k * self.propose_cost + self._verify_time(k + 1)
+            seconds = k * self.propose_cost + self._verify_time(k + 1)
         return tokens / max(seconds, 1e-9)
 
     def best_k(self) -> int:
