@@ -15,10 +15,14 @@ fallback for everything else.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.nn import functional as F
 
 from .kv_batch import ForwardResult
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = {"llama", "mistral"}
 
@@ -52,6 +56,20 @@ def _can_pack(weight: torch.Tensor) -> bool:
     )
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight in oneDNN's layout, or None where this torch cannot: the two ops are torch's
+    internal ones (its compiler uses them), so they are probed once against F.linear."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+        probe = torch.linspace(-1, 1, weight.shape[1], dtype=weight.dtype).unsqueeze(0)
+        if torch.allclose(torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], ""), F.linear(probe, weight), rtol=1e-4, atol=1e-4):
+            return packed
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+    log.warning("this torch cannot prepack weights for oneDNN; the lean forward uses F.linear")
+    return None
+
+
 class Projection:
     """y = x W^T. On the CPU, large float32 weights are prepacked once in oneDNN's blocked layout:
     at a few rows (decoding, verification) the default GEMM repacks the weight every call and
@@ -61,8 +79,10 @@ class Projection:
     __slots__ = ("weight", "packed")
 
     def __init__(self, weight: torch.Tensor):
-        self.packed = _can_pack(weight)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16) if self.packed else weight.detach()
+        weight = weight.detach()
+        packed = _pack(weight) if _can_pack(weight) else None
+        self.packed = packed is not None
+        self.weight = packed if packed is not None else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:

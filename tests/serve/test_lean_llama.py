@@ -57,6 +57,20 @@ def test_a_packed_projection_computes_the_product_and_each_row_alike_whatever_th
         assert torch.equal(projection(x[:1, :1]), out[:1, :1])
 
 
+def test_a_torch_without_the_internal_onednn_ops_falls_back_to_a_plain_product(monkeypatch):
+    from kuberft_serve import lean_llama
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing, raising=False)
+    weight = torch.randn(1024, 512)
+    projection = lean_llama.Projection(weight)
+    assert not projection.packed
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(projection(x), torch.nn.functional.linear(x, weight))
+
+
 def test_the_target_runs_the_lean_forward_on_the_cpu_without_adapters_and_transformers_with_them(tiny_dir, adapter_dir):
     plain = build_engine(ServeConfig(model=str(tiny_dir), speculator="none", device="cpu", dtype="float32"))
     adapted = build_engine(ServeConfig(model=str(tiny_dir), adapters={"tuned": str(adapter_dir)}, speculator="none", device="cpu", dtype="float32"))
