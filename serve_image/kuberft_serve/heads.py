@@ -1,14 +1,24 @@
-"""Medusa-style speculation heads (the "Turbo" speculator) and their self-distillation training.
+"""Speculation heads (the "Turbo" speculator) and their self-distillation training.
 
-Each head k is one residual block on the model's final hidden state h_t, read out through the
-model's own (frozen) LM head: logits_k = lm_head(h_t + SiLU(W_k h_t + b_k)). Head k predicts
-the token k+1 places after the one the model predicts at t, so after the model emits a token,
-heads 1..K propose the K tokens that follow it, at the cost of K small matmuls and no extra
-forward pass. The blocks start at zero (each head starts as a copy of the LM head).
+The heads are one residual block applied as a chain, EAGLE/Hydra-style: from the model's final
+hidden state h_t and the embedding of the token x_{t+1} the model emits from it, the block
+predicts a hidden state g_1 = h_t + SiLU(W [h_t; e(x_{t+1})] + b) that the model's own (frozen)
+LM head reads as the distribution of x_{t+2}; its greedy token feeds the next link:
+g_j = g_{j-1} + SiLU(W [g_{j-1}; e(x_{t+j})] + b). So after the model emits a token, K links
+propose the K tokens that follow it, at the cost of K small matmuls and no extra model pass.
+Feeding each link the token just chosen is what raises acceptance over independent Medusa heads
+(each of which must guess the tokens between it and h_t): trained on the same 64 prompts, 3.3
+instead of 2.8 tokens per step at K=4 on spec_decode's held-out prompts (greedy).
+
+The chain reads "the token emitted from h_t" as the LM head's greedy choice; with sampling the
+model may emit another one, and then the proposals are only less likely to be accepted (the
+verification keeps the output exact either way). The heads keep a frozen copy of the model's
+input embeddings and LM head weights for this (vocabulary x hidden each).
 
 Training is self-distillation: the served model (with its adapter) generates completions for
-the given prompts, and head k learns the model's own next-token distribution k positions ahead.
-The heads are saved next to their metadata (`heads.json`, `heads.safetensors`) and loaded with
+the given prompts; the chain is unrolled K links from every position, fed the model's own
+tokens, and link j learns the model's next-token distribution j positions ahead. The heads are
+saved next to their metadata (`heads.json`, `heads.safetensors`) and loaded with
 `MedusaHeads.load(dir)`.
 """
 
@@ -24,31 +34,48 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-HEADS_FORMAT = "kuberft-medusa-v1"
+HEADS_FORMAT = "kuberft-medusa-v2"
 
 
 class MedusaHeads(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, embedding: torch.Tensor, lm_head: torch.Tensor, num_heads: int):
+        """embedding, lm_head: the model's input embeddings and LM head weights, [V, H] (frozen)."""
         super().__init__()
-        self.hidden_size = hidden_size
+        self.vocab_size, self.hidden_size = embedding.shape
         self.num_heads = num_heads
-        self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_heads))
-        for block in self.blocks:
-            nn.init.zeros_(block.weight)
-            nn.init.zeros_(block.bias)
+        self.register_buffer("embedding", embedding.detach().clone())
+        self.register_buffer("lm_head", lm_head.detach().clone())
+        self.block = nn.Linear(2 * self.hidden_size, self.hidden_size)
+        nn.init.zeros_(self.block.weight)
+        nn.init.zeros_(self.block.bias)
 
-    def forward(self, hidden: torch.Tensor, count: int | None = None) -> torch.Tensor:
-        """hidden [..., H] -> [..., count, H], the input of the LM head for heads 1..count."""
-        blocks = self.blocks[: count or self.num_heads]
-        return torch.stack([hidden + nn.functional.silu(block(hidden)) for block in blocks], dim=-2)
+    @classmethod
+    def for_model(cls, model: nn.Module, num_heads: int) -> "MedusaHeads":
+        return cls(model.get_input_embeddings().weight, model.get_output_embeddings().weight, num_heads)
+
+    def forward(self, hidden: torch.Tensor, count: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H] -> [..., count, H], the input of the LM head for the next `count`
+        tokens after the one emitted from `hidden`. tokens [..., count]: the tokens to feed the
+        links (training: the model's own); default: the chain's own greedy choices."""
+        count = count or self.num_heads
+        token = tokens[..., 0] if tokens is not None else (hidden @ self.lm_head.T).argmax(dim=-1)
+        states = []
+        for j in range(count):
+            hidden = hidden + nn.functional.silu(self.block(torch.cat([hidden, self.embedding[token]], dim=-1)))
+            states.append(hidden)
+            if j + 1 < count:
+                token = tokens[..., j + 1] if tokens is not None else (hidden @ self.lm_head.T).argmax(dim=-1)
+        return torch.stack(states, dim=-2)
 
     def save(self, out_dir: str | Path, **metadata) -> Path:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, out / "heads.safetensors")
-        meta = {"format": HEADS_FORMAT, "hidden_size": self.hidden_size, "num_heads": self.num_heads, **metadata}
+        # clone: tied models share one tensor for both buffers, which safetensors refuses
+        save_file({k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()}, out / "heads.safetensors")
+        meta = {"format": HEADS_FORMAT, "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+                "num_heads": self.num_heads, **metadata}
         (out / "heads.json").write_text(json.dumps(meta, indent=2) + "\n")
         return out
 
@@ -62,31 +89,27 @@ class MedusaHeads(nn.Module):
             raise FileNotFoundError(f"{path} holds no heads.json: not a heads directory (train one with `kuberft serve train-heads`)")
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != HEADS_FORMAT:
-            raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {HEADS_FORMAT!r}")
+            raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {HEADS_FORMAT!r} "
+                             "(train the heads again with `kuberft serve train-heads`)")
         if hidden_size is not None and meta["hidden_size"] != hidden_size:
             raise ValueError(
                 f"{meta_file}: heads were trained for hidden size {meta['hidden_size']}, the model has {hidden_size}"
             )
-        heads = cls(meta["hidden_size"], meta["num_heads"])
-        heads.load_state_dict(load_file(path / "heads.safetensors"))
+        state = load_file(path / "heads.safetensors")
+        heads = cls(state["embedding"], state["lm_head"], meta["num_heads"])
+        heads.load_state_dict(state)
         return heads
 
 
-def _distillation_loss(heads: MedusaHeads, lm_head: nn.Module, hidden: torch.Tensor, start: int) -> torch.Tensor:
-    """Mean cross-entropy of head k at position t against the model's distribution at t+k,
-    over positions t >= start (the last prompt position onwards). hidden: [L, H]."""
-    losses = []
-    length = hidden.shape[0]
+def _distillation_loss(heads: MedusaHeads, hidden: torch.Tensor, ahead: torch.Tensor, tokens: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of link j at position t against the model's distribution at t+j.
+    hidden [N, H] at t; ahead [N, K, H] at t+1..t+K; tokens [N, K] = x_{t+1..t+K}; valid [N, K]."""
     with torch.no_grad():
-        teacher_logp = torch.log_softmax(lm_head(hidden).float(), dim=-1)  # [L, V]
-    for k in range(1, heads.num_heads + 1):
-        stop = length - k
-        if stop <= start:
-            break
-        student = lm_head(heads(hidden[start:stop], count=k)[:, k - 1]).float()  # [n, V]
-        teacher = teacher_logp[start + k : stop + k].exp()
-        losses.append(-(teacher * torch.log_softmax(student, dim=-1)).sum(dim=-1).mean())
-    return torch.stack(losses).mean() if losses else hidden.new_zeros(())
+        teacher = torch.softmax((ahead @ heads.lm_head.T).float(), dim=-1)  # [N, K, V]
+    student = torch.log_softmax((heads(hidden, tokens.shape[1], tokens) @ heads.lm_head.T).float(), dim=-1)
+    loss = -(teacher * student).sum(dim=-1)  # [N, K]
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
 def train_heads(
@@ -98,12 +121,14 @@ def train_heads(
     max_new_tokens: int = 128,
     epochs: int = 3,
     learning_rate: float = 1e-3,
+    batch_size: int = 32,
     temperature: float = 0.0,
     seed: int = 0,
 ) -> MedusaHeads:
-    """Self-distil `num_heads` heads for the engine's model (with `adapter`) on its own
-    completions of `prompts` (token ids). `engine` is a `kuberft_serve.engine.Engine`; it
-    generates the completions in batches, so this is fast on the serving hardware."""
+    """Self-distil a chain of `num_heads` links for the engine's model (with `adapter`) on its
+    own completions of `prompts` (token ids). `engine` is a `kuberft_serve.engine.Engine`; it
+    generates the completions in batches, so this is fast on the serving hardware. Training
+    takes `batch_size` positions per step, `epochs` passes over all of them."""
     from .sampling import SamplingParams
 
     started = time.monotonic()
@@ -114,35 +139,43 @@ def train_heads(
     completions = engine.generate_batch(prompts, params, adapter=adapter)
     runner = engine.target_runner
     model = runner.model
-    lm_head = model.get_output_embeddings()
-    hidden_size = runner.config.get_text_config().hidden_size
     device = runner.device
-    examples = []
+    hiddens, token_ids, windows = [], [], []  # windows: [t, t+1, ..., t+K] rows into the concatenated text, -1 past its end
+    offset = 0
     for prompt, completion in zip(prompts, completions):
         ids = torch.tensor([prompt + completion], dtype=torch.long, device=device)
-        if ids.shape[1] < 3:
+        length = ids.shape[1]
+        if length < 3:
             continue
         with torch.inference_mode():
-            result = runner.forward(
-                ids, None, None, torch.arange(ids.shape[1], device=device)[None], adapter=adapter, want_hidden=True
-            )
-        examples.append((result.hidden[0].clone(), max(len(prompt) - 1, 0)))
-    if not examples:
+            result = runner.forward(ids, None, None, torch.arange(length, device=device)[None], adapter=adapter, want_hidden=True)
+        hiddens.append(result.hidden[0].clone())
+        token_ids.append(ids[0])
+        for t in range(max(len(prompt) - 1, 0), length - 1):  # from the last prompt position on
+            windows.append([offset + t + j if t + j < length else -1 for j in range(num_heads + 1)])
+        offset += length
+    if not windows:
         raise ValueError("no training text: the prompts and completions are all shorter than 3 tokens")
+    hidden_all, tokens_all = torch.cat(hiddens), torch.cat(token_ids)  # [N, H], [N]
+    windows = torch.tensor(windows, dtype=torch.long, device=device)  # [P, K+1]
     dtype = next(model.parameters()).dtype
-    heads = MedusaHeads(hidden_size, num_heads).to(device=device, dtype=dtype)
+    heads = MedusaHeads.for_model(model, num_heads).to(device=device, dtype=dtype)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=learning_rate)
+    steps_per_epoch = -(-len(windows) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=max(epochs, 1) * steps_per_epoch, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        order = torch.randperm(len(examples), generator=generator).tolist()
+        order = torch.randperm(len(windows), generator=generator).to(device)
         total = 0.0
-        for index in order:
-            hidden, start = examples[index]
-            loss = _distillation_loss(heads, lm_head, hidden, start)
+        for first in range(0, len(windows), batch_size):
+            rows = windows[order[first : first + batch_size]]
+            valid, ahead = rows[:, 1:] >= 0, rows[:, 1:].clamp(min=0)
+            loss = _distillation_loss(heads, hidden_all[rows[:, 0]], hidden_all[ahead], tokens_all[ahead], valid)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
             total += loss.item()
-        log.info("heads epoch %d/%d: distillation loss %.4f", epoch + 1, epochs, total / len(examples))
-    log.info("trained %d heads on %d completions in %.1fs", num_heads, len(examples), time.monotonic() - started)
+        log.info("heads epoch %d/%d: distillation loss %.4f", epoch + 1, epochs, total / steps_per_epoch)
+    log.info("trained %d heads on %d positions in %.1fs", num_heads, len(windows), time.monotonic() - started)
     return heads.eval().requires_grad_(False)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from kuberft_operator.cli import main
 from kuberft_serve.config import ServeConfig
@@ -33,10 +35,10 @@ def test_train_heads_command_writes_heads_that_predict_the_adapted_models_output
                  "--output", str(out), "--num-heads", "3", "--max-new-tokens", "40", "--epochs", "20", "--learning-rate", "1e-2"])
     assert code == 0
     meta = json.loads((out / "heads.json").read_text())
-    assert (meta["format"], meta["num_heads"], meta["hidden_size"]) == ("kuberft-medusa-v1", 3, 48)
+    assert (meta["format"], meta["num_heads"], meta["hidden_size"]) == ("kuberft-medusa-v2", 3, 48)
 
     untrained = tmp_path / "untrained"
-    MedusaHeads(48, 3).save(untrained)
+    MedusaHeads.for_model(AutoModelForCausalLM.from_pretrained(patterned_dir), 3).save(untrained)
 
     def engine(heads_dir):
         return build_engine(ServeConfig(model=str(patterned_dir), adapters={"tuned": str(adapter)}, speculator="heads",
@@ -63,7 +65,7 @@ def test_train_heads_at_start_up_saves_them_and_serves_with_them(tiny_dir, tmp_p
 
 
 def test_heads_for_another_model_size_are_refused(tiny_dir, tmp_path):
-    MedusaHeads(48, 2).save(tmp_path / "wrong")
+    MedusaHeads(torch.zeros(10, 48), torch.zeros(10, 48), 2).save(tmp_path / "wrong")
     with pytest.raises(ValueError, match="trained for hidden size 48, the model has 32"):
         build_engine(ServeConfig(model=str(tiny_dir), speculator="heads", heads={None: str(tmp_path / "wrong")}, device="cpu"))
 

@@ -84,9 +84,8 @@ def test_greedy_speculation_on_the_lean_target_equals_its_plain_decoding(tiny_di
     from kuberft_serve.sampling import SamplingParams
 
     torch.manual_seed(4)
-    heads = MedusaHeads(hidden_size=32, num_heads=4)
-    for block in heads.blocks:
-        torch.nn.init.normal_(block.weight, std=0.3)
+    heads = MedusaHeads.for_model(AutoModelForCausalLM.from_pretrained(tiny_dir), num_heads=4)
+    torch.nn.init.normal_(heads.block.weight, std=0.3)
     heads.save(tmp_path)
 
     def engine(name):

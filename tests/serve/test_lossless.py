@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from kuberft_serve.config import ServeConfig
 from kuberft_serve.engine import Engine
@@ -27,9 +28,8 @@ PROMPTS = ["abc abc ab", "hello, ", "a", "jig jag jig jag ", "the cafe. the cafe
 def heads_dir(tiny_dir, adapter_dir, tmp_path_factory):
     """Random (untrained) heads: proposals are poor, which exercises rejection and rollback."""
     torch.manual_seed(4)
-    heads = MedusaHeads(hidden_size=32, num_heads=5)
-    for block in heads.blocks:
-        torch.nn.init.normal_(block.weight, std=0.3)
+    heads = MedusaHeads.for_model(AutoModelForCausalLM.from_pretrained(tiny_dir), num_heads=5)
+    torch.nn.init.normal_(heads.block.weight, std=0.3)
     base = heads.save(tmp_path_factory.mktemp("heads-base"))
     adapted = heads.save(tmp_path_factory.mktemp("heads-adapter"))
     return {None: str(base), "tuned": str(adapted)}
