@@ -5,12 +5,15 @@ run, on models trained here on Python source files from the standard library.
     .venv/bin/python benchmarks/spec_decode.py            # trains (a few minutes), then measures
     .venv/bin/python benchmarks/spec_decode.py --quick    # smaller models, fewer prompts (a smoke run)
 
-What it builds (cached in --work-dir, reused by later runs unless --retrain):
+What it builds (cached in --work-dir, reused by later runs unless --retrain; --retrain-heads
+trains only the heads again):
 - target: a character-level Llama (hidden 512, 8 layers, ~25M parameters), trained briefly
   on the standard library's source;
 - draft: a small Llama (hidden 128, 2 layers, ~0.4M parameters), trained on the same text and
   then on the target's own greedy continuations (so it learns to agree with the target);
-- heads: 4 Medusa-style heads self-distilled on the target (`kuberft_serve.heads.train_heads`).
+- heads: a chain of 6 speculation heads (EAGLE-style: the target's last hidden state and the
+  token it emits), self-distilled on the target's greedy continuations of 512 training prompts
+  (`kuberft_serve.heads.train_heads`).
 
 Measured: each method decodes the same held-out prompts greedily (temperature 0); methods take
 turns prompt by prompt so machine noise hits them alike. Output of every method is compared
@@ -32,6 +35,7 @@ generation, 100 % equal outputs.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -46,7 +50,7 @@ for folder in ("operator", "trainer_image", "serve_image"):
     sys.path.insert(0, str(ROOT / folder))
 
 from kuberft_serve.config import ServeConfig  # noqa: E402
-from kuberft_serve.heads import MedusaHeads, train_heads  # noqa: E402
+from kuberft_serve.heads import HEADS_FORMAT, train_heads  # noqa: E402
 from kuberft_serve.loading import build_engine  # noqa: E402
 from kuberft_serve.sampling import SamplingParams  # noqa: E402
 from kuberft_trainer.modeling import DEFAULT_ALPHABET, build_tiny_model  # noqa: E402
@@ -111,10 +115,37 @@ def build_models(args, work: Path) -> tuple[Path, Path, Path, list[str]]:
     target_dir, draft_dir, heads_dir = work / "target", work / "draft", work / "heads"
     rng = random.Random(0)
     eval_prompts = [prompt_at_line(held_out, rng, args.prompt_chars) for _ in range(args.prompts)]
-    if (heads_dir / "heads.json").is_file() and not args.retrain:
-        print(f"reusing trained models in {work} (--retrain to train again)")
+    models_cached = (draft_dir / "config.json").is_file() and not args.retrain
+    heads_cached = models_cached and heads_current(heads_dir) and not args.retrain_heads
+    if heads_cached:
+        print(f"reusing trained models in {work} (--retrain to train all again, --retrain-heads the heads)")
         return target_dir, draft_dir, heads_dir, eval_prompts
 
+    from transformers import AutoTokenizer
+
+    if not models_cached:
+        train_target_and_draft(args, sizes, train_text, target_dir, draft_dir)
+    else:
+        print(f"reusing the trained target and draft in {work}; training the heads")
+    # the heads learn from the target's own greedy continuations of training prompts
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    rng = random.Random(2)
+    head_prompts = [tokenizer.encode(prompt_at_line(train_text, rng, args.prompt_chars)) for _ in range(args.head_prompts)]
+    plain = build_engine(ServeConfig(model=str(target_dir), speculator="none", device="cpu", dtype="float32", max_batch_size=64))
+    started = time.monotonic()
+    heads = train_heads(plain, head_prompts, num_heads=args.heads, max_new_tokens=args.max_new_tokens, epochs=args.head_epochs)
+    heads.save(heads_dir, base_model=str(target_dir))
+    print(f"  heads trained on {len(head_prompts)} prompts ({time.monotonic() - started:.0f}s)")
+    return target_dir, draft_dir, heads_dir, eval_prompts
+
+
+def heads_current(heads_dir: Path) -> bool:
+    """Whether heads_dir holds heads in the format kuberft loads now (older ones are retrained)."""
+    meta = heads_dir / "heads.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("format") == HEADS_FORMAT
+
+
+def train_target_and_draft(args, sizes: dict, train_text: str, target_dir: Path, draft_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     build_tiny_model(target_dir, **sizes["target"], seed=0, max_positions=2048)
@@ -128,7 +159,7 @@ def build_models(args, work: Path) -> tuple[Path, Path, Path, list[str]]:
     train_lm(target, lambda: windows(ids, 8, 128, generator), args.target_steps, 2e-3, "target")
     target.save_pretrained(target_dir)
 
-    # the target's own greedy continuations of training prompts: what the draft and heads learn
+    # the target's own greedy continuations of training prompts: what the draft learns to agree with
     rng = random.Random(1)
     distill_prompts = [tokenizer.encode(prompt_at_line(train_text, rng, args.prompt_chars)) for _ in range(args.distill_prompts)]
     plain = build_engine(ServeConfig(model=str(target_dir), speculator="none", device="cpu", dtype="float32", max_batch_size=32))
@@ -147,12 +178,6 @@ def build_models(args, work: Path) -> tuple[Path, Path, Path, list[str]]:
 
     train_lm(draft, distill_batch, args.draft_steps, 2e-3, "draft (target's outputs)")
     draft.save_pretrained(draft_dir)
-
-    started = time.monotonic()
-    heads = train_heads(plain, distill_prompts, num_heads=args.heads, max_new_tokens=args.max_new_tokens, epochs=args.head_epochs)
-    heads.save(heads_dir, base_model=str(target_dir))
-    print(f"  heads trained ({time.monotonic() - started:.0f}s)")
-    return target_dir, draft_dir, heads_dir, eval_prompts
 
 
 # --------------------------------------------------------------------------- measuring
@@ -197,20 +222,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models and few prompts: a smoke run, not the goal")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/kuberft-spec-bench"), help="where trained models are cached")
-    parser.add_argument("--retrain", action="store_true", help="train the models again even if cached")
+    parser.add_argument("--retrain", action="store_true", help="train the models again even if cached (target, draft and heads)")
+    parser.add_argument("--retrain-heads", action="store_true", help="train only the heads again (reusing the cached target and draft)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable timings on a shared machine)")
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded per method")
     parser.add_argument("--prompt-chars", type=int, default=160)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=16, help="most tokens proposed per step (kuberft speculators)")
-    parser.add_argument("--heads", type=int, default=4, help="Medusa heads to train")
+    parser.add_argument("--heads", type=int, default=6, help="links of the heads chain to train (tokens proposed per step)")
     parser.add_argument("--target-steps", type=int, default=120)
     parser.add_argument("--draft-steps", type=int, default=300)
     parser.add_argument("--distill-prompts", type=int, default=64)
-    parser.add_argument("--head-epochs", type=int, default=4)
+    parser.add_argument("--head-prompts", type=int, default=512, help="training prompts the target continues for the heads")
+    parser.add_argument("--head-epochs", type=int, default=2)
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.target_steps, args.draft_steps, args.distill_prompts = 3, 40, 60, 16
+        args.prompts, args.target_steps, args.draft_steps, args.distill_prompts, args.head_prompts = 3, 40, 60, 16, 32
         args.work_dir = args.work_dir.with_name(args.work_dir.name + "-quick")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
