@@ -10,10 +10,9 @@ Feeding each link the token just chosen is what raises acceptance over independe
 (each of which must guess the tokens between it and h_t): trained on the same 64 prompts, 3.3
 instead of 2.8 tokens per step at K=4 on spec_decode's held-out prompts (greedy).
 
-The chain reads "the token emitted from h_t" as the LM head's greedy choice; with sampling the
-model may emit another one, and then the proposals are only less likely to be accepted (the
-verification keeps the output exact either way). The heads keep a frozen copy of the model's
-input embeddings and LM head weights for this (vocabulary x hidden each).
+Serving feeds the first link the token the model actually emitted from h_t (with sampling it
+need not be the greedy one); without it the chain takes the LM head's greedy choice. The heads
+keep a frozen copy of the model's input embeddings and LM head weights (vocabulary x hidden each).
 
 Training is self-distillation: the served model (with its adapter) generates completions for
 the given prompts; the chain is unrolled K links from every position, fed the model's own
@@ -53,12 +52,17 @@ class MedusaHeads(nn.Module):
     def for_model(cls, model: nn.Module, num_heads: int) -> "MedusaHeads":
         return cls(model.get_input_embeddings().weight, model.get_output_embeddings().weight, num_heads)
 
-    def forward(self, hidden: torch.Tensor, count: int | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, count: int | None = None, tokens: torch.Tensor | None = None,
+                emitted: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [..., H] -> [..., count, H], the input of the LM head for the next `count`
         tokens after the one emitted from `hidden`. tokens [..., count]: the tokens to feed the
-        links (training: the model's own); default: the chain's own greedy choices."""
+        links (training: the model's own); emitted [...]: the token the model emitted from
+        `hidden`, fed to the first link; default: the chain's own greedy choices."""
         count = count or self.num_heads
-        token = tokens[..., 0] if tokens is not None else (hidden @ self.lm_head.T).argmax(dim=-1)
+        if tokens is not None:
+            token = tokens[..., 0]
+        else:
+            token = emitted if emitted is not None else (hidden @ self.lm_head.T).argmax(dim=-1)
         states = []
         for j in range(count):
             hidden = hidden + nn.functional.silu(self.block(torch.cat([hidden, self.embedding[token]], dim=-1)))

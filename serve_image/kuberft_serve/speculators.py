@@ -194,7 +194,8 @@ class HeadsSpeculator(Speculator):
     def propose(self, state, seqs, k):
         if state.heads is None:
             return Proposal([[] for _ in seqs])
-        logits = self.lm_head(state.heads(state.hidden, count=k))  # [B, k, V]
+        emitted = torch.tensor([seq.output_ids[-1] for seq in seqs], device=state.hidden.device)
+        logits = self.lm_head(state.heads(state.hidden, count=k, emitted=emitted))  # [B, k, V]
         return Proposal(logits.argmax(dim=-1).tolist())
 
     def commit(self, state, seqs, accepted, proposal, verify):

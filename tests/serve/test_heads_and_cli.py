@@ -64,6 +64,23 @@ def test_train_heads_at_start_up_saves_them_and_serves_with_them(tiny_dir, tmp_p
     assert engine.stats["proposed"] > 0
 
 
+def test_the_first_link_is_fed_the_token_the_model_emitted_not_its_greedy_guess():
+    torch.manual_seed(0)
+    heads = MedusaHeads(torch.randn(12, 8), torch.randn(12, 8), num_heads=3)
+    torch.nn.init.normal_(heads.block.weight, std=0.5)
+    hidden = torch.randn(2, 8)
+    greedy = (hidden @ heads.lm_head.T).argmax(dim=-1)
+    sampled = (greedy + 1) % 12  # what a sampling request might have emitted instead
+    with torch.no_grad():
+        assert torch.equal(heads(hidden, 3, emitted=greedy), heads(hidden, 3))
+        chained = heads(hidden, 3, emitted=sampled)
+        assert not torch.allclose(chained, heads(hidden, 3))
+        # the same as feeding the links explicitly: the emitted token, then the chain's own choices
+        first = heads(hidden, 1, emitted=sampled)[:, 0]
+        second = (first @ heads.lm_head.T).argmax(dim=-1)
+        torch.testing.assert_close(chained[:, :2], heads(hidden, 2, tokens=torch.stack([sampled, second], dim=-1)))
+
+
 def test_heads_for_another_model_size_are_refused(tiny_dir, tmp_path):
     MedusaHeads(torch.zeros(10, 48), torch.zeros(10, 48), 2).save(tmp_path / "wrong")
     with pytest.raises(ValueError, match="trained for hidden size 48, the model has 32"):
