@@ -12,13 +12,14 @@ instead of 2.8 tokens per step at K=4 on spec_decode's held-out prompts (greedy)
 
 Serving feeds the first link the token the model actually emitted from h_t (with sampling it
 need not be the greedy one); without it the chain takes the LM head's greedy choice. The heads
-keep a frozen copy of the model's input embeddings and LM head weights (vocabulary x hidden each).
+read the model's own input embeddings and LM head weights (frozen, shared, not copied); a heads
+directory holds only the block (2 hidden^2 + hidden numbers), and loading takes the model.
 
 Training is self-distillation: the served model (with its adapter) generates completions for
 the given prompts; the chain is unrolled K links from every position, fed the model's own
 tokens, and link j learns the model's next-token distribution j positions ahead. The heads are
 saved next to their metadata (`heads.json`, `heads.safetensors`) and loaded with
-`MedusaHeads.load(dir)`.
+`MedusaHeads.load(dir, model)`.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ HEADS_FORMAT = "kuberft-medusa-v2"
 
 class MedusaHeads(nn.Module):
     def __init__(self, embedding: torch.Tensor, lm_head: torch.Tensor, num_heads: int):
-        """embedding, lm_head: the model's input embeddings and LM head weights, [V, H] (frozen)."""
+        """embedding, lm_head: the model's input embeddings and LM head weights, [V, H] (frozen,
+        shared with the model, not saved with the heads)."""
         super().__init__()
         self.vocab_size, self.hidden_size = embedding.shape
         self.num_heads = num_heads
-        self.register_buffer("embedding", embedding.detach().clone())
-        self.register_buffer("lm_head", lm_head.detach().clone())
+        self.register_buffer("embedding", embedding.detach(), persistent=False)
+        self.register_buffer("lm_head", lm_head.detach(), persistent=False)
         self.block = nn.Linear(2 * self.hidden_size, self.hidden_size)
         nn.init.zeros_(self.block.weight)
         nn.init.zeros_(self.block.bias)
@@ -76,15 +78,15 @@ class MedusaHeads(nn.Module):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        # clone: tied models share one tensor for both buffers, which safetensors refuses
-        save_file({k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()}, out / "heads.safetensors")
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, out / "heads.safetensors")
         meta = {"format": HEADS_FORMAT, "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
                 "num_heads": self.num_heads, **metadata}
         (out / "heads.json").write_text(json.dumps(meta, indent=2) + "\n")
         return out
 
     @classmethod
-    def load(cls, path: str | Path, *, hidden_size: int | None = None) -> "MedusaHeads":
+    def load(cls, path: str | Path, model: nn.Module) -> "MedusaHeads":
+        """Heads trained for `model` (its embeddings and LM head are the chain's)."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -95,13 +97,12 @@ class MedusaHeads(nn.Module):
         if meta.get("format") != HEADS_FORMAT:
             raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {HEADS_FORMAT!r} "
                              "(train the heads again with `kuberft serve train-heads`)")
-        if hidden_size is not None and meta["hidden_size"] != hidden_size:
-            raise ValueError(
-                f"{meta_file}: heads were trained for hidden size {meta['hidden_size']}, the model has {hidden_size}"
-            )
+        heads = cls.for_model(model, meta["num_heads"])
+        for what, theirs, ours in (("hidden size", meta["hidden_size"], heads.hidden_size), ("vocabulary", meta["vocab_size"], heads.vocab_size)):
+            if theirs != ours:
+                raise ValueError(f"{meta_file}: heads were trained for {what} {theirs}, the model has {ours}")
         state = load_file(path / "heads.safetensors")
-        heads = cls(state["embedding"], state["lm_head"], meta["num_heads"])
-        heads.load_state_dict(state)
+        heads.load_state_dict({k: v for k, v in state.items() if k.startswith("block.")})
         return heads
 
 

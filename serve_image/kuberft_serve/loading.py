@@ -173,7 +173,6 @@ def load_or_train_heads(config: ServeConfig, runner: ModelRunner, tokenizer, opt
     """Heads per served model (None = the base): loaded from `config.heads`, or trained when
     `config.train_heads` (then saved to the given directory, if any). Served models without
     heads decode without speculation."""
-    hidden_size = runner.config.get_text_config().hidden_size
     device = runner.device
     dtype = next(runner.model.parameters()).dtype
     paths: dict[str | None, str] = {}
@@ -190,7 +189,7 @@ def load_or_train_heads(config: ServeConfig, runner: ModelRunner, tokenizer, opt
     for key in dict.fromkeys([*needed, *paths]):
         path = paths.get(key)
         if path and (Path(path) / "heads.json").is_file():
-            heads[key] = MedusaHeads.load(path, hidden_size=hidden_size).to(device=device, dtype=dtype)
+            heads[key] = MedusaHeads.load(path, runner.model).to(device=device, dtype=dtype)
             continue
         name = key or config.base_name
         if not config.train_heads:

@@ -81,6 +81,23 @@ def test_the_first_link_is_fed_the_token_the_model_emitted_not_its_greedy_guess(
         torch.testing.assert_close(chained[:, :2], heads(hidden, 2, tokens=torch.stack([sampled, second], dim=-1)))
 
 
+def test_a_heads_directory_holds_only_the_block_and_loading_shares_the_models_weights(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    heads = MedusaHeads.for_model(model, 3)
+    torch.nn.init.normal_(heads.block.weight, std=0.1)
+    heads.save(tmp_path / "heads")
+    assert set(load_file(tmp_path / "heads" / "heads.safetensors")) == {"block.weight", "block.bias"}
+    loaded = MedusaHeads.load(tmp_path / "heads", model)
+    assert loaded.embedding.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(loaded.block.weight, heads.block.weight)
+    other = json.loads((tmp_path / "heads" / "heads.json").read_text())
+    (tmp_path / "heads" / "heads.json").write_text(json.dumps({**other, "vocab_size": other["vocab_size"] + 1}))
+    with pytest.raises(ValueError, match="trained for vocabulary"):
+        MedusaHeads.load(tmp_path / "heads", model)
+
+
 def test_heads_for_another_model_size_are_refused(tiny_dir, tmp_path):
     MedusaHeads(torch.zeros(10, 48), torch.zeros(10, 48), 2).save(tmp_path / "wrong")
     with pytest.raises(ValueError, match="trained for hidden size 48, the model has 32"):
