@@ -157,7 +157,7 @@ class SpeculationController:
         self.rejected = 1.0
         self.propose_cost = 0.0  # seconds per proposed token (EMA)
         self.verify_cost: dict[int, float] = {}  # fed tokens per row -> seconds (EMA)
-        self.measured: dict[int, tuple[float, float]] = {}  # k -> (tokens per row-step, step seconds)
+        self.step_seconds: dict[int, float] = {}  # k -> seconds of a step at k (EMA)
         self.tokens_at: dict[int, float] = {}  # k -> tokens per row-step a cap of k gives (EMA, also from larger caps)
         self.k = max_k
         self.steps = 0
@@ -192,9 +192,8 @@ class SpeculationController:
             previous = self.tokens_at.get(cap)
             self.tokens_at[cap] = tokens if previous is None else 0.9 * previous + 0.1 * tokens
         seconds = propose_s + verify_s
-        if k in self.measured:
-            seconds = 0.8 * self.measured[k][1] + 0.2 * seconds
-        self.measured[k] = (self.tokens_at[k], seconds)
+        previous = self.step_seconds.get(k)
+        self.step_seconds[k] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         if self.adaptive:
             self.k = self.best_k()
 
@@ -215,10 +214,7 @@ class SpeculationController:
     def rate(self, k: int) -> float:
         """Tokens per second per row expected at k."""
         tokens = self.tokens_at.get(k) or self.expected_tokens(k)
-        if k in self.measured:
-            seconds = self.measured[k][1]
-        else:
-            seconds = k * self.propose_cost + self._verify_time(k + 1)
+        seconds = self.step_seconds.get(k) or k * self.propose_cost + self._verify_time(k + 1)
         return tokens / max(seconds, 1e-9)
 
     def best_k(self) -> int:
