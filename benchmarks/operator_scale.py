@@ -16,8 +16,8 @@ number of plain Jobs into Pods (Job created -> Pod exists), i.e. a compiled, in-
 doing one child per object. And the floor this machine sets: the same children created straight
 from a client that does nothing else (no operator, no watches), 32 requests at a time in job
 order, on the quiet cluster before the operator's turn; the p50 a controller creating them in
-arrival order could reach at that rate is printed next to ours. Goals from issue 8: p50 apply -> children under 1 s, no errors,
-peak memory under 200 MB.
+arrival order could reach at that rate is printed next to ours. Goals from issue 8: p50
+apply -> children under 1 s, no errors, peak memory under 200 MB.
 
     .venv/bin/python benchmarks/operator_scale.py [--jobs 200] [--json out.json]
 """
