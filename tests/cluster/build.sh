@@ -21,6 +21,7 @@ set -euo pipefail
 K8S_VERSION=${KUBERFT_K8S_VERSION:-v1.36.3}
 KWOK_VERSION=${KUBERFT_KWOK_VERSION:-v0.8.0}
 cache=${KUBERFT_CACHE:-$HOME/.cache/kuberft}
+mkdir -p "$cache" && cache=$(cd "$cache" && pwd)  # used after a `cd`
 root="$cache/cluster-$K8S_VERSION-kwok-$KWOK_VERSION"
 bin="$root/bin"
 binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
@@ -87,7 +88,11 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   stamp+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
-echo "build.sh: compiling kube-apiserver, kube-controller-manager, kube-scheduler, etcd (cold: tens of minutes)" >&2
+echo "build.sh: compiling kube-apiserver, kube-controller-manager, kube-scheduler, etcd (cold: 8-17 minutes on 2 cores, once)" >&2
+# go build prints nothing until it is done: say every minute that it still runs.
+(while sleep 60; do echo "build.sh: still compiling ($(( $(date +%s) - started )) s so far)" >&2; done) &
+heartbeat=$!
+trap 'kill $heartbeat 2>/dev/null' EXIT
 (cd "$src" && go build -trimpath -tags selinux,notest -ldflags "-s -w$stamp" -o "$staging/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler)
