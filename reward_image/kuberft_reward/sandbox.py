@@ -301,28 +301,31 @@ def _child(
         os._exit(code)
 
 
-def run_sandboxed(work: Callable[[int], None], limits: Limits, isolation: Isolation | None = None) -> ChildRun:
-    """Fork a sandboxed child that runs `work(result_fd)` and collect what it sends.
-
-    `work` writes its result to the file descriptor it is given; the child's stdout and stderr
-    are captured (tail only). The child is killed at `limits.wall_seconds`."""
-    result_r, result_w = os.pipe()
-    log_r, log_w = os.pipe()
+def start_child(work: Callable[[int], None], result_w: int, log_w: int, limits: Limits, isolation: Isolation | None) -> int:
+    """Fork a sandboxed child that runs `work(result_w)` with `log_w` as its stdout/stderr;
+    returns its pid. The caller keeps (and closes) its own copies of the two descriptors."""
     private_dir = tempfile.mkdtemp(prefix="kuberft-sandbox-")
     os.chmod(private_dir, 0o777)
-    start = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        os.close(result_r)
-        os.close(log_r)
         _child(work, result_w, log_w, limits, isolation, private_dir)
-    os.close(result_w)
-    os.close(log_w)
+    # The child's copy of the directory is what it uses (without namespaces): remove it once it
+    # is gone; with namespaces the child never sees it (it works in its private /tmp).
+    _private_dirs[pid] = private_dir
+    return pid
+
+
+_private_dirs: dict[int, str] = {}
+
+
+def collect(result_r: int, log_r: int, limits: Limits, deadline: float, kill: Callable[[], None]) -> ChildRun:
+    """Read a child's result and output pipes until both close, with size caps, calling `kill`
+    at the deadline or on a result flood. Closes both descriptors. Fills result, log,
+    timed_out and result_overflow."""
     run = ChildRun()
     result = bytearray()
     log_tail = bytearray()
     log_dropped = 0
-    deadline = start + limits.wall_seconds
     selector = selectors.DefaultSelector()
     selector.register(result_r, selectors.EVENT_READ, "result")
     selector.register(log_r, selectors.EVENT_READ, "log")
@@ -350,21 +353,11 @@ def run_sandboxed(work: Callable[[int], None], limits: Limits, isolation: Isolat
                         log_dropped += len(log_tail) - limits.log_bytes
                         del log_tail[: len(log_tail) - limits.log_bytes]
         if run.timed_out or run.result_overflow:
-            _kill(pid)
-        _, status, usage = _wait(pid, deadline + 5.0)
+            kill()
     finally:
         selector.close()
         os.close(result_r)
         os.close(log_r)
-        shutil.rmtree(private_dir, ignore_errors=True)
-    run.wall_seconds = time.monotonic() - start
-    run.cpu_seconds = usage.ru_utime + usage.ru_stime if usage else 0.0
-    run.max_rss_bytes = usage.ru_maxrss * 1024 if usage else 0
-    if status is not None:
-        if os.WIFSIGNALED(status):
-            run.signal = os.WTERMSIG(status)
-        elif os.WIFEXITED(status):
-            run.exit_code = os.WEXITSTATUS(status)
     run.result = bytes(result)
     if len(log_tail) > limits.log_bytes:
         log_dropped += len(log_tail) - limits.log_bytes
@@ -375,7 +368,51 @@ def run_sandboxed(work: Callable[[int], None], limits: Limits, isolation: Isolat
     return run
 
 
-def _kill(pid: int) -> None:
+@dataclass(frozen=True)
+class ChildExit:
+    """How a child ended, as its parent's wait4 saw it."""
+
+    exit_code: int | None
+    signal: int | None
+    cpu_seconds: float
+    max_rss_bytes: int
+
+    def apply(self, run: ChildRun) -> ChildRun:
+        run.exit_code, run.signal = self.exit_code, self.signal
+        run.cpu_seconds, run.max_rss_bytes = self.cpu_seconds, self.max_rss_bytes
+        return run
+
+
+def wait_child(pid: int, deadline: float) -> ChildExit:
+    """Reap a child started by `start_child`, killing it if it outlives `deadline`."""
+    _, status, usage = _wait(pid, deadline)
+    shutil.rmtree(_private_dirs.pop(pid, ""), ignore_errors=True)
+    exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    return ChildExit(exit_code, sig, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+
+
+def run_sandboxed(work: Callable[[int], None], limits: Limits, isolation: Isolation | None = None) -> ChildRun:
+    """Fork a sandboxed child that runs `work(result_fd)` and collect what it sends.
+
+    `work` writes its result to the file descriptor it is given; the child's stdout and stderr
+    are captured (tail only). The child is killed at `limits.wall_seconds`."""
+    result_r, result_w = os.pipe()
+    log_r, log_w = os.pipe()
+    start = time.monotonic()
+    deadline = start + limits.wall_seconds
+    try:
+        pid = start_child(work, result_w, log_w, limits, isolation)
+    finally:
+        os.close(result_w)
+        os.close(log_w)
+    run = collect(result_r, log_r, limits, deadline, lambda: kill_child(pid))
+    wait_child(pid, deadline + 5.0).apply(run)
+    run.wall_seconds = time.monotonic() - start
+    return run
+
+
+def kill_child(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)  # the child leads its own session and process group
     except OSError:
@@ -393,7 +430,7 @@ def _wait(pid: int, deadline: float):
         if wpid == pid:
             return wpid, status, usage
         if time.monotonic() > deadline:
-            _kill(pid)
+            kill_child(pid)
             return os.wait4(pid, 0)
         time.sleep(0.002)
 
