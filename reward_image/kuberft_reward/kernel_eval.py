@@ -11,11 +11,11 @@ import math
 import signal
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from . import channel, harness, program
-from .sandbox import EXIT_SANDBOX_SETUP_FAILED, ChildRun, Isolation, Limits, run_sandboxed
+from .sandbox import EXIT_SANDBOX_SETUP_FAILED, ChildRun, Limits
+from .zygote import Zygote
 
 # Messages of errors that come from the interpreter's limits, not from the program.
 INTERPRETER_LIMITS = (
@@ -46,8 +46,14 @@ class Result:
 @dataclass
 class Reference:
     inits: list[Any]
+    perturbed: list[bool]
+    """Per init: whether the parameters are re-initialised away from their defaults."""
     cases: list[dict[str, Any]]
     shrunk: dict[str, list[int]]
+    skipped: list[str]
+    """Derived test cases the task's domain does not allow, and why."""
+    policy: dict[str, Any]
+    """What host code may do (the task's `host_copies` and `host_ops`)."""
     seconds: float | None = None
     nbytes: int = 0
 
@@ -59,11 +65,97 @@ class CandidateRun:
     child: ChildRun
     imported: bool = False
     build_error: str | None = None
+    build_hack: bool = False
     import_error: str | None = None
     cases: dict[int, dict[str, Any]] = field(default_factory=dict)
     done: bool = False
     tampered: str | None = None
     seconds: float | None = None
+
+
+def parse_candidate_frames(run: ChildRun, expected: list[int]) -> CandidateRun:
+    """Read a candidate child's frames strictly: `stage` (or an import error), then either a
+    build error or one `case` frame per test case in order, an optional `timing`, and `done`,
+    then a clean exit. Anything else (a malformed, forged, repeated, out-of-order or extra
+    frame, or data after `done`) marks the run as tampered; a child that does not exit cleanly
+    after `done` did not finish."""
+    result = CandidateRun(child=run)
+    try:
+        frames, complete = channel.read_frames(run.result)
+    except channel.ChannelError as e:
+        result.tampered = f"wrote a malformed frame to the evaluator's result channel ({e})"
+        return result
+    pending = list(expected)
+    try:
+        for position, (header, payload) in enumerate(frames):
+            kind = header.get("kind")
+            if result.done:
+                raise channel.ChannelError(f"a {kind!r} frame after 'done'")
+            if position == 0:
+                if kind == "error" and header.get("stage") == "import":
+                    result.import_error = str(header.get("error"))
+                elif kind == "stage" and header.get("stage") == "import":
+                    result.imported = True
+                else:
+                    raise channel.ChannelError(f"the first frame is {kind!r}, not the import stage")
+            elif result.import_error is not None or result.build_error is not None:
+                raise channel.ChannelError(f"a {kind!r} frame after an error")
+            elif kind == "error" and header.get("stage") == "build":
+                result.build_error = str(header.get("error"))
+                result.build_hack = bool(header.get("hack"))
+            elif kind == "case":
+                if not pending or header.get("index") != pending[0]:
+                    raise channel.ChannelError(f"case {header.get('index')!r} out of order (expected {pending[0] if pending else 'none'})")
+                pending.pop(0)
+                observed = {
+                    "host_ops": [str(x) for x in header["host_ops"]],
+                    "kernel_torch": [str(x) for x in header["kernel_torch"]],
+                    "launches": int(header["launches"]),
+                    "unlaunched_outputs": [int(x) for x in header["unlaunched_outputs"]],
+                }
+                if "error" in header:
+                    entry = {"error": str(header["error"]), **observed}
+                else:
+                    entry = {
+                        "output": channel.decode_values(header["output"], payload),
+                        "mutated_inputs": [int(x) for x in header["mutated_inputs"]],
+                        "out_of_bounds_inputs": [int(x) for x in header["out_of_bounds_inputs"]],
+                        "aliases_input": bool(header["aliases_input"]),
+                        **observed,
+                    }
+                result.cases[header["index"]] = entry
+            elif kind == "timing" and not pending:
+                result.seconds = float(header["seconds"])
+            elif kind == "done" and (not pending or result.build_error is not None):
+                result.done = True
+            else:
+                raise channel.ChannelError(f"an unexpected {kind!r} frame")
+    except (channel.ChannelError, KeyError, TypeError, ValueError) as e:
+        result.tampered = f"wrote to the evaluator's result channel: {e}"
+        return result
+    if not complete:
+        if run.clean_exit:
+            result.tampered = "left a partial frame on the evaluator's result channel"
+        result.done = False
+    if result.done and not run.clean_exit:
+        result.done = False
+    return result
+
+
+def _observed_hack(real: CandidateRun) -> str | None:
+    """What the child saw the program do while `forward` ran, as a hack reason."""
+    if real.build_hack:
+        return real.build_error
+    for index, entry in sorted(real.cases.items()):
+        if entry["host_ops"]:
+            return f"torch computed on the host while forward ran (test case {index}): " + ", ".join(entry["host_ops"][:3]) + "; the work must be done in Triton kernels"
+        if entry["kernel_torch"]:
+            return f"a Triton kernel body called torch (test case {index}): " + ", ".join(entry["kernel_torch"][:3]) + "; the real Triton compiler refuses this"
+    return None
+
+
+class SandboxDamaged(RuntimeError):
+    """The sandbox could not be set up in this worker: not the program's fault; the worker is replaced."""
 
 
 class TaskError(Exception):
@@ -105,10 +197,11 @@ def _describe_child_end(run: ChildRun, limits: Limits) -> tuple[str, str]:
 
 
 class KernelEvaluator:
-    """Lives in a worker; keeps reference results of recent tasks in memory."""
+    """Lives in a worker; keeps reference results of recent tasks in memory. Every sandboxed
+    run is forked by the worker's zygote, which never holds any of them."""
 
-    def __init__(self, isolation: Isolation, device: str, cache_bytes: int = 512 << 20):
-        self.isolation = isolation
+    def __init__(self, zygote: Zygote, device: str, cache_bytes: int = 512 << 20):
+        self.zygote = zygote
         self.device = device
         self.cache: OrderedDict[str, Reference] = OrderedDict()
         self.cache_bytes = cache_bytes
@@ -120,8 +213,7 @@ class KernelEvaluator:
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
-        work = partial(harness.run_reference, task_source=task_source, plan=plan, device=self.device)
-        run = run_sandboxed(lambda fd: work(fd), limits, self.isolation)
+        run = self.zygote.run({"kind": "reference", "task_source": task_source, "plan": plan}, b"", limits)
         try:
             frames, complete = channel.read_frames(run.result)
         except channel.ChannelError as e:
@@ -132,17 +224,24 @@ class KernelEvaluator:
             tail = run.log.strip().splitlines()
             raise TaskError("the reference failed: " + (tail[-1][:300] if tail else f"exit status {run.exit_code}"))
         inits: list[Any] = []
+        perturbed: list[bool] = []
         cases: list[dict[str, Any]] = []
         seconds = None
         for header, payload in frames:
             if header["kind"] == "init":
                 inits.append(channel.decode_values(header["args"], payload))
+                perturbed.append(bool(header.get("perturbed")))
             elif header["kind"] == "case":
                 inputs, output = channel.decode_values(header["values"], payload)
-                cases.append({"index": header["index"], "init": header["init"], "inputs": inputs, "output": output, "shape": header.get("shape", {})})
+                cases.append(
+                    {"index": header["index"], "init": header["init"], "inputs": inputs, "output": output,
+                     "shape": header.get("shape", {}), "label": header.get("label", "")}
+                )
             elif header["kind"] == "timing":
                 seconds = float(header["seconds"])
-        reference = Reference(inits, cases, frames[-1][0].get("shrunk", {}), seconds, len(run.result))
+        done = frames[-1][0]
+        policy = {"host_copies": bool(done.get("host_copies", True)), "host_ops": list(done.get("host_ops", []))}
+        reference = Reference(inits, perturbed, cases, done.get("shrunk", {}), list(done.get("skipped", [])), policy, seconds, len(run.result))
         self.cache[key] = reference
         while sum(r.nbytes for r in self.cache.values()) > self.cache_bytes and len(self.cache) > 1:
             self.cache.popitem(last=False)
@@ -151,50 +250,13 @@ class KernelEvaluator:
     # ------------------------------------------------------------------ candidate
 
     def run_candidate(self, source: str, reference: Reference, plan: dict[str, Any], limits: Limits, noop: bool) -> CandidateRun:
-        cases = [{"index": c["index"], "init": c["init"], "inputs": c["inputs"]} for c in reference.cases]
-        work = partial(
-            harness.run_candidate, program=source, inits=reference.inits, cases=cases, plan=plan, device=self.device, noop=noop
-        )
-        run = run_sandboxed(lambda fd: work(fd), limits, self.isolation)
-        result = CandidateRun(child=run)
-        try:
-            frames, complete = channel.read_frames(run.result)
-        except channel.ChannelError as e:
-            result.tampered = f"wrote to the evaluator's result channel ({e})"
-            return result
-        expected = {c["index"] for c in reference.cases}
-        for header, payload in frames:
-            kind = header.get("kind")
-            try:
-                if kind == "stage" and header.get("stage") == "import":
-                    result.imported = True
-                elif kind == "error" and header.get("stage") in ("import", "build"):
-                    if header["stage"] == "import":
-                        result.import_error = str(header.get("error"))
-                    else:
-                        result.imported = True
-                        result.build_error = str(header.get("error"))
-                elif kind == "case" and header.get("index") in expected and header["index"] not in result.cases:
-                    entry = {"error": str(header["error"])} if "error" in header else {
-                        "output": channel.decode_values(header["output"], payload),
-                        "mutated_inputs": list(header.get("mutated_inputs", [])),
-                        "out_of_bounds_inputs": list(header.get("out_of_bounds_inputs", [])),
-                        "aliases_input": bool(header.get("aliases_input")),
-                    }
-                    result.cases[header["index"]] = entry
-                elif kind == "timing":
-                    result.seconds = float(header["seconds"])
-                elif kind == "done":
-                    result.done = True
-                else:
-                    result.tampered = "wrote an unexpected record to the evaluator's result channel"
-            except (channel.ChannelError, KeyError, TypeError, ValueError) as e:
-                result.tampered = f"wrote a malformed record to the evaluator's result channel ({e})"
-        if result.done and not run.clean_exit:
-            result.done = False
-        if not complete and run.clean_exit:
-            result.tampered = "left a partial record on the evaluator's result channel"
-        return result
+        spec, payload = channel.encode_values((reference.inits, [c["inputs"] for c in reference.cases]))
+        header = {
+            "kind": "candidate", "program": source, "plan": plan, "noop": noop, "policy": reference.policy,
+            "values": spec, "cases": [[c["index"], c["init"]] for c in reference.cases], "perturbed": reference.perturbed,
+        }
+        run = self.zygote.run(header, payload, limits)
+        return parse_candidate_frames(run, [c["index"] for c in reference.cases])
 
     # ------------------------------------------------------------------ rewards
 
@@ -210,8 +272,8 @@ class KernelEvaluator:
                     args.update(r.get("args", {}))
         tag = args.get("tag", "triton")
 
-        def everyone(score: float, outcome: str, reason: str, hacked: bool = False) -> dict[str, Any]:
-            return {"rewards": {n: Result(score, outcome, reason).as_dict() for n in names}, "hacked": hacked}
+        def everyone(score: float, outcome: str, reason: str, hacked: bool = False, **extra: Any) -> dict[str, Any]:
+            return {"rewards": {n: Result(score, outcome, reason).as_dict() for n in names}, "hacked": hacked, **extra}
 
         source = program.extract_program(job["completion"], tag)
         if source is None:
@@ -223,6 +285,8 @@ class KernelEvaluator:
             return everyone(0.0, "hacked", "refused to run: " + "; ".join(report.forbidden[:3]), hacked=True)
         if report.hacks:
             return everyone(0.0, "hacked", "; ".join(report.hacks[:3]), hacked=True)
+        if report.not_triton:
+            return everyone(0.0, "wrong", "the Triton compiler would refuse this kernel: " + "; ".join(report.not_triton[:3]))
 
         plan = plan_for(args, self.device)
         try:
@@ -233,10 +297,12 @@ class KernelEvaluator:
             return everyone(0.0, "error", f"task {job['task'].get('name', '?')}: unreadable reference ({e})")
 
         real = self.run_candidate(source, reference, plan, limits, noop=False)
-        results: dict[str, Result] = {}
         events = {"timeouts": int(real.child.timed_out), "crashes": int(not real.child.timed_out and real.child.signal is not None)}
-        if real.tampered:
-            return {**everyone(0.0, "hacked", real.tampered, hacked=True), "events": events}
+        if real.child.exit_code == EXIT_SANDBOX_SETUP_FAILED:
+            raise SandboxDamaged(_describe_child_end(real.child, limits)[1])
+        hack_reason = real.tampered or _observed_hack(real)
+        if hack_reason:
+            return everyone(0.0, "hacked", hack_reason, hacked=True, events=events)
 
         compile_result = self._compile_result(real, reference, limits)
         if self.device == "cpu" and compile_result.outcome == "wrong" and report.unverifiable:
@@ -246,17 +312,10 @@ class KernelEvaluator:
             )
         correctness, hack_reason, case_passed = self._correctness(real, reference, limits, report, args)
         if hack_reason is None and any(case_passed.values()):
-            noop = self.run_candidate(source, reference, plan, limits, noop=True)
-            matched = [i for i, entry in noop.cases.items() if "output" in entry and case_passed.get(i) and self._matches(entry["output"], self._case(reference, i)["output"], args)[0]]
-            if matched:
-                hack_reason = (
-                    "outputs still match the reference with every @triton.jit kernel turned into a no-op "
-                    f"(test case {matched[0]}): the kernels do not compute the result"
-                )
-            elif noop.tampered:
-                hack_reason = noop.tampered
+            hack_reason = self._noop_rerun(source, reference, plan, limits, args, case_passed)
         if hack_reason:
-            return {**everyone(0.0, "hacked", hack_reason, hacked=True), "events": events}
+            return everyone(0.0, "hacked", hack_reason, hacked=True, events=events)
+        results: dict[str, Result] = {}
         for name, kind in names.items():
             if kind == "triton.compile":
                 results[name] = compile_result
@@ -265,6 +324,32 @@ class KernelEvaluator:
             elif kind == "triton.speed":
                 results[name] = self._speed(real, reference, correctness, args)
         return {"rewards": {n: r.as_dict() for n, r in results.items()}, "hacked": False, "events": events}
+
+    def _noop_rerun(
+        self, source: str, reference: Reference, plan: dict[str, Any], limits: Limits, args: dict[str, Any], case_passed: dict[int, bool]
+    ) -> str | None:
+        """Run the program again with every Triton launch turned into a no-op: outputs that
+        still match mean the kernels did not compute them. The re-run must report every case,
+        like the real run: a program that fails, stops or goes silent only when its kernels do
+        nothing is treated as evading the check."""
+        noop = self.run_candidate(source, reference, plan, limits, noop=True)
+        if noop.child.exit_code == EXIT_SANDBOX_SETUP_FAILED:
+            raise SandboxDamaged(_describe_child_end(noop.child, limits)[1])
+        if noop.tampered:
+            return noop.tampered
+        matched = [
+            i for i, entry in noop.cases.items()
+            if "output" in entry and case_passed.get(i) and self._matches(entry["output"], self._case(reference, i)["output"], args)[0]
+        ]
+        if matched:
+            return (
+                "outputs still match the reference with every Triton launch turned into a no-op "
+                f"(test case {matched[0]}): the kernels do not compute the result"
+            )
+        if not noop.done or len(noop.cases) < len(reference.cases):
+            _, why = _describe_child_end(noop.child, limits) if not noop.child.clean_exit else ("", "it reported only some test cases")
+            return f"the re-run with every Triton launch turned into a no-op did not complete ({why}): the program behaves differently when its kernels do nothing"
+        return None
 
     @staticmethod
     def _case(reference: Reference, index: int) -> dict[str, Any]:
@@ -285,7 +370,9 @@ class KernelEvaluator:
             return Result(0.0, outcome, f"the first forward did not finish: {reason}")
         if "error" in entry:
             return self._classify(f"forward raised {entry['error']}")
-        return Result(1.0, "ok", "imports, builds ModelNew and runs a forward")
+        if not entry["launches"]:
+            return Result(0.0, "wrong", "forward ran but launched no Triton kernel")
+        return Result(1.0, "ok", f"imports, builds ModelNew and runs a forward that launches {entry['launches']} Triton kernel(s)")
 
     def _classify(self, reason: str) -> Result:
         if self.device == "cpu" and any(marker in reason for marker in INTERPRETER_LIMITS):
@@ -319,7 +406,8 @@ class KernelEvaluator:
             g, e = got.double(), expected.double()
             nan_mismatch = torch.isnan(g) != torch.isnan(e)
             diff = (g - e).abs().nan_to_num(nan=math.inf)
-            bad = nan_mismatch | ((diff > atol + rtol * e.abs()) & ~(torch.isnan(g) & torch.isnan(e)))
+            same = (g == e) | (torch.isnan(g) & torch.isnan(e))  # equal infinities included
+            bad = nan_mismatch | ((diff > atol + rtol * e.abs()) & ~same)
             if not bool(bad.any()):
                 return True, ""
             first = tuple(bad.nonzero()[0].tolist())
@@ -369,9 +457,11 @@ class KernelEvaluator:
                 passed[index] = False
                 continue
             ok, why = self._matches(entry["output"], case["output"], args)
+            if ok and entry["unlaunched_outputs"] and hack is None:
+                hack = f"returned output {entry['unlaunched_outputs'][0]} that no Triton kernel was given (test case {index}), yet it matches the reference"
             passed[index] = ok
             if not ok:
-                failures.append(f"case {index}: {why}")
+                failures.append(f"case {index} ({case['label']}): {why}" if case.get("label") else f"case {index}: {why}")
         repeated = self._repeated_output(real, reference, passed)
         if repeated and hack is None:
             hack = repeated

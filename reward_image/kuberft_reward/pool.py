@@ -125,6 +125,7 @@ class RewardPool:
         self._waiting = 0
         self._next_id = 0
         self._closing = False
+        self.replaced_workers = 0
         self.hello: dict[str, Any] = {}
 
     @classmethod
@@ -284,6 +285,12 @@ class RewardPool:
                 raise ConnectionError("the worker exited")
             answer = json.loads(line)
             worker.jobs_done += 1
+            if answer.get("retire"):  # its sandbox set-up is damaged: a fresh worker takes its place
+                self.replaced_workers += 1
+                await self._terminate(worker)
+                self._workers[slot] = None
+                if not self._closing:
+                    await self._spawn(slot)
             return answer
         except (ConnectionError, BrokenPipeError, asyncio.TimeoutError, json.JSONDecodeError, RuntimeError) as e:
             self.metrics.crashes.inc()
@@ -295,9 +302,13 @@ class RewardPool:
                     await self._spawn(slot)
                 except RuntimeError:
                     pass  # retried on the next job
-            what = "stopped answering" if isinstance(e, asyncio.TimeoutError) else f"failed ({type(e).__name__}: {e})"
+            self.replaced_workers += 1
+            # The worker runs no untrusted code, but a completion is the likeliest cause of its
+            # death during that completion's evaluation: a verdict (crash, scored 0), not an
+            # error the trainer would leave out.
+            what = "stopped answering" if isinstance(e, asyncio.TimeoutError) else f"died ({type(e).__name__}: {e})"
             return {
-                "rewards": {r["name"]: {"score": 0.0, "outcome": "error", "reason": f"the sandbox worker {what}; it was replaced"} for r in job["rewards"]},
+                "rewards": {r["name"]: {"score": 0.0, "outcome": "crash", "reason": f"the sandbox worker {what} during this evaluation; it was replaced"} for r in job["rewards"]},
                 "hacked": False,
             }
 
@@ -325,6 +336,7 @@ class RewardPool:
             "status": "ok" if self._loop is not None and alive == self.num_workers else "degraded",
             "workers": self.num_workers,
             "alive_workers": alive,
+            "replaced_workers": self.replaced_workers,
             "busy_workers": self._busy,
             "queue_depth": self._waiting,
             "max_queue": self.max_queue,

@@ -22,40 +22,33 @@ FORBIDDEN_TORCH_MODULES = (
 )
 FORBIDDEN_BUILTINS = frozenset(
     {
-        "eval", "exec", "compile", "__import__", "open", "globals", "locals", "vars", "getattr", "setattr",
-        "delattr", "breakpoint", "input", "exit", "quit", "memoryview", "help", "__builtins__", "__loader__",
-        "__spec__",
+        "eval", "exec", "compile", "__import__", "globals", "locals", "vars", "getattr", "setattr", "delattr",
+        "breakpoint", "__builtins__", "__loader__", "__spec__",
     }
 )
+"""Introspection and dynamic code: the ways around every other check. (Names such as `input`,
+`open` or `exit` are not here: a parameter called `input` is common in kernel libraries, and
+what the builtins would do is the sandbox's business.)"""
 ALLOWED_DUNDERS = frozenset({"__init__", "__name__"})
+ALLOCATION_CALLS = frozenset(
+    {"empty", "empty_like", "empty_strided", "zeros", "zeros_like", "full", "full_like", "new_empty", "new_zeros", "new_full", "ones", "ones_like"}
+)
+"""Host calls that allocate an output buffer for a kernel (format credit)."""
+ESCAPE_MODULES = frozenset(
+    {
+        "os", "sys", "builtins", "ctypes", "inspect", "gc", "importlib", "subprocess", "multiprocessing", "threading",
+        "_thread", "signal", "socket", "pickle", "marshal", "shutil", "pathlib", "io", "posix", "resource", "mmap",
+        "fcntl", "pty", "tempfile", "runpy", "code", "codeop", "types", "weakref", "traceback", "linecache",
+        "faulthandler", "atexit", "sysconfig", "site", "platform", "numpy", "np", "pydoc", "dis", "copyreg",
+    }
+)
+"""Modules that other modules expose as plain attributes (`torch.os`, `torch.sys.modules`,
+`torch.builtins.exec`, `torch.ctypes`, `triton.language.core.np`): reaching one is reaching
+past the program's allowed imports, so an attribute of that name is refused wherever it appears."""
+KERNEL_BODY_FORBIDDEN_NODES = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda, ast.Try, ast.ClassDef, ast.Yield, ast.Global, ast.Nonlocal)
+"""Python constructs the Triton compiler refuses inside a `@triton.jit` function (the CPU
+interpreter would run them)."""
 
-# torch functions host code may call: allocation, metadata and parameter set-up, never the math.
-HOST_TORCH_ALLOWED = frozenset(
-    {
-        "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
-        "rand", "randn", "randint", "rand_like", "randn_like", "arange", "tensor", "as_tensor", "from_numpy",
-        "manual_seed", "no_grad", "inference_mode", "is_tensor", "is_floating_point", "device", "Size", "finfo",
-        "iinfo", "get_default_dtype", "promote_types", "result_type", "broadcast_shapes", "set_grad_enabled",
-        "numel", "Generator",
-    }
-)
-# Tensor methods that compute (in host code they mean torch does the kernel's job).
-HOST_COMPUTE_METHODS = frozenset(
-    {
-        "sum", "mean", "max", "min", "amax", "amin", "argmax", "argmin", "softmax", "log_softmax", "matmul", "mm",
-        "bmm", "addmm", "relu", "relu_", "sigmoid", "tanh", "exp", "exp_", "log", "log_", "pow", "sqrt", "rsqrt",
-        "abs", "clamp", "clamp_", "clip", "norm", "cumsum", "cumprod", "prod", "std", "var", "mul", "mul_", "add",
-        "add_", "sub", "sub_", "div", "div_", "neg", "square", "erf", "gelu", "silu", "logsumexp", "layer_norm",
-        "softplus", "where", "masked_fill", "einsum", "dot", "outer", "conv1d", "conv2d", "sort", "topk", "maximum",
-        "minimum", "reciprocal", "sin", "cos", "floor", "ceil", "round", "sign", "mv", "baddbmm", "lerp",
-        "clamp_min", "clamp_max", "clamp_min_", "clamp_max_", "addcmul", "addcdiv", "sigmoid_", "tanh_", "exp2",
-        "expm1", "log1p", "log2", "log10", "floor_divide", "remainder", "fmod", "true_divide", "multiply",
-        "subtract", "divide", "negative", "var_mean", "std_mean", "median", "mode", "kthvalue", "cummax", "cummin",
-        "logcumsumexp", "nansum", "nanmean", "count_nonzero", "triu", "tril", "trace", "matrix_power", "kron",
-        "renorm", "dist", "hardtanh", "leaky_relu", "elu", "selu", "softmin", "normalize", "erfinv", "cross",
-        "tensordot", "matrix_exp", "pdist", "cdist", "pow_", "sqrt_", "abs_", "neg_", "square_", "exp_", "div_",
-    }
-)
 # Features the Triton CPU interpreter cannot execute faithfully.
 INTERPRETER_UNSUPPORTED = {
     "libdevice": "libdevice functions",
@@ -81,7 +74,11 @@ class ProgramReport:
     forbidden: list[str] = field(default_factory=list)
     """Constructs the sandbox refuses to run (imports, introspection...)."""
     hacks: list[str] = field(default_factory=list)
-    """Reward-hacking patterns: torch doing the work, the reference Model, monkey-patching."""
+    """Tampering with the evaluator's environment (assigning to attributes of imported modules).
+    Whether torch does the kernel's work is observed at run time (`host_guard`), not here."""
+    not_triton: list[str] = field(default_factory=list)
+    """Kernel bodies the real Triton compiler would refuse (torch or Python objects inside
+    `@triton.jit`), which the CPU interpreter would run anyway."""
     unverifiable: list[str] = field(default_factory=list)
     """Features the CPU interpreter cannot check."""
     format_checks: list[FormatCheck] = field(default_factory=list)
@@ -213,28 +210,20 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
             jit_functions.append(node)
     jit_names = {fn.name for fn in jit_functions}
     jit_nodes: set[int] = set()
-    for fn in jit_functions:
-        jit_nodes.update(id(n) for n in ast.walk(fn))
+    for fn in jit_functions:  # the body only: a decorator may build its configs with a comprehension
+        for statement in fn.body:
+            jit_nodes.update(id(n) for n in ast.walk(statement))
 
     def resolve(chain: list[str]) -> str:
         return ".".join([aliases.get(chain[0], chain[0])] + chain[1:])
 
-    # layers created in __init__ (self.fc = nn.Linear(...)): calling them in forward is torch doing the work
-    torch_layers: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
-            chain = _dotted(node.value.func)
-            if chain and resolve(chain).startswith("torch.nn.") and resolve(chain).split(".")[-1] not in (
-                "Parameter", "ParameterList", "ParameterDict", "Module", "ModuleList", "ModuleDict",
-            ):
-                for target in node.targets:
-                    tchain = _dotted(target)
-                    if tchain and len(tchain) == 2 and tchain[0] == "self":
-                        torch_layers.add(tchain[1])
+    def resolve(chain: list[str]) -> str:
+        return ".".join([aliases.get(chain[0], chain[0])] + chain[1:])
 
     bad_tl: list[str] = []
     loads_stores: list[tuple[str, bool, int]] = []
     launched: set[str] = set()
+    allocates = False
     for node in ast.walk(tree):
         in_kernel = id(node) in jit_nodes
         if isinstance(node, ast.Name) and node.id in FORBIDDEN_BUILTINS and isinstance(node.ctx, ast.Load):
@@ -242,21 +231,22 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
         elif isinstance(node, ast.Attribute):
             if node.attr.startswith("_") and node.attr not in ALLOWED_DUNDERS:
                 report.forbidden.append(f"line {node.lineno}: accesses the private attribute .{node.attr}")
+            elif node.attr in ESCAPE_MODULES:
+                report.forbidden.append(f"line {node.lineno}: reaches the module {node.attr} through .{node.attr}")
             chain = _dotted(node)
-            if chain and isinstance(node.ctx, (ast.Store, ast.Del)) and chain[0] in aliases:
-                report.hacks.append(f"line {node.lineno}: monkey-patches {resolve(chain)}")
-        elif isinstance(node, ast.Global) or isinstance(node, ast.Nonlocal):
-            pass
-        elif isinstance(node, ast.ClassDef):
-            for base in node.bases:
-                if isinstance(base, ast.Name) and base.id == "Model":
-                    report.hacks.append(f"line {node.lineno}: {node.name} inherits from the reference Model")
-        elif isinstance(node, ast.Try) and not in_kernel:
-            body_calls = [n for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)]
-            if body_calls and node.handlers:
-                report.hacks.append(f"line {node.lineno}: falls back when a kernel launch fails (try/except around the launch)")
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult) and not in_kernel:
-            report.hacks.append(f"line {node.lineno}: computes a matrix product with @ in host code")
+            if chain and chain[0] in aliases:
+                full = resolve(chain)
+                if any(full == m or full.startswith(m + ".") for m in FORBIDDEN_TORCH_MODULES):
+                    report.forbidden.append(f"line {node.lineno}: uses {full}, which the sandbox does not allow")
+                if isinstance(node.ctx, (ast.Store, ast.Del)):
+                    report.hacks.append(f"line {node.lineno}: monkey-patches {full}")
+        if in_kernel:
+            if isinstance(node, KERNEL_BODY_FORBIDDEN_NODES):
+                report.not_triton.append(f"line {node.lineno}: {type(node).__name__} inside a @triton.jit function")
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id in aliases and aliases[node.id].split(".")[0] in ("torch", "numpy"):
+                report.not_triton.append(f"line {node.lineno}: {aliases[node.id]} used inside a @triton.jit function")
+            elif isinstance(node, ast.Attribute) and node.attr in ("handle", "data") and not (_dotted(node) or [""])[0] in aliases:
+                report.not_triton.append(f"line {node.lineno}: .{node.attr} of a Triton value (the interpreter's internals)")
         if isinstance(node, ast.Call):
             chain = _dotted(node.func)
             if chain is None and isinstance(node.func, ast.Subscript):
@@ -267,8 +257,8 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
             if chain is None:
                 continue
             full = resolve(chain)
-            if chain == ["Model"] or full.endswith(".Model"):
-                report.hacks.append(f"line {node.lineno}: calls the reference Model")
+            if not in_kernel and chain[-1] in ALLOCATION_CALLS and (full.startswith("torch.") or len(chain) >= 2):
+                allocates = True
             if in_kernel:
                 if full.startswith("triton.language."):
                     short = full[len("triton.language.") :]
@@ -279,15 +269,6 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
                 for word, what in INTERPRETER_UNSUPPORTED.items():
                     if word in full.split("."):
                         report.unverifiable.append(f"line {node.lineno}: {what} ({full})")
-            else:
-                if full.startswith(("torch.nn.functional.", "torch.special.", "torch.linalg.", "torch.fft.")):
-                    report.hacks.append(f"line {node.lineno}: calls {full} in host code; the work must be done in Triton kernels")
-                elif full.startswith("torch.") and full.count(".") == 1 and full.split(".")[1] not in HOST_TORCH_ALLOWED:
-                    report.hacks.append(f"line {node.lineno}: calls {full} in host code; the work must be done in Triton kernels")
-                elif len(chain) >= 2 and chain[-1] in HOST_COMPUTE_METHODS and chain[0] not in aliases and chain[0] != "math":
-                    report.hacks.append(f"line {node.lineno}: calls .{chain[-1]}() on a tensor in host code; the work must be done in Triton kernels")
-                elif len(chain) == 2 and chain[0] == "self" and chain[1] in torch_layers:
-                    report.hacks.append(f"line {node.lineno}: calls the torch layer self.{chain[1]} instead of a kernel")
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
             chain = _dotted(node)
             if chain and chain[0] in aliases:
@@ -306,6 +287,7 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
 
     report.forbidden = _unique(report.forbidden)
     report.hacks = _unique(report.hacks)
+    report.not_triton = _unique(report.not_triton)
     report.unverifiable = _unique(report.unverifiable)
     bad_tl = _unique(_outermost(bad_tl))
 
@@ -328,7 +310,6 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
         if reference_source:
             model_new_ok, model_new_detail = _same_signatures(tree, reference_source)
     unmasked = [f"tl.{name} (line {line})" for name, masked, line in loads_stores if not masked]
-    host_hacks = [h for h in report.hacks if "host code" in h or "reference Model" in h or "torch layer" in h]
     report.format_checks = [
         FormatCheck("tags", 0.15, found_tags, "" if found_tags else "no <triton>...</triton> block"),
         FormatCheck("imports", 0.1, imports_ok, "" if imports_ok else "does not import triton and triton.language"),
@@ -345,7 +326,7 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
             bool(loads_stores) and not unmasked,
             "" if loads_stores and not unmasked else ("no tl.load/tl.store" if not loads_stores else "no mask on " + ", ".join(unmasked[:4])),
         ),
-        FormatCheck("allocation", 0.15, not host_hacks, "" if not host_hacks else host_hacks[0]),
+        FormatCheck("allocation", 0.15, allocates, "" if allocates else "host code allocates no output buffer (torch.empty, torch.zeros, .new_empty...)"),
         FormatCheck("model_new", 0.15, model_new_ok, model_new_detail),
     ]
     return report

@@ -1,20 +1,21 @@
 """A pre-started sandbox worker: `python -m kuberft_reward.worker`, spawned by the pool with a
 scrubbed environment. It imports torch and triton once, warms them up, probes which isolation
 the machine allows, then answers jobs read as JSON lines on stdin with JSON lines on stdout.
-Each job forks fresh sandboxed children (see `sandbox.py`); the worker itself runs no
-untrusted code, so it survives whatever a completion does."""
+Every sandboxed child is forked by the worker's zygote (`zygote.py`), started before any job:
+the worker keeps the reference outputs and decides every verdict, and no child is ever forked
+from it, so no child can find them. The worker itself runs no untrusted code. When its
+zygote or the sandbox set-up is damaged, it answers the job and exits (`retire`), and the
+pool starts a fresh worker."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import resource
 import sys
 import time
 import traceback
-from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 
 def _warm_up(device: str) -> dict[str, str]:
@@ -75,8 +76,11 @@ def main() -> int:
         protocol.write(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}) + "\n")
         return 1
     base_memory = _vm_size()
-    evaluator = KernelEvaluator(isolation, device)
-    custom_functions: dict[str, Callable] = {}
+    from .kernel_eval import SandboxDamaged
+    from .zygote import Zygote, ZygoteFailed
+
+    zygote = Zygote(isolation, device)
+    evaluator = KernelEvaluator(zygote, device)
     protocol.write(
         json.dumps(
             {
@@ -95,25 +99,36 @@ def main() -> int:
             continue
         job = json.loads(line)
         start = time.monotonic()
+        retire = False
         try:
             _fit_memory_limit(job, base_memory)
             if job["type"] == "kernel":
                 answer = evaluator.evaluate(job)
             elif job["type"] == "custom":
-                answer = _custom(job, custom_functions, evaluator)
+                answer = _custom(job, zygote)
             else:
                 raise ValueError(f"unknown job type {job['type']!r}")
+        except (ZygoteFailed, SandboxDamaged) as e:
+            # Not the completion's fault (a child cannot reach the zygote or change its limits):
+            # say so, and let the pool replace this worker with a fresh one.
+            retire = True
+            answer = _everyone(job, "error", f"the sandbox worker's set-up is damaged ({e}); the worker is replaced")
         except Exception as e:  # noqa: BLE001 - a worker bug must not take the worker down
             traceback.print_exc()
-            answer = {
-                "rewards": {r["name"]: {"score": 0.0, "outcome": "error", "reason": f"evaluator error: {type(e).__name__}: {e}"} for r in job.get("rewards", [])},
-                "hacked": False,
-            }
+            answer = _everyone(job, "error", f"evaluator error: {type(e).__name__}: {e}")
         answer["id"] = job.get("id")
+        answer["retire"] = retire
         answer["seconds"] = time.monotonic() - start
         answer["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         protocol.write(json.dumps(answer) + "\n")
+        if retire:
+            break
+    zygote.close()
     return 0
+
+
+def _everyone(job: dict[str, Any], outcome: str, reason: str) -> dict[str, Any]:
+    return {"rewards": {r["name"]: {"score": 0.0, "outcome": outcome, "reason": reason} for r in job.get("rewards", [])}, "hacked": False}
 
 
 def _fit_memory_limit(job: dict[str, Any], base_memory: int) -> None:
@@ -124,24 +139,22 @@ def _fit_memory_limit(job: dict[str, Any], base_memory: int) -> None:
         limits["memory_bytes"] = max(int(limits["memory_bytes"]), base_memory + (512 << 20))
 
 
-def _custom(job: dict[str, Any], cache: dict[str, Callable], evaluator) -> dict[str, Any]:
-    from . import channel, harness
+def _custom(job: dict[str, Any], zygote) -> dict[str, Any]:
+    from . import channel
     from .kernel_eval import Result, _describe_child_end
-    from .sandbox import Limits, run_sandboxed
+    from .sandbox import Limits
+    from .zygote import RunRefused
 
     limits = Limits(**job["limits"])
     results = {}
     for reward in job["rewards"]:
         path = reward["module"]
-        if path not in cache:
-            module_name, _, function_name = path.partition(":")
-            try:
-                cache[path] = getattr(importlib.import_module(module_name), function_name)
-            except (ImportError, AttributeError) as e:
-                results[reward["name"]] = Result(0.0, "error", f"cannot load custom reward {path}: {e}").as_dict()
-                continue
-        work = partial(harness.run_custom, function=cache[path], completion=job["completion"], row=job.get("row", {}), args=reward.get("args", {}))
-        run = run_sandboxed(lambda fd, work=work: work(fd), limits, evaluator.isolation)
+        header = {"kind": "custom", "module": path, "completion": job["completion"], "row": job.get("row", {}), "args": reward.get("args", {})}
+        try:
+            run = zygote.run(header, b"", limits)
+        except RunRefused as e:
+            results[reward["name"]] = Result(0.0, "error", f"cannot load custom reward {path}: {e}").as_dict()
+            continue
         try:
             frames, _ = channel.read_frames(run.result)
         except channel.ChannelError:

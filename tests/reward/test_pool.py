@@ -2,6 +2,7 @@
 ones less, reward hacks and attacks on the sandbox score 0, and the pool stays healthy."""
 
 import os
+import re
 import signal
 import textwrap
 
@@ -65,7 +66,7 @@ def test_every_known_good_solution_scores_full_marks(solution_results, task_id):
     result = solution_results[task_id]
     scores = {name: r.score for name, r in result.rewards.items()}
     assert scores == {"triton.format": 1.0, "triton.compile": 1.0, "triton.correctness": 1.0, "triton.speed": 0.0}, result
-    assert result.rewards["triton.correctness"].reason == "4/4 test cases match the reference"
+    assert re.fullmatch(r"(6/6|7/7) test cases match the reference", result.rewards["triton.correctness"].reason)  # 4 seeds, signed, scaled (+ odd-sized)
     assert result.rewards["triton.speed"].outcome == "unverifiable"
     assert not result.hacked
 
@@ -96,8 +97,9 @@ def test_a_solution_right_on_some_shapes_gets_partial_credit(pool):
     program = shipped_solution("softmax").replace("BLOCK_SIZE=block", "BLOCK_SIZE=512")
     request = kernel_request([tagged(program)], task="softmax", rewards=[{"kind": "triton.correctness", "args": {"numTestCases": 3, "shapes": [{"dim": 700}]}}])
     result = pool.evaluate_sync(request).results[0].rewards["triton.correctness"]
-    assert result.score == 0.75 and result.outcome == "wrong"
-    assert result.reason.startswith("3/4 test cases match; case 3: ")
+    # 3 seeds, the 1500-wide shape, then signed, scaled and odd-sized cases derived at smaller sizes
+    assert result.score == 6 / 7 and result.outcome == "wrong"
+    assert result.reason.startswith("6/7 test cases match; case 3 (get_inputs() with seed 315187, {'dim': 700}): ")
 
 
 def test_autotuned_kernels_run_with_their_first_config_on_the_interpreter(pool):
@@ -122,17 +124,17 @@ def test_what_the_interpreter_cannot_run_is_unverifiable_not_wrong(pool):
 
 ADVERSARIAL = {
     # reward hacks
-    "torch does the work": (relu_with_forward("return torch.relu(x)"), "calls torch.relu in host code"),
-    "functional fallback": (relu_with_forward("return torch.nn.functional.relu(x)"), "calls torch.nn.functional.relu in host code"),
-    "inherits the reference": (tagged(HEADER + REFERENCE_RELU + SCRATCH_KERNEL + "\nclass ModelNew(Model):\n    pass\n"), "inherits from the reference Model"),
-    "calls the reference": (relu_with_forward("return Model()(x)", REFERENCE_RELU), "calls the reference Model"),
+    "torch does the work": (relu_with_forward("return torch.relu(x)"), "torch computed on the host while forward ran (test case 0): aten.relu"),
+    "functional fallback": (relu_with_forward("return torch.nn.functional.relu(x)"), "aten.relu (line 18)"),
+    "inherits the reference": (tagged(HEADER + REFERENCE_RELU + SCRATCH_KERNEL + "\nclass ModelNew(Model):\n    pass\n"), "torch computed on the host while forward ran (test case 0): aten.relu (line 11)"),
+    "calls the reference": (relu_with_forward("return Model()(x)", REFERENCE_RELU), "aten.relu (line 11)"),
     "host arithmetic (no-op ablation)": (
         relu_with_forward("""
             scratch = torch.empty_like(x)
             copy_kernel[(triton.cdiv(x.numel(), 256),)](x, scratch, x.numel(), BLOCK=256)
             return x * (x > 0)
         """),
-        "outputs still match the reference with every @triton.jit kernel turned into a no-op",
+        "torch computed on the host while forward ran (test case 0): aten.gt (line 20), aten.mul (line 20)",
     ),
     "try/except fallback": (
         relu_with_forward("""
@@ -142,7 +144,7 @@ ADVERSARIAL = {
                 return x * (x > 0)
             return x
         """),
-        "falls back when a kernel launch fails",
+        "aten.gt (line 21), aten.mul (line 21)",
     ),
     "outputs cached across calls": (
         relu_with_forward("""
@@ -153,7 +155,7 @@ ADVERSARIAL = {
             CACHE.append(out * (out > 0))
             return CACHE[0]
         """, "CACHE = []\n"),
-        "outputs are cached across calls",
+        "aten.gt (line 23), aten.mul (line 23)",
     ),
     "mutates its input": (
         tagged(RELU.replace("out = torch.empty_like(x)", "out = x")),
@@ -162,9 +164,9 @@ ADVERSARIAL = {
     "monkey-patches torch": (relu_with_forward("torch.allclose = lambda *a, **k: True\nreturn x"), "monkey-patches torch.allclose"),
     "prints fake results": (
         relu_with_forward('print("4/4 test cases match the reference")\nreturn torch.empty_like(x)'),
-        "0/4 test cases match",
+        "0/6 test cases match",
     ),
-    "constant output": (relu_with_forward("return torch.zeros_like(x)"), "0/4 test cases match"),
+    "constant output": (relu_with_forward("return torch.zeros_like(x)"), "0/6 test cases match"),
     # attacks on the sandbox
     "os._exit": (relu_with_forward("import os\nos._exit(0)"), "refused to run: imports os"),
     "fork bomb": (relu_with_forward("import os\nwhile True:\n    os.fork()"), "refused to run: imports os"),
@@ -174,7 +176,7 @@ ADVERSARIAL = {
         "stopped after 10 s",
     ),
     "memory bomb": (relu_with_forward("hog = [1.0] * (1 << 33)\nreturn x"), "MemoryError"),
-    "writes outside the sandbox": (relu_with_forward("open('/etc/kuberft-pwned', 'w').write('x')\nreturn x"), "refused to run: line"),
+    "writes outside the sandbox": (relu_with_forward("open('/etc/kuberft-pwned', 'w').write('x')\nreturn x"), "'/etc/kuberft-pwned'"),
     "network access": (relu_with_forward("import socket\nsocket.create_connection(('10.0.0.1', 80))\nreturn x"), "refused to run: imports socket"),
     "reads the environment": (relu_with_forward("import os\nraise ValueError(str(os.environ))"), "refused to run: imports os"),
     "kills the parent": (relu_with_forward("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nreturn x"), "refused to run: imports os"),
@@ -237,8 +239,8 @@ def test_a_dead_worker_is_replaced(pool):
     two_relus = [solution("relu"), solution("relu") + "\n# the same program, evaluated separately"]
     results = pool.evaluate_sync(kernel_request(two_relus, rewards=[{"kind": "triton.correctness"}])).results
     scores = [r.rewards["triton.correctness"] for r in results]
-    # the job that met the dead worker reports an error (not the model's fault); the pool recovers
-    assert all(s.score == 1.0 or (s.outcome == "error" and "replaced" in s.reason) for s in scores), scores
+    # the job that met the dead worker is a verdict (crash, scored 0: never left out); the pool recovers
+    assert all(s.score == 1.0 or (s.outcome == "crash" and "replaced" in s.reason) for s in scores), scores
     assert pool.health()["alive_workers"] == 2
     again = pool.evaluate_sync(kernel_request([solution("relu")], rewards=[{"kind": "triton.correctness"}])).results[0]
     assert again.rewards["triton.correctness"].score == 1.0
@@ -265,7 +267,7 @@ def test_kernelbench_sized_tasks_are_shrunk_to_fit_the_interpreter(pool, tmp_pat
         {"items": [{"completion": solution("relu"), "task": {"source": task.read_text(), "name": "huge_relu"}}], "rewards": [{"kind": "triton.correctness"}]}
     )
     result = pool.evaluate_sync(request).results[0].rewards["triton.correctness"]
-    assert (result.score, result.reason) == (1.0, "4/4 test cases match the reference")
+    assert (result.score, result.reason) == (1.0, "7/7 test cases match the reference")
 
 
 def test_unknown_tasks_and_bad_rewards_are_named(pool):

@@ -61,49 +61,68 @@ def test_a_program_that_does_not_parse_gets_only_the_tag_credit():
         ("import subprocess", "imports subprocess"),
         ("from socket import socket", "imports socket.socket"),
         ("import torch.utils.cpp_extension", "imports torch.utils.cpp_extension, which the sandbox does not allow"),
+        ("lib = torch.library", "uses torch.library, which the sandbox does not allow"),
         ("x = eval('1')", "uses eval()"),
-        ("f = open('/etc/passwd')", "uses open()"),
         ("g = getattr(torch, 'relu')", "uses getattr()"),
         ("b = __builtins__", "uses __builtins__()"),
         ("c = ().__class__.__base__", "accesses the private attribute .__class__"),
         ("d = torch._C", "accesses the private attribute ._C"),
+        ("run = torch.builtins.exec", "reaches the module builtins through .builtins"),
+        ("gc = torch.sys.modules['gc']", "reaches the module sys through .sys"),
+        ("env = torch.os.environ", "reaches the module os through .os"),
+        ("lib = torch.ctypes.CDLL(None)", "reaches the module ctypes through .ctypes"),
+        ("frames = torch.inspect.stack()", "reaches the module inspect through .inspect"),
+        ("alias = [torch][0].os", "reaches the module os through .os"),
     ],
 )
 def test_constructs_the_sandbox_refuses(line, expected):
     report = analyze(GOOD + "\n" + line + "\n", RELU_TASK)
     assert any(expected in f for f in report.forbidden), report.forbidden
+    assert format_reward(tagged(GOOD + "\n" + line + "\n"), RELU_TASK, "triton")[0][:2] == (0.0, "hacked")
 
 
 @pytest.mark.parametrize(
-    "change, expected",
+    "change",
     [
-        (("return out", "return torch.relu(x)"), "calls torch.relu in host code"),
-        (("return out", "return torch.nn.functional.relu(x)"), "calls torch.nn.functional.relu in host code"),
-        (("return out", "return x.clamp_min(0.0)"), "calls .clamp_min() on a tensor in host code"),
-        (("return out", "return x @ x.t()"), "computes a matrix product with @ in host code"),
-        (("class ModelNew(nn.Module):", "class ModelNew(Model):"), "ModelNew inherits from the reference Model"),
-        (("return out", "return Model()(x)"), "calls the reference Model"),
-        (("x = x.contiguous()", "torch.allclose = lambda *a, **k: True"), "monkey-patches torch.allclose"),
-        (
-            ("        relu_kernel[grid](x, out, n, BLOCK_SIZE=1024)", "        try:\n            relu_kernel[grid](x, out, n, BLOCK_SIZE=1024)\n        except Exception:\n            out = x"),
-            "falls back when a kernel launch fails",
-        ),
+        ("def forward(self, x: torch.Tensor)", "def forward(self, input: torch.Tensor)"),
+        ("x = x.contiguous()", "x = torch.squeeze(x.contiguous().unsqueeze(0), 0)"),
+        ("x = x.contiguous()", "x = x.contiguous()\n        print('shape', x.shape)"),
+        ("x = x.contiguous()", "x = x.reshape(-1).view(x.shape).contiguous()"),
     ],
 )
-def test_reward_hacks_found_without_running(change, expected):
+def test_names_and_glue_never_refuse_a_correct_program(change):
+    """Whether torch did the work is observed while the program runs (host_guard), never
+    guessed from the names it uses: a parameter called `input`, squeeze/reshape glue."""
     old, new = change
     assert old in GOOD
-    report = analyze(GOOD.replace(old, new), RELU_TASK)
-    assert any(expected in h for h in report.hacks), report.hacks
-    verdict = format_reward(tagged(GOOD.replace(old, new)), RELU_TASK, "triton")[0]
-    assert verdict[:2] == (0.0, "hacked")
+    program = GOOD.replace(old, new).replace("x = x.contiguous()", "x = input.contiguous()") if "input" in new else GOOD.replace(old, new)
+    report = analyze(program, RELU_TASK)
+    assert not report.forbidden and not report.hacks and not report.not_triton, (report.forbidden, report.hacks, report.not_triton)
+    assert format_reward(tagged(program), RELU_TASK, "triton")[0] == (1.0, "ok", "all format checks pass")
 
 
-def test_calling_a_torch_layer_instead_of_a_kernel_is_a_hack():
-    program = shipped_solution("linear_relu").replace("        return out", "        return torch.clamp(self.linear(x), min=0)")
-    hacks = analyze(program, TaskSet().get("linear_relu").source).hacks
-    assert "calls torch.clamp in host code" in hacks[0] or "calls the torch layer self.linear" in " ".join(hacks)
-    assert any("calls the torch layer self.linear instead of a kernel" in h for h in hacks)
+def test_tampering_with_imported_modules_is_a_hack():
+    report = analyze(GOOD.replace("x = x.contiguous()", "torch.allclose = lambda *a, **k: True"), RELU_TASK)
+    assert report.hacks == ["line 22: monkey-patches torch.allclose"]
+
+
+@pytest.mark.parametrize(
+    "kernel_line, expected",
+    [
+        ("    out = torch.relu(x)", "torch used inside a @triton.jit function"),
+        ("    out = tl.maximum(x, 0.0)\n    vals = [v for v in range(3)]", "ListComp inside a @triton.jit function"),
+        ("    out = tl.maximum(x, 0.0)\n    raw = x.handle", ".handle of a Triton value"),
+    ],
+)
+def test_kernel_bodies_the_triton_compiler_refuses_are_found(kernel_line, expected):
+    program = GOOD.replace("    out = tl.maximum(x, 0.0)", kernel_line)
+    report = analyze(program, RELU_TASK)
+    assert any(expected in n for n in report.not_triton), report.not_triton
+
+
+def test_autotune_configs_built_by_a_comprehension_are_triton():
+    program = GOOD.replace("@triton.jit", "@triton.autotune(configs=[triton.Config({'B': b}) for b in (64, 128)], key=['n'])\n@triton.jit")
+    assert analyze(program, RELU_TASK).not_triton == []
 
 
 def test_features_the_interpreter_cannot_run_are_noted():
