@@ -56,6 +56,8 @@ def read_frames(data: bytes) -> tuple[list[tuple[dict[str, Any], bytes]], bool]:
             header = json.loads(data[start : start + header_len])
         except (ValueError, UnicodeDecodeError) as e:
             raise ChannelError(f"frame header is not JSON: {e}") from None
+        except RecursionError:
+            raise ChannelError("frame header nested too deeply") from None
         if not isinstance(header, dict):
             raise ChannelError("frame header is not an object")
         frames.append((header, data[start + header_len : end]))
