@@ -6,6 +6,7 @@ Everything here assumes torch and triton were imported by the worker before the 
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
 import os
@@ -441,6 +442,9 @@ def run_candidate(
     if interpreter_mode():
         _interpreter_compat()
     launches = host_guard.LaunchLog(noop).install()
+    # Finalizers of the program's objects run only inside the guard (it collects at the end of
+    # each forward), never later, while the outputs are being read.
+    gc.disable()
     path = f"{os.getcwd()}/{CANDIDATE_MODULE}.py"
     try:
         module, path = load_module(CANDIDATE_MODULE, program)
@@ -488,6 +492,10 @@ def run_candidate(
             channel.send(fd, {"kind": "case", "index": index, "error": describe_error(e, path), **_observed(guard.observation, [])})
             continue
         seconds = time.perf_counter() - start
+        foreign = _foreign_types(output)
+        if foreign:
+            channel.send(fd, {"kind": "case", "index": index, "error": f"forward returned a {foreign}, not plain tensors", **_observed(observation, [])})
+            continue
         mutated = [i for i, (a, b) in enumerate(zip(inputs, pristine)) if isinstance(a, torch.Tensor) and not _same_bytes(a, b)]
         out_of_bounds = [i for i, (t, buffer) in enumerate(guarded) if buffer is not None and not _guard_intact(buffer, t.numel())]
         input_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
@@ -511,6 +519,23 @@ def run_candidate(
         first = [_to(t, device) for t in cases[0]["inputs"]]
         channel.send(fd, {"kind": "timing", "seconds": _time_forward(models[cases[0]["init"]], first, device)})
     channel.send(fd, {"kind": "done"})
+
+
+def _foreign_types(value: Any, depth: int = 0) -> str | None:
+    """The first value in `forward`'s result that is not a plain tensor, number, string or
+    plain list/tuple/dict of them: a tensor subclass or a container of its own could run the
+    program's code when the evaluator reads it, outside the guard. Uses `type()` only, which
+    runs none of the program's code."""
+    import torch
+
+    kind = type(value)
+    if kind is torch.Tensor or kind in (int, float, bool, str, type(None)):
+        return None
+    if depth < channel.MAX_DEPTH and kind in (list, tuple):
+        return next((f for f in (_foreign_types(v, depth + 1) for v in value) if f), None)
+    if depth < channel.MAX_DEPTH and kind is dict:
+        return next((f for f in (_foreign_types(v, depth + 1) for v in dict.values(value)) if f), None)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _observed(observation: Any, outputs: list) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import channel, harness, program
 from .sandbox import EXIT_SANDBOX_SETUP_FAILED, ChildRun, Limits
+from .schema import Outcome, RewardResult, WorkerAnswer, WorkerJob
 from .zygote import Zygote
 
 # Messages of errors that come from the interpreter's limits, not from the program.
@@ -31,16 +32,6 @@ TOLERANCES = {
     "cpu": {"float32": 1e-4, "float64": 1e-7, "float16": 1e-2, "bfloat16": 2e-2},
     "cuda": {"float32": 1e-2, "float64": 1e-5, "float16": 1e-2, "bfloat16": 2e-2},
 }
-
-
-@dataclass
-class Result:
-    score: float
-    outcome: str
-    reason: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"score": max(0.0, min(1.0, float(self.score))), "outcome": self.outcome, "reason": self.reason}
 
 
 @dataclass
@@ -180,20 +171,20 @@ def plan_for(args: dict[str, Any], device: str) -> dict[str, Any]:
     }
 
 
-def _describe_child_end(run: ChildRun, limits: Limits) -> tuple[str, str]:
+def _describe_child_end(run: ChildRun, limits: Limits) -> tuple[Outcome, str]:
     """(outcome, reason) for a child that did not finish normally."""
     if run.timed_out:
-        return "timeout", f"stopped after {limits.wall_seconds:g} s (the sandbox wall-clock limit)"
+        return Outcome.TIMEOUT, f"stopped after {limits.wall_seconds:g} s (the sandbox wall-clock limit)"
     if run.result_overflow:
-        return "crash", f"sent more than {limits.result_bytes >> 20} MiB of results"
+        return Outcome.CRASH, f"sent more than {limits.result_bytes >> 20} MiB of results"
     if run.signal is not None:
         name = signal.Signals(run.signal).name if run.signal in signal.Signals._value2member_map_ else str(run.signal)
         if run.signal == signal.SIGXCPU or (run.signal == signal.SIGKILL and run.cpu_seconds >= limits.cpu_seconds):
-            return "timeout", f"used more than {limits.cpu_seconds} s of CPU time"
-        return "crash", f"killed by {name}"
+            return Outcome.TIMEOUT, f"used more than {limits.cpu_seconds} s of CPU time"
+        return Outcome.CRASH, f"killed by {name}"
     if run.exit_code == EXIT_SANDBOX_SETUP_FAILED:
-        return "error", "the sandbox could not be set up: " + run.log.strip().splitlines()[-1][:200] if run.log.strip() else "the sandbox could not be set up"
-    return "crash", f"exited with status {run.exit_code} before finishing"
+        return Outcome.ERROR, "the sandbox could not be set up: " + run.log.strip().splitlines()[-1][:200] if run.log.strip() else "the sandbox could not be set up"
+    return Outcome.CRASH, f"exited with status {run.exit_code} before finishing"
 
 
 class KernelEvaluator:
@@ -260,70 +251,64 @@ class KernelEvaluator:
 
     # ------------------------------------------------------------------ rewards
 
-    def evaluate(self, job: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, job: WorkerJob) -> WorkerAnswer:
         """Score one completion with the sandboxed triton rewards named in the job."""
-        rewards: list[dict[str, Any]] = job["rewards"]
-        limits = Limits(**job["limits"])
-        names = {r["name"]: r["kind"] for r in rewards}
+        limits = Limits(**job.limits.model_dump())
         args: dict[str, Any] = {}
         for kind in ("triton.compile", "triton.speed", "triton.correctness"):  # correctness' options win
-            for r in rewards:
-                if r["kind"] == kind:
-                    args.update(r.get("args", {}))
+            for r in job.rewards:
+                if r.kind == kind:
+                    args.update(r.args)
         tag = args.get("tag", "triton")
+        task_name = job.task.name if job.task else "?"
 
-        def everyone(score: float, outcome: str, reason: str, hacked: bool = False, **extra: Any) -> dict[str, Any]:
-            return {"rewards": {n: Result(score, outcome, reason).as_dict() for n in names}, "hacked": hacked, **extra}
+        def everyone(outcome: Outcome, reason: str, **extra: Any) -> WorkerAnswer:
+            return WorkerAnswer.everyone(job, outcome, reason, hacked=outcome is Outcome.HACKED, **extra)
 
-        source = program.extract_program(job["completion"], tag)
+        source = program.extract_program(job.completion, tag)
         if source is None:
-            return everyone(0.0, "invalid", f"no <{tag}>...</{tag}> block with a program")
-        report = program.analyze(source, job["task"]["source"])
+            return everyone(Outcome.INVALID, f"no <{tag}>...</{tag}> block with a program")
+        report = program.analyze(source, job.task.source)
         if report.syntax_error:
-            return everyone(0.0, "invalid", f"the program does not parse: {report.syntax_error}")
+            return everyone(Outcome.INVALID, f"the program does not parse: {report.syntax_error}")
         if report.forbidden:
-            return everyone(0.0, "hacked", "refused to run: " + "; ".join(report.forbidden[:3]), hacked=True)
+            return everyone(Outcome.HACKED, "refused to run: " + "; ".join(report.forbidden[:3]))
         if report.hacks:
-            return everyone(0.0, "hacked", "; ".join(report.hacks[:3]), hacked=True)
+            return everyone(Outcome.HACKED, "; ".join(report.hacks[:3]))
         if report.not_triton:
-            return everyone(0.0, "wrong", "the Triton compiler would refuse this kernel: " + "; ".join(report.not_triton[:3]))
+            return everyone(Outcome.WRONG, "the Triton compiler would refuse this kernel: " + "; ".join(report.not_triton[:3]))
 
         plan = plan_for(args, self.device)
         try:
-            reference = self.reference(job["task"]["source"], plan, limits)
+            reference = self.reference(job.task.source, plan, limits)
         except TaskError as e:
-            return everyone(0.0, "error", f"task {job['task'].get('name', '?')}: {e}")
+            return everyone(Outcome.ERROR, f"task {task_name}: {e}")
         except (channel.ChannelError, KeyError, TypeError, ValueError) as e:
-            return everyone(0.0, "error", f"task {job['task'].get('name', '?')}: unreadable reference ({e})")
+            return everyone(Outcome.ERROR, f"task {task_name}: unreadable reference ({e})")
 
         real = self.run_candidate(source, reference, plan, limits, noop=False)
         events = {"timeouts": int(real.child.timed_out), "crashes": int(not real.child.timed_out and real.child.signal is not None)}
+
         if real.child.exit_code == EXIT_SANDBOX_SETUP_FAILED:
             raise SandboxDamaged(_describe_child_end(real.child, limits)[1])
         hack_reason = real.tampered or _observed_hack(real)
         if hack_reason:
-            return everyone(0.0, "hacked", hack_reason, hacked=True, events=events)
+            return everyone(Outcome.HACKED, hack_reason, **events)
 
         compile_result = self._compile_result(real, reference, limits)
-        if self.device == "cpu" and compile_result.outcome == "wrong" and report.unverifiable:
-            compile_result = Result(
-                0.0, "unverifiable",
+        if self.device == "cpu" and compile_result.outcome is Outcome.WRONG and report.unverifiable:
+            compile_result = RewardResult.of(
+                0.0, Outcome.UNVERIFIABLE,
                 f"the program uses {report.unverifiable[0]}, which the CPU interpreter cannot run: {compile_result.reason}",
             )
         correctness, hack_reason, case_passed = self._correctness(real, reference, limits, report, args)
         if hack_reason is None and any(case_passed.values()):
             hack_reason = self._noop_rerun(source, reference, plan, limits, args, case_passed)
         if hack_reason:
-            return everyone(0.0, "hacked", hack_reason, hacked=True, events=events)
-        results: dict[str, Result] = {}
-        for name, kind in names.items():
-            if kind == "triton.compile":
-                results[name] = compile_result
-            elif kind == "triton.correctness":
-                results[name] = correctness
-            elif kind == "triton.speed":
-                results[name] = self._speed(real, reference, correctness, args)
-        return {"rewards": {n: r.as_dict() for n, r in results.items()}, "hacked": False, "events": events}
+            return everyone(Outcome.HACKED, hack_reason, **events)
+        by_kind = {"triton.compile": compile_result, "triton.correctness": correctness}
+        results = {r.name: by_kind.get(r.kind) or self._speed(real, reference, correctness, args) for r in job.rewards}
+        return WorkerAnswer(rewards=results, **events)
 
     def _noop_rerun(
         self, source: str, reference: Reference, plan: dict[str, Any], limits: Limits, args: dict[str, Any], case_passed: dict[int, bool]
@@ -355,7 +340,7 @@ class KernelEvaluator:
     def _case(reference: Reference, index: int) -> dict[str, Any]:
         return next(c for c in reference.cases if c["index"] == index)
 
-    def _compile_result(self, real: CandidateRun, reference: Reference, limits: Limits) -> Result:
+    def _compile_result(self, real: CandidateRun, reference: Reference, limits: Limits) -> RewardResult:
         if real.import_error:
             return self._classify(f"importing the program failed: {real.import_error}")
         if real.build_error:
@@ -365,21 +350,21 @@ class KernelEvaluator:
         if entry is None:
             if not real.imported and not real.child.clean_exit:
                 outcome, reason = _describe_child_end(real.child, limits)
-                return Result(0.0, outcome, f"importing the program: {reason}")
+                return RewardResult.of(0.0, outcome, f"importing the program: {reason}")
             outcome, reason = _describe_child_end(real.child, limits)
-            return Result(0.0, outcome, f"the first forward did not finish: {reason}")
+            return RewardResult.of(0.0, outcome, f"the first forward did not finish: {reason}")
         if "error" in entry:
             return self._classify(f"forward raised {entry['error']}")
         if not entry["launches"]:
-            return Result(0.0, "wrong", "forward ran but launched no Triton kernel")
-        return Result(1.0, "ok", f"imports, builds ModelNew and runs a forward that launches {entry['launches']} Triton kernel(s)")
+            return RewardResult.of(0.0, Outcome.WRONG, "forward ran but launched no Triton kernel")
+        return RewardResult.of(1.0, Outcome.OK, f"imports, builds ModelNew and runs a forward that launches {entry['launches']} Triton kernel(s)")
 
-    def _classify(self, reason: str) -> Result:
+    def _classify(self, reason: str) -> RewardResult:
         if self.device == "cpu" and any(marker in reason for marker in INTERPRETER_LIMITS):
-            return Result(0.0, "unverifiable", f"the Triton CPU interpreter cannot run this program: {reason}")
+            return RewardResult.of(0.0, Outcome.UNVERIFIABLE, f"the Triton CPU interpreter cannot run this program: {reason}")
         if "MemoryError" in reason or "DefaultCPUAllocator" in reason:
-            return Result(0.0, "crash", f"ran out of memory: {reason}")
-        return Result(0.0, "wrong", reason)
+            return RewardResult.of(0.0, Outcome.CRASH, f"ran out of memory: {reason}")
+        return RewardResult.of(0.0, Outcome.WRONG, reason)
 
     def _tolerance(self, dtype: str, args: dict[str, Any]) -> tuple[float, float]:
         default = TOLERANCES["cuda" if self.device.startswith("cuda") else "cpu"].get(dtype, 0.0)
@@ -431,7 +416,7 @@ class KernelEvaluator:
 
     def _correctness(
         self, real: CandidateRun, reference: Reference, limits: Limits, report: program.ProgramReport, args: dict[str, Any]
-    ) -> tuple[Result, str | None, dict[int, bool]]:
+    ) -> tuple[RewardResult, str | None, dict[int, bool]]:
         """(result, hack reason or None, passed per case)."""
         passed: dict[int, bool] = {}
         failures: list[str] = []
@@ -468,23 +453,28 @@ class KernelEvaluator:
         total = len(reference.cases)
         count = sum(passed.values())
         score = count / total if total else 0.0
-        if count == total:
-            return Result(1.0, "ok", f"{count}/{total} test cases match the reference"), hack, passed
-        if not real.done and len(real.cases) < total:
+        if not real.done:
+            # Only a run that reports every case and then exits cleanly earns credit: what a
+            # child sent before it stopped cannot be told apart from frames it forged.
             outcome, why = _describe_child_end(real.child, limits)
             if real.import_error or real.build_error:
                 why = real.import_error or real.build_error
                 outcome = self._classify(why).outcome
+            elif real.child.clean_exit:
+                outcome, why = Outcome.CRASH, "it exited without reporting every test case"
             failures.append(f"stopped: {why}" if not failures else f"then stopped: {why}")
+            score = 0.0
+        elif count == total:
+            return RewardResult.of(1.0, Outcome.OK, f"{count}/{total} test cases match the reference"), hack, passed
         else:
-            outcome = "wrong"
+            outcome = Outcome.WRONG
         joined = "; ".join(failures[:2])
-        result = Result(score, outcome, f"{count}/{total} test cases match; {joined}")
+        result = RewardResult.of(score, outcome, f"{count}/{total} test cases match; {joined}")
         if self.device == "cpu":
             if any(marker in joined for marker in INTERPRETER_LIMITS):
-                result = Result(score, "unverifiable", f"{count}/{total} test cases match; the Triton CPU interpreter cannot run this program: {joined}")
+                result = RewardResult.of(score, Outcome.UNVERIFIABLE, f"{count}/{total} test cases match; the Triton CPU interpreter cannot run this program: {joined}")
             elif report.unverifiable and count < total:
-                result = Result(score, "unverifiable", f"{count}/{total} test cases match, but the program uses {report.unverifiable[0]}, which the CPU interpreter does not emulate faithfully")
+                result = RewardResult.of(score, Outcome.UNVERIFIABLE, f"{count}/{total} test cases match, but the program uses {report.unverifiable[0]}, which the CPU interpreter does not emulate faithfully")
         return result, hack, passed
 
     @staticmethod
@@ -514,14 +504,14 @@ class KernelEvaluator:
                 seen.append((case["index"], out, case["output"]))
         return None
 
-    def _speed(self, real: CandidateRun, reference: Reference, correctness: Result, args: dict[str, Any]) -> Result:
+    def _speed(self, real: CandidateRun, reference: Reference, correctness: Result, args: dict[str, Any]) -> RewardResult:
         if not self.device.startswith("cuda"):
-            return Result(0.0, "unverifiable", "speed is measured only on a GPU; this pool runs kernels in the Triton CPU interpreter")
+            return RewardResult.of(0.0, Outcome.UNVERIFIABLE, "speed is measured only on a GPU; this pool runs kernels in the Triton CPU interpreter")
         if correctness.score < 1.0:
-            return Result(0.0, "wrong", "not timed: the outputs must match the reference first")
+            return RewardResult.of(0.0, Outcome.WRONG, "not timed: the outputs must match the reference first")
         if not real.seconds or not reference.seconds:
-            return Result(0.0, "error", "no timing was recorded")
+            return RewardResult.of(0.0, Outcome.ERROR, "no timing was recorded")
         speedup = reference.seconds / real.seconds
         best = float(args.get("maxSpeedup", 4.0))
         score = max(0.0, min(1.0, math.log(speedup) / math.log(best))) if speedup > 1 else 0.0
-        return Result(score, "ok", f"{speedup:.2f}x the PyTorch reference ({real.seconds * 1e3:.3f} ms vs {reference.seconds * 1e3:.3f} ms)")
+        return RewardResult.of(score, Outcome.OK, f"{speedup:.2f}x the PyTorch reference ({real.seconds * 1e3:.3f} ms vs {reference.seconds * 1e3:.3f} ms)")

@@ -24,15 +24,20 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from kuberft_operator.api import SandboxSpec
 from kuberft_operator.metrics import component_metrics
 
 from . import kernel_tasks, rewards
-from .schema import EvaluateRequest, EvaluateResponse, ItemResult, RewardResult
+from .schema import (
+    EvaluateRequest, EvaluateResponse, ItemResult, Outcome, RewardResult, SandboxLimits, WorkerAnswer, WorkerJob, WorkerReward,
+    WorkerTask,
+)
 
 WORKER_START_TIMEOUT = 600.0
 REDACTED = "[redacted]"
@@ -44,6 +49,16 @@ class PoolBusy(RuntimeError):
 
 class PoolClosed(RuntimeError):
     """The pool is not running."""
+
+
+@dataclass
+class _ItemState:
+    """One request item while its rewards are computed."""
+
+    results: dict[str, RewardResult] = field(default_factory=dict)
+    hacked: bool = False
+    jobs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -271,28 +286,28 @@ class RewardPool:
             if not future.done():
                 future.set_result(answer)
 
-    async def _run_on(self, slot: int, job: dict[str, Any]) -> dict[str, Any]:
+    async def _run_on(self, slot: int, job: WorkerJob) -> WorkerAnswer:
         worker = self._workers[slot]
         try:
             if worker is None or worker.process.returncode is not None:
                 worker = await self._spawn(slot)
-            worker.process.stdin.write((json.dumps(job) + "\n").encode())
+            worker.process.stdin.write((job.model_dump_json() + "\n").encode())
             await worker.process.stdin.drain()
             # the worker enforces every child's limits; this only guards against a stuck worker
-            backstop = 4 * job["limits"]["wall_seconds"] + 60
+            backstop = 4 * job.limits.wall_seconds + 60
             line = await asyncio.wait_for(worker.process.stdout.readline(), timeout=backstop)
             if not line:
                 raise ConnectionError("the worker exited")
-            answer = json.loads(line)
+            answer = WorkerAnswer.model_validate_json(line)
             worker.jobs_done += 1
-            if answer.get("retire"):  # its sandbox set-up is damaged: a fresh worker takes its place
+            if answer.retire:  # its sandbox set-up is damaged: a fresh worker takes its place
                 self.replaced_workers += 1
                 await self._terminate(worker)
                 self._workers[slot] = None
                 if not self._closing:
                     await self._spawn(slot)
             return answer
-        except (ConnectionError, BrokenPipeError, asyncio.TimeoutError, json.JSONDecodeError, RuntimeError) as e:
+        except (ConnectionError, BrokenPipeError, asyncio.TimeoutError, ValidationError, RuntimeError) as e:
             self.metrics.crashes.inc()
             if worker is not None:
                 await self._terminate(worker)
@@ -307,15 +322,12 @@ class RewardPool:
             # death during that completion's evaluation: a verdict (crash, scored 0), not an
             # error the trainer would leave out.
             what = "stopped answering" if isinstance(e, asyncio.TimeoutError) else f"died ({type(e).__name__}: {e})"
-            return {
-                "rewards": {r["name"]: {"score": 0.0, "outcome": "crash", "reason": f"the sandbox worker {what} during this evaluation; it was replaced"} for r in job["rewards"]},
-                "hacked": False,
-            }
+            return WorkerAnswer.everyone(job, Outcome.CRASH, f"the sandbox worker {what} during this evaluation; it was replaced")
 
-    def _submit(self, job: dict[str, Any]) -> asyncio.Future:
+    def _submit(self, job: WorkerJob) -> asyncio.Future:
         future = self._loop.create_future()
         self._next_id += 1
-        job["id"] = self._next_id
+        job.id = self._next_id
         self._waiting += 1
         self.metrics.queue_depth.set(self._waiting)
         self._queue.put_nowait((job, future))
@@ -346,14 +358,14 @@ class RewardPool:
             "sandbox": self.sandbox.to_wire(),
         }
 
-    def _limits(self) -> dict[str, Any]:
+    def _limits(self) -> SandboxLimits:
         spec = self.sandbox
-        return {
-            "wall_seconds": float(spec.timeout_seconds),
-            "cpu_seconds": int(spec.timeout_seconds),
-            "memory_bytes": None if self.device == "cuda" else spec.memory_mi_b << 20,
-            "allow_processes": self.device == "cuda",
-        }
+        return SandboxLimits(
+            wall_seconds=float(spec.timeout_seconds),
+            cpu_seconds=int(spec.timeout_seconds),
+            memory_bytes=None if self.device == "cuda" else spec.memory_mi_b << 20,
+            allow_processes=self.device == "cuda",
+        )
 
     async def _evaluate(self, request: EvaluateRequest) -> EvaluateResponse:
         plans = rewards.plan_rewards(request.rewards)
@@ -364,10 +376,10 @@ class RewardPool:
             raise rewards.RequestError(
                 "rewards: " + ", ".join(p.name for p in sandboxed_triton + customs) + " run model code, and this pool has no sandbox workers"
             )
-        items: list[dict[str, Any]] = []
-        jobs: dict[str, dict[str, Any]] = {}
+        items: list[_ItemState] = []
+        jobs: dict[str, WorkerJob] = {}
         for index, item in enumerate(request.items):
-            state: dict[str, Any] = {"results": {}, "hacked": False, "jobs": [], "seconds": 0.0}
+            state = _ItemState()
             items.append(state)
             task_source = None
             task_error = None
@@ -379,33 +391,32 @@ class RewardPool:
             local_start = time.monotonic()
             for plan in plans:
                 if plan.kind in rewards.TEXT_REWARDS:
-                    state["results"][plan.name] = rewards.text_reward(plan, item.completion, item.row)
+                    state.results[plan.name] = rewards.text_reward(plan, item.completion, item.row)
                 elif plan.kind in rewards.TRITON_KINDS and task_error:
-                    state["results"][plan.name] = (0.0, "error", task_error)
+                    state.results[plan.name] = RewardResult.of(0.0, Outcome.ERROR, task_error)
                 elif plan.kind == "triton.format":
                     verdict, _ = rewards.format_reward(item.completion, task_source, plan.args["tag"])
-                    state["results"][plan.name] = verdict
-                    if verdict[1] == "hacked":
-                        state["hacked"] = True
-            state["seconds"] = time.monotonic() - local_start
+                    state.results[plan.name] = verdict
+                    state.hacked = state.hacked or verdict.outcome is Outcome.HACKED
+            state.seconds = time.monotonic() - local_start
             if sandboxed_triton and not task_error:
-                job = {
-                    "type": "kernel",
-                    "completion": item.completion,
-                    "task": {"name": item.task.name if item.task else item.row.get("task"), "source": task_source},
-                    "rewards": [{"name": p.name, "kind": p.kind, "args": p.args} for p in sandboxed_triton],
-                    "limits": self._limits(),
-                }
-                state["jobs"].append(self._dedup(jobs, job))
+                job = WorkerJob(
+                    type="kernel",
+                    completion=item.completion,
+                    task=WorkerTask(name=item.task.name if item.task else item.row.get("task"), source=task_source),
+                    rewards=[WorkerReward(name=p.name, kind=p.kind, args=p.args) for p in sandboxed_triton],
+                    limits=self._limits(),
+                )
+                state.jobs.append(self._dedup(jobs, job))
             if customs:
-                job = {
-                    "type": "custom",
-                    "completion": item.completion,
-                    "row": item.row,
-                    "rewards": [{"name": p.name, "module": p.module, "args": p.args} for p in customs],
-                    "limits": self._limits(),
-                }
-                state["jobs"].append(self._dedup(jobs, job))
+                job = WorkerJob(
+                    type="custom",
+                    completion=item.completion,
+                    row=item.row,
+                    rewards=[WorkerReward(name=p.name, kind=p.kind, module=p.module, args=p.args) for p in customs],
+                    limits=self._limits(),
+                )
+                state.jobs.append(self._dedup(jobs, job))
 
         if jobs and self._waiting + len(jobs) > self.max_queue:
             raise PoolBusy(f"the queue is full ({self._waiting} evaluations waiting, at most {self.max_queue}); retry later")
@@ -415,38 +426,35 @@ class RewardPool:
 
         results = []
         for state in items:
-            for key in state["jobs"]:
-                answer = futures[key].result()
-                state["seconds"] += float(answer.get("seconds", 0.0))
-                for name, result in answer["rewards"].items():
-                    state["results"][name] = (result["score"], result["outcome"], result["reason"])
-                state["hacked"] = state["hacked"] or bool(answer.get("hacked"))
-                events = answer.get("events", {})
-                if events.get("timeouts"):
-                    self.metrics.timeouts.inc(events["timeouts"])
-                if events.get("crashes"):
-                    self.metrics.crashes.inc(events["crashes"])
-            if state["hacked"]:  # a flagged completion gets nothing from any triton reward
-                hack_reason = next((r[2] for r in state["results"].values() if r[1] == "hacked"), "flagged as reward hacking")
+            for key in state.jobs:
+                answer: WorkerAnswer = futures[key].result()
+                state.seconds += answer.seconds
+                state.results.update(answer.rewards)
+                state.hacked = state.hacked or answer.hacked
+                if answer.timeouts:
+                    self.metrics.timeouts.inc(answer.timeouts)
+                if answer.crashes:
+                    self.metrics.crashes.inc(answer.crashes)
+            if state.hacked:  # a flagged completion gets nothing from any triton reward
+                hack_reason = next((r.reason for r in state.results.values() if r.outcome is Outcome.HACKED), "flagged as reward hacking")
                 for plan in plans:
-                    if plan.kind in rewards.TRITON_KINDS and state["results"][plan.name][1] != "hacked":
-                        state["results"][plan.name] = (0.0, "hacked", hack_reason)
+                    if plan.kind in rewards.TRITON_KINDS and state.results[plan.name].outcome is not Outcome.HACKED:
+                        state.results[plan.name] = RewardResult.of(0.0, Outcome.HACKED, hack_reason)
             reward_results = {}
             for plan in plans:
-                score, outcome, reason = state["results"][plan.name]
-                reward_results[plan.name] = RewardResult(score=max(0.0, min(1.0, score)), outcome=outcome, reason=self._redact(reason))
-                self.metrics.evaluations.labels(reward=plan.name, outcome=outcome).inc()
-                if outcome == "hacked":
+                result = state.results[plan.name]
+                reward_results[plan.name] = result.model_copy(update={"reason": self._redact(result.reason)})
+                self.metrics.evaluations.labels(reward=plan.name, outcome=result.outcome.value).inc()
+                if result.outcome is Outcome.HACKED:
                     self.metrics.hacks_detected.labels(reward=plan.name).inc()
-            seconds = state["seconds"]
-            self.metrics.evaluation_seconds.observe(seconds)
-            results.append(ItemResult(rewards=reward_results, hacked=state["hacked"], seconds=round(seconds, 4)))
+            self.metrics.evaluation_seconds.observe(state.seconds)
+            results.append(ItemResult(rewards=reward_results, hacked=state.hacked, seconds=round(state.seconds, 4)))
         return EvaluateResponse(results=results)
 
     @staticmethod
-    def _dedup(jobs: dict[str, dict[str, Any]], job: dict[str, Any]) -> str:
+    def _dedup(jobs: dict[str, WorkerJob], job: WorkerJob) -> str:
         """Identical completions in a batch (common in GRPO groups) are evaluated once."""
-        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(job.model_dump_json().encode()).hexdigest()
         jobs.setdefault(key, job)
         return key
 

@@ -23,12 +23,13 @@ FORBIDDEN_TORCH_MODULES = (
 FORBIDDEN_BUILTINS = frozenset(
     {
         "eval", "exec", "compile", "__import__", "globals", "locals", "vars", "getattr", "setattr", "delattr",
-        "breakpoint", "__builtins__", "__loader__", "__spec__",
+        "breakpoint", "__builtins__", "__loader__", "__spec__", "open",
     }
 )
-"""Introspection and dynamic code: the ways around every other check. (Names such as `input`,
-`open` or `exit` are not here: a parameter called `input` is common in kernel libraries, and
-what the builtins would do is the sandbox's business.)"""
+"""Introspection, dynamic code, and `open` (which takes a file descriptor number: the result
+channel's): the ways around every other check. Names such as `input` or `exit` are not here: a
+parameter called `input` is common in kernel libraries, and what such builtins do is the
+sandbox's business."""
 ALLOWED_DUNDERS = frozenset({"__init__", "__name__"})
 ALLOCATION_CALLS = frozenset(
     {"empty", "empty_like", "empty_strided", "zeros", "zeros_like", "full", "full_like", "new_empty", "new_zeros", "new_full", "ones", "ones_like"}
@@ -220,6 +221,9 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
     def resolve(chain: list[str]) -> str:
         return ".".join([aliases.get(chain[0], chain[0])] + chain[1:])
 
+    plain_functions = {
+        node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in jit_names
+    }
     bad_tl: list[str] = []
     loads_stores: list[tuple[str, bool, int]] = []
     launched: set[str] = set()
@@ -233,6 +237,8 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
                 report.forbidden.append(f"line {node.lineno}: accesses the private attribute .{node.attr}")
             elif node.attr in ESCAPE_MODULES:
                 report.forbidden.append(f"line {node.lineno}: reaches the module {node.attr} through .{node.attr}")
+            elif node.attr == "handle":
+                report.forbidden.append(f"line {node.lineno}: reads .handle (the CPU interpreter's internals behind a Triton value)")
             chain = _dotted(node)
             if chain and chain[0] in aliases:
                 full = resolve(chain)
@@ -245,8 +251,8 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
                 report.not_triton.append(f"line {node.lineno}: {type(node).__name__} inside a @triton.jit function")
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id in aliases and aliases[node.id].split(".")[0] in ("torch", "numpy"):
                 report.not_triton.append(f"line {node.lineno}: {aliases[node.id]} used inside a @triton.jit function")
-            elif isinstance(node, ast.Attribute) and node.attr in ("handle", "data") and not (_dotted(node) or [""])[0] in aliases:
-                report.not_triton.append(f"line {node.lineno}: .{node.attr} of a Triton value (the interpreter's internals)")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in plain_functions:
+                report.not_triton.append(f"line {node.lineno}: calls the plain Python function {node.func.id} inside a @triton.jit function (the compiler calls only @triton.jit functions)")
         if isinstance(node, ast.Call):
             chain = _dotted(node.func)
             if chain is None and isinstance(node.func, ast.Subscript):

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from . import program, text_rewards
-from .schema import RewardRequest
+from .schema import Outcome, RewardRequest, RewardResult
 
 
 class _Args(BaseModel):
@@ -78,7 +78,7 @@ class RegexArgs(_Args):
     strip: bool = True
 
 
-TEXT_REWARDS: dict[str, tuple[type[_Args], Callable[..., text_rewards.Verdict]]] = {
+TEXT_REWARDS: dict[str, tuple[type[_Args], Callable[..., RewardResult]]] = {
     "countdown": (CountdownArgs, text_rewards.countdown),
     "multiple_choice": (MultipleChoiceArgs, text_rewards.multiple_choice),
     "exact_match": (ExactMatchArgs, text_rewards.exact_match),
@@ -139,20 +139,20 @@ def plan_rewards(rewards: list[RewardRequest]) -> list[RewardPlan]:
     return plans
 
 
-def text_reward(plan: RewardPlan, completion: str, row: dict[str, Any]) -> text_rewards.Verdict:
+def text_reward(plan: RewardPlan, completion: str, row: dict[str, Any]) -> RewardResult:
     return TEXT_REWARDS[plan.kind][1](completion, row, plan.args)
 
 
-def format_reward(completion: str, task_source: str | None, tag: str) -> tuple[text_rewards.Verdict, program.ProgramReport | None]:
+def format_reward(completion: str, task_source: str | None, tag: str) -> tuple[RewardResult, program.ProgramReport | None]:
     """`triton.format`: partial credit summed over the format checks, and the analysis (which
-    may find forbidden constructs or hacks: those score 0 for every triton reward)."""
+    may find forbidden constructs or tampering: those score 0 for every triton reward)."""
     source = program.extract_program(completion, tag)
     if source is None:
-        return (0.0, "invalid", f"no <{tag}>...</{tag}> block with a program"), None
+        return RewardResult.of(0.0, Outcome.INVALID, f"no <{tag}>...</{tag}> block with a program"), None
     report = program.analyze(source, task_source)
     if report.forbidden:
-        return (0.0, "hacked", "refused to run: " + "; ".join(report.forbidden[:3])), report
+        return RewardResult.of(0.0, Outcome.HACKED, "refused to run: " + "; ".join(report.forbidden[:3])), report
     if report.hacks:
-        return (0.0, "hacked", "; ".join(report.hacks[:3])), report
+        return RewardResult.of(0.0, Outcome.HACKED, "; ".join(report.hacks[:3])), report
     score = report.format_score
-    return (score, "ok" if score >= 1.0 else "wrong", program.format_reason(report)), report
+    return RewardResult.of(score, Outcome.OK if score >= 1.0 else Outcome.WRONG, program.format_reason(report)), report

@@ -3,15 +3,38 @@ reward client and by the pool itself. Pure pydantic: no torch, no triton."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from enum import Enum
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Outcome = Literal["ok", "wrong", "invalid", "timeout", "crash", "hacked", "unverifiable", "error"]
-"""How one evaluation of one reward ended:
-ok (scored normally), wrong (ran but failed checks), invalid (no parsable answer), timeout,
-crash (the sandboxed child died), hacked (anti-reward-hacking check fired), unverifiable
-(cannot be checked on this hardware), error (the pool itself failed: not the model's fault)."""
+class Outcome(str, Enum):
+    """How one evaluation of one reward ended. Every outcome but `error` is a verdict on the
+    completion (scored as given, 0 included); `error` means the pool could not judge it, and the
+    trainer leaves it out of the update."""
+
+    OK = "ok"
+    """Scored normally."""
+    WRONG = "wrong"
+    """Ran, but failed checks (fractional scores: the share of test cases passed)."""
+    INVALID = "invalid"
+    """No parsable answer."""
+    TIMEOUT = "timeout"
+    """Ran past the sandbox's time limit."""
+    CRASH = "crash"
+    """The sandboxed child (or the worker running it) died, or stopped without reporting every case."""
+    HACKED = "hacked"
+    """An anti-reward-hacking check fired: every triton reward scores 0."""
+    UNVERIFIABLE = "unverifiable"
+    """Cannot be checked on this hardware (e.g. a feature the CPU interpreter lacks)."""
+    ERROR = "error"
+    """The pool itself failed (a bad task, a damaged worker): not the model's fault."""
+
+    def __str__(self) -> str:  # "wrong", not "Outcome.WRONG", in messages and tables
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 class _Wire(BaseModel):
@@ -69,12 +92,19 @@ class EvaluateRequest(_Wire):
 
 
 class RewardResult(_Wire):
-    """The score of one reward on one completion."""
+    """The verdict of one reward on one completion: the one shape every evaluator (text
+    rewards, the format check, the sandboxed kernel evaluation, custom rewards) returns, the
+    worker sends, the pool serves and the trainer reads."""
 
     score: float = Field(ge=0.0, le=1.0)
     outcome: Outcome
     reason: str = ""
     """Why this score, in a few words a user can act on (never the sandbox's environment)."""
+
+    @classmethod
+    def of(cls, score: float, outcome: Outcome | str, reason: str = "") -> "RewardResult":
+        """A verdict with the score clamped to [0, 1]."""
+        return cls(score=max(0.0, min(1.0, float(score))), outcome=Outcome(outcome), reason=reason)
 
 
 class ItemResult(_Wire):
@@ -94,3 +124,61 @@ class EvaluateResponse(_Wire):
 class ErrorResponse(_Wire):
     error: str
     """What was wrong with the request, naming the field."""
+
+
+# --------------------------------------------------------------------------- pool <-> worker
+
+
+class SandboxLimits(_Wire):
+    """Per-evaluation limits the pool gives a worker (see `sandbox.Limits`)."""
+
+    wall_seconds: float
+    cpu_seconds: int
+    memory_bytes: Optional[int]
+    allow_processes: bool = False
+
+
+class WorkerReward(_Wire):
+    """One reward of a worker job."""
+
+    name: str
+    kind: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    module: Optional[str] = None
+
+
+class WorkerTask(_Wire):
+    name: Optional[str] = None
+    source: str
+
+
+class WorkerJob(_Wire):
+    """What the pool asks a sandbox worker, one JSON line on its stdin: the sandboxed triton
+    rewards of one completion (`kernel`), or its custom rewards (`custom`)."""
+
+    id: int = 0
+    type: str = Field(pattern="^(kernel|custom)$")
+    completion: str
+    rewards: list[WorkerReward]
+    limits: SandboxLimits
+    task: Optional[WorkerTask] = None
+    row: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkerAnswer(_Wire):
+    """A worker's answer to one job, one JSON line on its stdout."""
+
+    id: int = 0
+    rewards: dict[str, RewardResult]
+    hacked: bool = False
+    timeouts: int = 0
+    crashes: int = 0
+    seconds: float = 0.0
+    max_rss_bytes: int = 0
+    retire: bool = False
+    """The worker's sandbox set-up is damaged: the pool replaces it with a fresh one."""
+
+    @classmethod
+    def everyone(cls, job: WorkerJob, outcome: Outcome | str, reason: str, hacked: bool = False, **extra: Any) -> "WorkerAnswer":
+        """The same verdict (score 0) for every reward of the job."""
+        return cls(rewards={r.name: RewardResult.of(0.0, outcome, reason) for r in job.rewards}, hacked=hacked, **extra)

@@ -15,7 +15,8 @@ import resource
 import sys
 import time
 import traceback
-from typing import Any
+
+from .schema import Outcome, RewardResult, WorkerAnswer, WorkerJob
 
 
 def _warm_up(device: str) -> dict[str, str]:
@@ -97,63 +98,53 @@ def main() -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        job = json.loads(line)
+        job = WorkerJob.model_validate_json(line)
         start = time.monotonic()
         retire = False
         try:
             _fit_memory_limit(job, base_memory)
-            if job["type"] == "kernel":
-                answer = evaluator.evaluate(job)
-            elif job["type"] == "custom":
-                answer = _custom(job, zygote)
-            else:
-                raise ValueError(f"unknown job type {job['type']!r}")
+            answer = evaluator.evaluate(job) if job.type == "kernel" else _custom(job, zygote)
         except (ZygoteFailed, SandboxDamaged) as e:
             # Not the completion's fault (a child cannot reach the zygote or change its limits):
             # say so, and let the pool replace this worker with a fresh one.
             retire = True
-            answer = _everyone(job, "error", f"the sandbox worker's set-up is damaged ({e}); the worker is replaced")
+            answer = WorkerAnswer.everyone(job, Outcome.ERROR, f"the sandbox worker's set-up is damaged ({e}); the worker is replaced")
         except Exception as e:  # noqa: BLE001 - a worker bug must not take the worker down
             traceback.print_exc()
-            answer = _everyone(job, "error", f"evaluator error: {type(e).__name__}: {e}")
-        answer["id"] = job.get("id")
-        answer["retire"] = retire
-        answer["seconds"] = time.monotonic() - start
-        answer["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        protocol.write(json.dumps(answer) + "\n")
+            answer = WorkerAnswer.everyone(job, Outcome.ERROR, f"evaluator error: {type(e).__name__}: {e}")
+        answer.id = job.id
+        answer.retire = retire
+        answer.seconds = time.monotonic() - start
+        answer.max_rss_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        protocol.write(answer.model_dump_json() + "\n")
         if retire:
             break
     zygote.close()
     return 0
 
 
-def _everyone(job: dict[str, Any], outcome: str, reason: str) -> dict[str, Any]:
-    return {"rewards": {r["name"]: {"score": 0.0, "outcome": outcome, "reason": reason} for r in job.get("rewards", [])}, "hacked": False}
-
-
-def _fit_memory_limit(job: dict[str, Any], base_memory: int) -> None:
+def _fit_memory_limit(job: WorkerJob, base_memory: int) -> None:
     """The children start with the worker's address space (torch and triton take ~3 GiB of
     it); a limit below that plus some room would fail every evaluation, so raise it."""
-    limits = job["limits"]
-    if limits.get("memory_bytes") is not None:
-        limits["memory_bytes"] = max(int(limits["memory_bytes"]), base_memory + (512 << 20))
+    if job.limits.memory_bytes is not None:
+        job.limits.memory_bytes = max(job.limits.memory_bytes, base_memory + (512 << 20))
 
 
-def _custom(job: dict[str, Any], zygote) -> dict[str, Any]:
+def _custom(job: WorkerJob, zygote) -> WorkerAnswer:
     from . import channel
-    from .kernel_eval import Result, _describe_child_end
+    from .kernel_eval import _describe_child_end
     from .sandbox import Limits
     from .zygote import RunRefused
 
-    limits = Limits(**job["limits"])
+    limits = Limits(**job.limits.model_dump())
     results = {}
-    for reward in job["rewards"]:
-        path = reward["module"]
-        header = {"kind": "custom", "module": path, "completion": job["completion"], "row": job.get("row", {}), "args": reward.get("args", {})}
+    for reward in job.rewards:
+        path = reward.module
+        header = {"kind": "custom", "module": path, "completion": job.completion, "row": job.row, "args": reward.args}
         try:
             run = zygote.run(header, b"", limits)
         except RunRefused as e:
-            results[reward["name"]] = Result(0.0, "error", f"cannot load custom reward {path}: {e}").as_dict()
+            results[reward.name] = RewardResult.of(0.0, Outcome.ERROR, f"cannot load custom reward {path}: {e}")
             continue
         try:
             frames, _ = channel.read_frames(run.result)
@@ -162,16 +153,16 @@ def _custom(job: dict[str, Any], zygote) -> dict[str, Any]:
         answer = next((h for h, _ in frames if h.get("kind") == "custom"), None)
         if answer is None:
             outcome, reason = _describe_child_end(run, limits)
-            results[reward["name"]] = Result(0.0, outcome, f"custom reward {path}: {reason}").as_dict()
+            results[reward.name] = RewardResult.of(0.0, outcome, f"custom reward {path}: {reason}")
         elif "error" in answer:
-            results[reward["name"]] = Result(0.0, "error", f"custom reward {path} raised {answer['error']}").as_dict()
+            results[reward.name] = RewardResult.of(0.0, Outcome.ERROR, f"custom reward {path} raised {answer['error']}")
         else:
             score = float(answer["score"])
             if not 0.0 <= score <= 1.0:
-                results[reward["name"]] = Result(0.0, "error", f"custom reward {path} returned {score}, outside [0, 1]").as_dict()
+                results[reward.name] = RewardResult.of(0.0, Outcome.ERROR, f"custom reward {path} returned {score}, outside [0, 1]")
             else:
-                results[reward["name"]] = Result(score, "ok", str(answer.get("reason", ""))).as_dict()
-    return {"rewards": results, "hacked": False}
+                results[reward.name] = RewardResult.of(score, Outcome.OK, str(answer.get("reason", "")))
+    return WorkerAnswer(rewards=results)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,30 @@ def program(forward: str, prelude: str = "", init: str = "", cls_header: str = "
 
 
 HOST_MATH = "torch computed on the host while forward ran"
+TORCH_IN_KERNEL = '''
+STASH = []
+
+
+def helper():
+    return torch.relu(STASH[0])
+
+
+@triton.jit
+def relu_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, FN: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+    STASH.append(FN())
+
+
+class ModelNew(nn.Module):
+    def forward(self, x):
+        STASH.clear()
+        STASH.append(x)
+        out = torch.empty_like(x)
+        relu_kernel[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), BLOCK=4096, FN=helper)
+        return STASH[-1]
+'''
 ATTACKS = {
     # host math the old static check did not see, behind a real kernel launch
     "method on a call result": (program("return copy(x).contiguous().relu()"), HOST_MATH, "aten.relu"),
@@ -64,32 +88,38 @@ ATTACKS = {
         program("vals = [v if v > 0 else 0.0 for v in x.reshape(-1).tolist()]\nreturn copy(torch.tensor(vals).view(x.shape))"),
         HOST_MATH, "reads tensor values into Python (.tolist)",
     ),
-    "torch inside a kernel body": (
-        HEADER + '''
-STASH = []
-
-
-def helper():
-    return torch.relu(STASH[0])
-
-
-@triton.jit
-def relu_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
-    STASH.append(helper())
-
-
-class ModelNew(nn.Module):
-    def forward(self, x):
-        STASH.clear()
-        STASH.append(x)
-        out = torch.empty_like(x)
-        relu_kernel[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), BLOCK=4096)
-        return STASH[-1]
-''',
-        "a Triton kernel body called torch", "aten.relu",
+    "torch inside a kernel body (a helper the compiler would refuse)": (
+        HEADER + TORCH_IN_KERNEL.replace("FN: tl.constexpr", "UNUSED: tl.constexpr").replace("FN()", "helper()"),
+        "", "calls the plain Python function helper inside a @triton.jit function",
+    ),
+    "torch inside a kernel body (through a constexpr argument)": (HEADER + TORCH_IN_KERNEL, "a Triton kernel body called torch", "aten.relu"),
+    "python per element (apply_)": (
+        program("out = copy(x)\nout.apply_(lambda v: v if v > 0 else 0.0)\nreturn out"), HOST_MATH, "(.apply_)",
+    ),
+    "a finalizer computes after forward": (
+        program(
+            "out = copy(x)\nLater(x, out)\nreturn out",
+            "class Later:\n    def __init__(self, src, dst):\n        self.src, self.dst, self.me = src, dst, self\n\n"
+            "    def __del__(self):\n        self.dst.copy_(torch.relu(self.src))\n\n",
+        ),
+        HOST_MATH, "aten.relu",
+    ),
+    "a tensor subclass computes when read": (
+        program(
+            "STORE.append(x)\nreturn copy(x).as_subclass(Lazy)",
+            "STORE = []\n\n\nclass Lazy(torch.Tensor):\n    @classmethod\n"
+            "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n        return torch.relu(STORE[-1])\n\n",
+        ),
+        "", "forward returned a kuberft_candidate.Lazy, not plain tensors",
+    ),
+    "forges frames through open(fd)": (
+        program("for fd in range(3, 16):\n    open(fd, 'wb').write(b'forged')\nreturn copy(x)"), "refused to run", "uses open()",
+    ),
+    "kernel calls a Python helper reading interpreter internals": (
+        HEADER + COPY_KERNEL.replace("tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets, mask=mask), mask=mask)",
+                                     "tl.store(dst_ptr + offsets, peek(tl.load(src_ptr + offsets, mask=mask)), mask=mask)")
+        + "\n\ndef peek(v):\n    v.handle.data = v.handle.data.clip(0)\n    return v\n\n\nclass ModelNew(nn.Module):\n    def forward(self, x):\n        return copy(x)\n",
+        "refused to run", "reads .handle",
     ),
     # beating the no-op re-run
     "detects the no-op re-run by name": (

@@ -13,7 +13,7 @@ from kuberft_reward.pool import PoolBusy, RewardPool
 from kuberft_reward.rewards import RequestError
 from kuberft_reward.schema import EvaluateRequest
 
-from .conftest import SECRET, kernel_request, solution, tagged
+from .conftest import SECRET, TIMEOUT_SECONDS, kernel_request, solution, tagged
 
 TASK_IDS = TaskSet().ids()
 RELU = shipped_solution("relu")
@@ -170,13 +170,13 @@ ADVERSARIAL = {
     # attacks on the sandbox
     "os._exit": (relu_with_forward("import os\nos._exit(0)"), "refused to run: imports os"),
     "fork bomb": (relu_with_forward("import os\nwhile True:\n    os.fork()"), "refused to run: imports os"),
-    "infinite loop in forward": (relu_with_forward("while True:\n    pass"), "stopped after 10 s (the sandbox wall-clock limit)"),
+    "infinite loop in forward": (relu_with_forward("while True:\n    pass"), f"stopped after {TIMEOUT_SECONDS} s (the sandbox wall-clock limit)"),
     "infinite loop in a kernel": (
         tagged(RELU.replace("    out = tl.maximum(x, 0.0)", "    i = 0\n    while i >= 0:\n        i += 1\n    out = tl.maximum(x, 0.0)")),
-        "stopped after 10 s",
+        f"stopped after {TIMEOUT_SECONDS} s",
     ),
     "memory bomb": (relu_with_forward("hog = [1.0] * (1 << 33)\nreturn x"), "MemoryError"),
-    "writes outside the sandbox": (relu_with_forward("open('/etc/kuberft-pwned', 'w').write('x')\nreturn x"), "'/etc/kuberft-pwned'"),
+    "writes outside the sandbox": (relu_with_forward("open('/etc/kuberft-pwned', 'w').write('x')\nreturn x"), "uses open()"),
     "network access": (relu_with_forward("import socket\nsocket.create_connection(('10.0.0.1', 80))\nreturn x"), "refused to run: imports socket"),
     "reads the environment": (relu_with_forward("import os\nraise ValueError(str(os.environ))"), "refused to run: imports os"),
     "kills the parent": (relu_with_forward("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nreturn x"), "refused to run: imports os"),

@@ -5,7 +5,13 @@ import pytest
 
 from kuberft_reward.kernel_tasks import TaskSet, shipped_solution
 from kuberft_reward.program import analyze, extract_program
-from kuberft_reward.rewards import format_reward
+from kuberft_reward import rewards
+
+
+def format_reward(completion, task_source, tag):
+    """The format verdict as (score, outcome, reason), with the analysis."""
+    result, report = rewards.format_reward(completion, task_source, tag)
+    return (result.score, result.outcome.value, result.reason), report
 
 RELU_TASK = TaskSet().get("relu").source
 GOOD = shipped_solution("relu")
@@ -73,6 +79,8 @@ def test_a_program_that_does_not_parse_gets_only_the_tag_credit():
         ("lib = torch.ctypes.CDLL(None)", "reaches the module ctypes through .ctypes"),
         ("frames = torch.inspect.stack()", "reaches the module inspect through .inspect"),
         ("alias = [torch][0].os", "reaches the module os through .os"),
+        ("f = open(4, 'wb')", "uses open()"),
+        ("def peek(v):\n    return v.handle.data", "reads .handle (the CPU interpreter's internals"),
     ],
 )
 def test_constructs_the_sandbox_refuses(line, expected):
@@ -111,11 +119,11 @@ def test_tampering_with_imported_modules_is_a_hack():
     [
         ("    out = torch.relu(x)", "torch used inside a @triton.jit function"),
         ("    out = tl.maximum(x, 0.0)\n    vals = [v for v in range(3)]", "ListComp inside a @triton.jit function"),
-        ("    out = tl.maximum(x, 0.0)\n    raw = x.handle", ".handle of a Triton value"),
+        ("    out = helper(x)", "calls the plain Python function helper inside a @triton.jit function"),
     ],
 )
 def test_kernel_bodies_the_triton_compiler_refuses_are_found(kernel_line, expected):
-    program = GOOD.replace("    out = tl.maximum(x, 0.0)", kernel_line)
+    program = GOOD.replace("    out = tl.maximum(x, 0.0)", kernel_line) + "\n\ndef helper(v):\n    return v\n"
     report = analyze(program, RELU_TASK)
     assert any(expected in n for n in report.not_triton), report.not_triton
 

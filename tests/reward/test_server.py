@@ -8,7 +8,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from kuberft_reward.server import build_app
 
-from .conftest import solution
+from .conftest import TIMEOUT_SECONDS, solution
 
 
 def call(pool, method: str, path: str, **kwargs):
@@ -36,7 +36,7 @@ def test_evaluate_scores_a_batch(pool):
     )
     assert status == 200
     first, second = body["results"]
-    assert first["rewards"]["correct"] == {"score": 1.0, "outcome": "ok", "reason": "4/4 test cases match the reference"}
+    assert first["rewards"]["correct"] == {"score": 1.0, "outcome": "ok", "reason": "6/6 test cases match the reference"}  # 4 seeds, signed, scaled
     assert second["rewards"]["countdown"]["score"] == 1.0
     assert second["rewards"]["correct"]["outcome"] == "invalid"
 
@@ -78,7 +78,7 @@ def test_healthz_reports_workers_and_isolation(pool):
     assert status == 200
     assert body["status"] == "ok" and body["workers"] == 2 and body["device"] == "cpu"
     assert body["isolation"]["seccomp"] is True
-    assert body["sandbox"] == {"timeoutSeconds": 10, "memoryMiB": 4096}
+    assert body["sandbox"] == {"timeoutSeconds": TIMEOUT_SECONDS, "memoryMiB": 4096}
 
 
 def test_metrics_are_served_under_their_catalogue_names(pool):

@@ -6,7 +6,22 @@ import ast
 import pytest
 
 from kuberft_reward import tasksets
-from kuberft_reward.text_rewards import countdown, exact_match, multiple_choice, regex
+from kuberft_reward import text_rewards
+
+
+def _as_triple(function):
+    """The reward as (score, outcome, reason), the three things a user reads."""
+
+    def call(*args):
+        result = function(*args)
+        return (result.score, result.outcome.value, result.reason)
+
+    return call
+
+
+countdown, exact_match, multiple_choice, regex = map(
+    _as_triple, (text_rewards.countdown, text_rewards.exact_match, text_rewards.multiple_choice, text_rewards.regex)
+)
 
 PUZZLE = {"numbers": [3, 7, 25], "target": 46}
 

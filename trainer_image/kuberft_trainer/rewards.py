@@ -21,11 +21,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
-from kuberft_reward.schema import EvaluateRequest, EvaluateResponse, Item, ItemResult, RewardRequest, RewardResult
+from kuberft_reward.schema import EvaluateRequest, EvaluateResponse, Item, ItemResult, Outcome, RewardRequest, RewardResult
 
 log = logging.getLogger(__name__)
 
-FAILURE_OUTCOME = "error"
+FAILURE_OUTCOME = Outcome.ERROR
 
 
 @runtime_checkable
@@ -68,7 +68,7 @@ def score_matrix(response: EvaluateResponse, rewards: Sequence[RewardRequest], n
             reward = result.rewards.get(name)
             if reward is None:
                 reward = RewardResult(score=0.0, outcome=FAILURE_OUTCOME, reason=f"no result for reward {name!r}")
-            outcomes[name], reasons[name] = reward.outcome, reward.reason
+            outcomes[name], reasons[name] = reward.outcome.value, reward.reason
             if reward.outcome == FAILURE_OUTCOME:
                 row.append(None)
                 matrix.failures += 1
