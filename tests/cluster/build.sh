@@ -101,7 +101,7 @@ trap 'kill $heartbeat 2>/dev/null' EXIT
 echo "build.sh: go install sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" >&2
 (cd "$staging" && GOFLAGS= GOBIN="$staging" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION")
 "$staging/kube-apiserver" --version >&2
-"$staging/etcd" --version | head -1 >&2
+"$staging/etcd" --version | sed -n 1p >&2  # sed reads it all: `head -1` could exit first and SIGPIPE etcd (exit 141 under pipefail)
 rm -rf "$bin" && mv "$staging" "$bin"
 elapsed=$(( $(date +%s) - started ))
 echo "k8s=$K8S_VERSION etcd=$etcd_version kwok=$KWOK_VERSION build_seconds=$elapsed (cold when the Go build cache was empty)" >"$bin/BUILD_INFO"
