@@ -442,6 +442,7 @@ def run_candidate(
     if interpreter_mode():
         _interpreter_compat()
     launches = host_guard.LaunchLog(noop).install()
+    integrity = host_guard.Integrity()
     # Finalizers of the program's objects run only inside the guard (it collects at the end of
     # each forward), never later, while the outputs are being read.
     gc.disable()
@@ -451,7 +452,7 @@ def run_candidate(
     except BaseException as e:  # noqa: BLE001 - SystemExit included: the program's fault
         channel.send(fd, {"kind": "error", "stage": "import", "error": describe_error(e, path)})
         return
-    channel.send(fd, {"kind": "stage", "stage": "import", "launches": launches.total})
+    channel.send(fd, {"kind": "stage", "stage": "import", "launches": launches.total, "tampered": integrity.changed()})
     model_class = getattr(module, "ModelNew", None)
     if not isinstance(model_class, type) or not issubclass(model_class, torch.nn.Module):
         channel.send(fd, {"kind": "error", "stage": "build", "error": "the program defines no class ModelNew(nn.Module)"})
@@ -477,7 +478,7 @@ def run_candidate(
                     channel.send(fd, {"kind": "error", "stage": "build", "error": describe_error(e, path)})
                     return
                 empty = host_guard.Observation()
-                channel.send(fd, {"kind": "case", "index": index, "error": f"building ModelNew for this case: {describe_error(e, path)}", **_observed(empty, [])})
+                channel.send(fd, {"kind": "case", "index": index, "error": f"building ModelNew for this case: {describe_error(e, path)}", **_observed(empty, [], integrity)})
                 continue
         guarded = [_guarded(_to(t, device), alive) for t in case["inputs"]]
         inputs = [g[0] for g in guarded]
@@ -489,12 +490,12 @@ def run_candidate(
                 output = models[init_index](*inputs)
             _sync(device)
         except BaseException as e:  # noqa: BLE001
-            channel.send(fd, {"kind": "case", "index": index, "error": describe_error(e, path), **_observed(guard.observation, [])})
+            channel.send(fd, {"kind": "case", "index": index, "error": describe_error(e, path), **_observed(guard.observation, [], integrity)})
             continue
         seconds = time.perf_counter() - start
         foreign = _foreign_types(output)
         if foreign:
-            channel.send(fd, {"kind": "case", "index": index, "error": f"forward returned a {foreign}, not plain tensors", **_observed(observation, [])})
+            channel.send(fd, {"kind": "case", "index": index, "error": f"forward returned a {foreign}, not plain tensors", **_observed(observation, [], integrity)})
             continue
         mutated = [i for i, (a, b) in enumerate(zip(inputs, pristine)) if isinstance(a, torch.Tensor) and not _same_bytes(a, b)]
         out_of_bounds = [i for i, (t, buffer) in enumerate(guarded) if buffer is not None and not _guard_intact(buffer, t.numel())]
@@ -504,14 +505,14 @@ def run_candidate(
         try:
             spec, payload = channel.encode_values(output)
         except channel.ChannelError as e:
-            channel.send(fd, {"kind": "case", "index": index, "error": f"forward returned something that is not tensors: {e}", **_observed(observation, [])})
+            channel.send(fd, {"kind": "case", "index": index, "error": f"forward returned something that is not tensors: {e}", **_observed(observation, [], integrity)})
             continue
         alive.append(output)
         channel.send(
             fd,
             {
                 "kind": "case", "index": index, "output": spec, "seconds": seconds, "mutated_inputs": mutated,
-                "out_of_bounds_inputs": out_of_bounds, "aliases_input": aliases, **_observed(observation, outputs),
+                "out_of_bounds_inputs": out_of_bounds, "aliases_input": aliases, **_observed(observation, outputs, integrity),
             },
             payload,
         )
@@ -538,10 +539,11 @@ def _foreign_types(value: Any, depth: int = 0) -> str | None:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _observed(observation: Any, outputs: list) -> dict[str, Any]:
+def _observed(observation: Any, outputs: list, integrity: Any) -> dict[str, Any]:
     from .host_guard import unlaunched_outputs
 
     return {
+        "tampered": integrity.changed(),
         "host_ops": observation.host_ops,
         "kernel_torch": observation.kernel_torch,
         "launches": observation.launches,

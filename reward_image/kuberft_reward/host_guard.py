@@ -229,6 +229,38 @@ class LaunchLog:
         return run
 
 
+class Integrity:
+    """Identities of everything the evaluator relies on in torch, triton and its own modules,
+    taken before the program is imported: an attribute the program replaced or removed (a
+    patched `torch.equal`, `Tensor.clone`, a launcher) is tampering, however it was reached."""
+
+    def __init__(self) -> None:
+        import triton
+        import triton.language as tl
+        from triton.runtime import jit as jit_module
+
+        from . import channel, harness
+
+        namespaces = [torch, torch.Tensor, *torch.Tensor.__mro__[1:-1], torch.nn.functional, torch.nn.Module, triton, tl,
+                      jit_module.JITFunction, channel, harness, sys.modules[__name__], HostGuard, LaunchLog, _Ops, _Reads]
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            namespaces.append(InterpretedFunction)
+        except ImportError:
+            pass
+        self._snapshot = [(space, dict((k, id(v)) for k, v in vars(space).items())) for space in namespaces]
+
+    def changed(self) -> list[str]:
+        found = []
+        for space, before in self._snapshot:
+            now = vars(space)
+            for key, identity in before.items():
+                if key not in now or id(now[key]) != identity:
+                    found.append(f"{getattr(space, '__name__', type(space).__name__)}.{key}")
+        return found[:5]
+
+
 def unlaunched_outputs(outputs: list[torch.Tensor], observation: Observation) -> list[int]:
     """Indexes of output tensors whose memory no kernel launched during `forward` was given."""
     return [

@@ -57,6 +57,8 @@ class CandidateRun:
     imported: bool = False
     build_error: str | None = None
     build_hack: bool = False
+    tampered_with: list[str] = field(default_factory=list)
+    """Attributes of torch, triton or the evaluator the program replaced or removed."""
     import_error: str | None = None
     cases: dict[int, dict[str, Any]] = field(default_factory=dict)
     done: bool = False
@@ -87,6 +89,7 @@ def parse_candidate_frames(run: ChildRun, expected: list[int]) -> CandidateRun:
                     result.import_error = str(header.get("error"))
                 elif kind == "stage" and header.get("stage") == "import":
                     result.imported = True
+                    result.tampered_with = [str(x) for x in header["tampered"]]
                 else:
                     raise channel.ChannelError(f"the first frame is {kind!r}, not the import stage")
             elif result.import_error is not None or result.build_error is not None:
@@ -98,6 +101,7 @@ def parse_candidate_frames(run: ChildRun, expected: list[int]) -> CandidateRun:
                 if not pending or header.get("index") != pending[0]:
                     raise channel.ChannelError(f"case {header.get('index')!r} out of order (expected {pending[0] if pending else 'none'})")
                 pending.pop(0)
+                result.tampered_with += [str(x) for x in header["tampered"] if str(x) not in result.tampered_with]
                 observed = {
                     "host_ops": [str(x) for x in header["host_ops"]],
                     "kernel_torch": [str(x) for x in header["kernel_torch"]],
@@ -135,6 +139,8 @@ def parse_candidate_frames(run: ChildRun, expected: list[int]) -> CandidateRun:
 
 def _observed_hack(real: CandidateRun) -> str | None:
     """What the child saw the program do while `forward` ran, as a hack reason."""
+    if real.tampered_with:
+        return "changed the evaluator's environment: replaced or removed " + ", ".join(real.tampered_with[:3])
     if real.build_hack:
         return real.build_error
     for index, entry in sorted(real.cases.items()):

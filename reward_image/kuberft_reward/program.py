@@ -139,6 +139,28 @@ def _dotted(node: ast.AST) -> list[str] | None:
     return None
 
 
+def _root_name(node: ast.AST) -> str | None:
+    """The name an attribute/subscript/call chain starts from (`torch` in `torch.nn.F(x).y[0]`)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call, ast.Starred)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _may_be_module(value: ast.AST, module_aliases: set[str]) -> bool:
+    """Whether an assigned value may be an imported module or something in one: a plain chain
+    from a module (`torch.nn.functional`), or a value the analysis cannot follow (`[torch][0]`,
+    `(lambda: torch)()`). A call of a module's function (`torch.zeros(3)`) makes a new object."""
+    if isinstance(value, (ast.Name, ast.Attribute)):
+        return _root_name(value) in module_aliases
+    if isinstance(value, ast.Call):
+        return _root_name(value.func) is None
+    if isinstance(value, (ast.Subscript, ast.Starred)):
+        return _root_name(value) is None or _root_name(value) in module_aliases
+    if isinstance(value, (ast.IfExp, ast.BoolOp, ast.Lambda)):
+        return any(isinstance(n, ast.Name) and n.id in module_aliases for n in ast.walk(value))
+    return False
+
+
 def _is_jit_decorator(node: ast.AST, aliases: dict[str, str]) -> bool:
     target = node.func if isinstance(node, ast.Call) else node
     chain = _dotted(target)
@@ -221,6 +243,23 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
     def resolve(chain: list[str]) -> str:
         return ".".join([aliases.get(chain[0], chain[0])] + chain[1:])
 
+    # Names bound to imported modules or to anything reached through them (`T = torch`,
+    # `F = torch.nn.functional`, `Tensor = torch.Tensor`): assigning to their attributes changes
+    # the evaluator's torch and triton.
+    module_aliases = set(aliases)
+    changed = True
+    while changed:
+        changed = False
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.NamedExpr)) and node.value is not None and _may_be_module(node.value, module_aliases):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    names = target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+                    for name in names:
+                        if isinstance(name, ast.Name) and name.id not in module_aliases:
+                            module_aliases.add(name.id)
+                            changed = True
+
     plain_functions = {
         node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in jit_names
     }
@@ -244,8 +283,12 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
                 full = resolve(chain)
                 if any(full == m or full.startswith(m + ".") for m in FORBIDDEN_TORCH_MODULES):
                     report.forbidden.append(f"line {node.lineno}: uses {full}, which the sandbox does not allow")
-                if isinstance(node.ctx, (ast.Store, ast.Del)):
-                    report.hacks.append(f"line {node.lineno}: monkey-patches {full}")
+            if isinstance(node.ctx, (ast.Store, ast.Del)):
+                root = _root_name(node)
+                if root in module_aliases:
+                    report.hacks.append(f"line {node.lineno}: monkey-patches {resolve(chain) if chain and chain[0] in aliases else ast.unparse(node)}")
+                elif root is None:
+                    report.hacks.append(f"line {node.lineno}: assigns to an attribute of a computed object ({ast.unparse(node)}); only the program's own objects may be changed")
         if in_kernel:
             if isinstance(node, KERNEL_BODY_FORBIDDEN_NODES):
                 report.not_triton.append(f"line {node.lineno}: {type(node).__name__} inside a @triton.jit function")

@@ -27,7 +27,7 @@ from functools import partial
 from typing import Any
 
 from . import channel, harness
-from .sandbox import ChildExit, ChildRun, Isolation, Limits, collect, kill_child, start_child, wait_child
+from .sandbox import ChildExit, ChildRun, Isolation, Limits, collect, kill_child, prepare_zygote, start_child, wait_child
 
 _LENGTHS = struct.Struct("<IQ")
 REPLY_GRACE_SECONDS = 10.0
@@ -142,6 +142,7 @@ def _zygote_main(sock: socket.socket, isolation: Isolation, device: str) -> None
     os.dup2(2, 1)
     code = 0
     try:
+        prepare_zygote()  # single-threaded now (just forked): children can go straight into PID namespaces
         _serve(sock, isolation, device)
     except BaseException:  # noqa: BLE001 - the worker sees the socket close and is replaced
         import traceback

@@ -121,6 +121,17 @@ ATTACKS = {
         + "\n\ndef peek(v):\n    v.handle.data = v.handle.data.clip(0)\n    return v\n\n\nclass ModelNew(nn.Module):\n    def forward(self, x):\n        return copy(x)\n",
         "refused to run", "reads .handle",
     ),
+    "patches torch through a function's return value": (
+        program(
+            "return copy(x)",
+            "def module():\n    return torch\n\n\npatched = module()\npatched.equal = lambda *args: True\n",
+        ),
+        "changed the evaluator's environment: replaced or removed torch.equal", "",
+    ),
+    "patches a launcher through a parameter": (
+        program("return copy(x)", "def patch(kernel_class):\n    kernel_class.run = None\n\n\n", init="patch(type(copy_kernel))"),
+        "changed the evaluator's environment", "run",
+    ),
     # beating the no-op re-run
     "detects the no-op re-run by name": (
         program("if copy_kernel.run.__name__ != 'run':\n    return x\nreturn torch.relu(copy(x))"), HOST_MATH, "aten.relu",
@@ -379,12 +390,12 @@ def _case(index: int) -> tuple[dict, bytes]:
     spec, payload = channel.encode_values(torch.zeros(2))
     return (
         {"kind": "case", "index": index, "output": spec, "mutated_inputs": [], "out_of_bounds_inputs": [], "aliases_input": False,
-         "host_ops": [], "kernel_torch": [], "launches": 1, "unlaunched_outputs": []},
+         "host_ops": [], "kernel_torch": [], "launches": 1, "unlaunched_outputs": [], "tampered": []},
         payload,
     )
 
 
-STAGE = ({"kind": "stage", "stage": "import"}, b"")
+STAGE = ({"kind": "stage", "stage": "import", "tampered": []}, b"")
 DONE = ({"kind": "done"}, b"")
 
 
@@ -401,7 +412,7 @@ def test_well_formed_frames_are_accepted():
         ([STAGE, _case(0), _case(1), DONE, _case(1)], 0, b"", "a 'case' frame after 'done'"),
         ([STAGE, _case(0), DONE], 0, b"", "an unexpected 'done' frame"),
         ([_case(0), _case(1), DONE], 0, b"", "the first frame is 'case', not the import stage"),
-        ([STAGE, ({"kind": "case", "index": 0, "output": {"t": "tensor"}}, b""), _case(1), DONE], 0, b"", "host_ops"),
+        ([STAGE, ({"kind": "case", "index": 0, "output": {"t": "tensor"}}, b""), _case(1), DONE], 0, b"", "result channel"),
         ([STAGE, _case(0)], 0, b"\x05\x00\x00\x00", "left a partial frame"),
     ],
 )
