@@ -5,7 +5,9 @@ candidate, runs and compares).
 Both sides evaluate the known-good solutions of the shipped tasks on the Triton CPU
 interpreter with 2 evaluations in flight (both cores busy). Printed: evaluations per second,
 p50/p95 latency, and the per-evaluation overhead (latency minus the kernel work itself,
-measured inside the cold processes) with its ratio. Goal: overhead at least 20x lower.
+measured inside the cold processes) with its ratio. The pool runs every check (host-compute
+guard, launch tracking, derived cases, the no-op re-run, each child forked from the zygote); the
+cold process runs the same number of test cases and no checks. Goal: overhead at least 50x lower.
 
     .venv/bin/python benchmarks/reward_throughput.py [--rounds 3] [--cold-evals 8]
 """
@@ -24,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CONCURRENCY = 2
+CASES = 7
+"""Test cases per evaluation on both sides: the pool's 4 seeds plus its derived cases (signed,
+scaled, odd-sized), so the kernel work compared is the same."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -58,9 +63,11 @@ def cold_one(task_path: str, program_path: str) -> None:
         torch.manual_seed(42)
         model = candidate.ModelNew(*init)
         ok = True
-        for case in range(4):
+        for case in range(CASES):
             torch.manual_seed(1000 + case * 104729)
             inputs = task.get_inputs()
+            if case >= 4:  # as many cases as the pool runs (4 seeds, then derived inputs)
+                inputs = [torch.randn_like(t) if t.is_floating_point() else t for t in inputs]
             with torch.no_grad():
                 expected = reference(*[t.clone() for t in inputs])
                 got = model(*inputs)
@@ -176,7 +183,7 @@ def main() -> None:
         print(f"{name:50} {rate:8.2f} {statistics.median(values):8.3f} {percentile(values, 0.95):8.3f} {len(values):4d}")
     print(f"kernel work per evaluation (p50, a warm repeat inside the cold processes): {work_p50:.3f} s")
     print(f"per-evaluation overhead: pool {pool_overhead:.3f} s, cold {cold_overhead:.3f} s")
-    print(f"overhead ratio (cold / pool): {cold_overhead / pool_overhead:.1f}x (goal: >= 20x)")
+    print(f"overhead ratio (cold / pool): {cold_overhead / pool_overhead:.1f}x (goal: >= 50x)")
     print(f"throughput ratio (pool / cold): {pool_rate / cold_rate:.1f}x")
 
 

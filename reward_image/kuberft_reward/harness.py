@@ -377,19 +377,6 @@ def _time_forward(model: Any, inputs: list, device: str, reps: int = 20) -> floa
 # --------------------------------------------------------------------------- candidate
 
 
-def _single_config_autotune() -> None:
-    """Under the interpreter, `@triton.autotune` cannot benchmark: keep its first config."""
-    from triton.runtime.autotuner import Autotuner
-
-    original = Autotuner.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.configs = self.configs[:1]
-
-    Autotuner.__init__ = init
-
-
 def _guarded(t: Any, keep: list) -> tuple[Any, Any]:
     """A copy of `t` inside a buffer with sentinel zones; returns (tensor, buffer)."""
     import torch
@@ -440,7 +427,9 @@ def run_candidate(
     from . import host_guard
 
     if interpreter_mode():
-        _interpreter_compat()
+        from . import interpreter_compat
+
+        interpreter_compat.install()  # libdevice math, .to() on scalars, autotune's fewest-programs config
     launches = host_guard.LaunchLog(noop).install()
     integrity = host_guard.Integrity()
     # Finalizers of the program's objects run only inside the guard (it collects at the end of
@@ -549,16 +538,6 @@ def _observed(observation: Any, outputs: list, integrity: Any) -> dict[str, Any]
         "launches": observation.launches,
         "unlaunched_outputs": unlaunched_outputs(outputs, observation),
     }
-
-
-def _interpreter_compat() -> None:
-    """Let correct real-world kernels run under the CPU interpreter (see interpreter_compat)."""
-    try:
-        from . import interpreter_compat
-    except ImportError:
-        _single_config_autotune()
-        return
-    interpreter_compat.install()
 
 
 # --------------------------------------------------------------------------- custom rewards

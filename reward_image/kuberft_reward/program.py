@@ -52,7 +52,6 @@ interpreter would run them)."""
 
 # Features the Triton CPU interpreter cannot execute faithfully.
 INTERPRETER_UNSUPPORTED = {
-    "libdevice": "libdevice functions",
     "inline_asm_elementwise": "inline assembly",
     "bfloat16": "bfloat16 arithmetic",
 }
@@ -110,9 +109,16 @@ def extract_program(completion: str, tag: str = "triton") -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _triton_modules():
+    import importlib
+
     import triton
     import triton.language as tl
 
+    for extra in ("triton.language.extra.libdevice", "triton.language.extra.cuda.libdevice", "triton.language.extra.hip.libdevice"):
+        try:  # so that tl.extra.libdevice.log resolves as it does where a kernel was compiled
+            importlib.import_module(extra)
+        except ImportError:
+            pass
     return triton, tl
 
 

@@ -48,7 +48,14 @@ def _warm_up(device: str) -> dict[str, str]:
     (torch.randn(8, 8) @ torch.randn(8, 8)).softmax(-1)
     with torch.device("meta"):  # task sizes are measured on the meta device; its first use imports ~500 modules
         torch.nn.Linear(2, 2)(torch.randn(2, 2))
+    torch.broadcast_shapes((2, 1), (1, 3))  # its first call imports sympy (5-8 s): not in a child's time limit
     import triton.runtime.autotuner  # noqa: F401 - used by the children
+
+    from . import interpreter_compat, program
+
+    program._triton_modules()  # the libdevice modules, for the children's kernels too
+    if device == "cpu":
+        interpreter_compat.install()  # once here, inherited by every child
 
     return {"torch": torch.__version__, "triton": triton.__version__, "numpy": numpy.__version__}
 

@@ -102,7 +102,7 @@ def test_a_solution_right_on_some_shapes_gets_partial_credit(pool):
     assert result.reason.startswith("6/7 test cases match; case 3 (get_inputs() with seed 315187, {'dim': 700}): ")
 
 
-def test_autotuned_kernels_run_with_their_first_config_on_the_interpreter(pool):
+def test_autotuned_kernels_run_one_config_on_the_interpreter(pool):
     autotuned = (
         RELU.replace("@triton.jit", "@triton.autotune(configs=[triton.Config({'BLOCK_SIZE': 256}), triton.Config({'BLOCK_SIZE': 512})], key=['n_elements'])\n@triton.jit")
         .replace(", BLOCK_SIZE=1024)", ")")
@@ -112,12 +112,14 @@ def test_autotuned_kernels_run_with_their_first_config_on_the_interpreter(pool):
     assert {n: r.score for n, r in result.rewards.items()} == {"triton.format": 1.0, "triton.compile": 1.0, "triton.correctness": 1.0}
 
 
-def test_what_the_interpreter_cannot_run_is_unverifiable_not_wrong(pool):
-    libdevice = RELU.replace("out = tl.maximum(x, 0.0)", "out = tl.maximum(tl.extra.cuda.libdevice.tanh(x) * 0 + x, 0.0)")
-    result = pool.evaluate_sync(kernel_request([tagged(libdevice)])).results[0]
-    assert result.rewards["triton.compile"].outcome == "unverifiable"
-    assert result.rewards["triton.correctness"].outcome == "unverifiable"
-    assert "libdevice functions" in result.rewards["triton.correctness"].reason
+def test_libdevice_math_runs_on_the_interpreter_and_what_it_cannot_run_is_unverifiable(pool):
+    tanh_then_relu = RELU.replace("out = tl.maximum(x, 0.0)", "out = tl.maximum(tl.extra.cuda.libdevice.tanh(x) * 0 + x, 0.0)")
+    unmapped = RELU.replace("out = tl.maximum(x, 0.0)", "out = tl.maximum(tl.extra.cuda.libdevice.rcp64h(x.to(tl.float64)).to(tl.float32) * 0 + x, 0.0)")
+    ran, cannot = pool.evaluate_sync(kernel_request([tagged(tanh_then_relu), tagged(unmapped)])).results
+    assert {n: r.score for n, r in ran.rewards.items()} == {"triton.format": 1.0, "triton.compile": 1.0, "triton.correctness": 1.0}
+    assert cannot.rewards["triton.compile"].outcome == "unverifiable"
+    assert cannot.rewards["triton.correctness"].outcome == "unverifiable"
+    assert "libdevice.rcp64h is not supported in interpreter mode" in cannot.rewards["triton.correctness"].reason
 
 
 # --------------------------------------------------------------------------- adversarial suite

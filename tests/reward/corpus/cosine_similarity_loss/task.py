@@ -1,0 +1,27 @@
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Model(nn.Module):
+    """A model that computes Cosine Similarity Loss for comparing vectors."""
+
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cosine_sim = F.cosine_similarity(predictions, targets, dim=1)
+        return torch.mean(1 - cosine_sim)
+
+
+batch_size = 32
+input_shape = (256,)
+dim = 1
+
+
+def get_inputs():
+    return [torch.rand(batch_size, *input_shape), torch.rand(batch_size, *input_shape)]
+
+
+def get_init_inputs():
+    return []
