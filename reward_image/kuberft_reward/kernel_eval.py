@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import channel, harness, program
+from . import channel, program
 from .sandbox import EXIT_SANDBOX_SETUP_FAILED, ChildRun, Limits
 from .schema import Outcome, RewardResult, WorkerAnswer, WorkerJob
 from .zygote import Zygote
@@ -528,7 +528,7 @@ class KernelEvaluator:
                 seen.append((case["index"], out, case["output"]))
         return None
 
-    def _speed(self, real: CandidateRun, reference: Reference, correctness: Result, args: dict[str, Any]) -> RewardResult:
+    def _speed(self, real: CandidateRun, reference: Reference, correctness: RewardResult, args: dict[str, Any]) -> RewardResult:
         if not self.device.startswith("cuda"):
             return RewardResult.of(0.0, Outcome.UNVERIFIABLE, "speed is measured only on a GPU; this pool runs kernels in the Triton CPU interpreter")
         if correctness.score < 1.0:

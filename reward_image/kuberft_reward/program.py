@@ -167,15 +167,6 @@ def _may_be_module(value: ast.AST, module_aliases: set[str]) -> bool:
     return False
 
 
-def _is_jit_decorator(node: ast.AST, aliases: dict[str, str]) -> bool:
-    target = node.func if isinstance(node, ast.Call) else node
-    chain = _dotted(target)
-    if not chain:
-        return False
-    full = ".".join([aliases.get(chain[0], chain[0])] + chain[1:])
-    return full in ("triton.jit", "triton.runtime.jit.jit", "triton.runtime.jit")
-
-
 def _is_triton_decorator(node: ast.AST, aliases: dict[str, str]) -> bool:
     target = node.func if isinstance(node, ast.Call) else node
     chain = _dotted(target)
@@ -242,9 +233,6 @@ def analyze(source: str, reference_source: str | None = None, *, found_tags: boo
     for fn in jit_functions:  # the body only: a decorator may build its configs with a comprehension
         for statement in fn.body:
             jit_nodes.update(id(n) for n in ast.walk(statement))
-
-    def resolve(chain: list[str]) -> str:
-        return ".".join([aliases.get(chain[0], chain[0])] + chain[1:])
 
     def resolve(chain: list[str]) -> str:
         return ".".join([aliases.get(chain[0], chain[0])] + chain[1:])

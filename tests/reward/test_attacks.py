@@ -365,12 +365,13 @@ def test_a_child_finds_no_reference_output_in_its_memory():
     sys.path.insert(0, str(Path(__file__).parent / "custom"))
     import kuberft_test_rewards
 
-    held_here = torch.full((8,), MARKER)  # noqa: F841 - what the old worker did: fork while holding it
+    held_here = [torch.full((8,), MARKER)]  # what the old worker did: fork while holding the answer
     control = run_sandboxed(
         lambda fd: channel.send(fd, {"found": kuberft_test_rewards.hunts_for_answers("", {}, {"marker": MARKER})[1]}),
         Limits(wall_seconds=20, memory_bytes=None),
     )
     assert json.loads(control.result[12:])["found"] != "0 tensor(s) holding the marker"
+    del held_here
 
 
 # --------------------------------------------------------------------------- the result channel
