@@ -51,7 +51,9 @@ def _warm_up(device: str) -> dict[str, str]:
     torch.broadcast_shapes((2, 1), (1, 3))  # its first call imports sympy (5-8 s): not in a child's time limit
     import triton.runtime.autotuner  # noqa: F401 - used by the children
 
-    from . import interpreter_compat, program
+    # Everything a child runs is imported here, once: a child would pay for it on every run, and
+    # its private root shows only what is already on sys.path.
+    from . import channel, harness, host_guard, interpreter_compat, program  # noqa: F401
 
     program._triton_modules()  # the libdevice modules, for the children's kernels too
     if device == "cpu":
