@@ -15,6 +15,7 @@ Requests and replies are the channel's frames (a JSON header plus raw bytes) on 
 from __future__ import annotations
 
 import importlib
+import gc
 import json
 import os
 import signal
@@ -143,6 +144,10 @@ def _zygote_main(sock: socket.socket, isolation: Isolation, device: str) -> None
     code = 0
     try:
         prepare_zygote()  # single-threaded now (just forked): children can go straight into PID namespaces
+        # torch and triton's ~200k objects move to the permanent generation: the collection a
+        # child runs after every forward (host_guard) then scans only the program's objects
+        # (0.4 ms instead of 0.2-0.4 s), and no collection in a child touches the shared pages.
+        gc.freeze()
         _serve(sock, isolation, device)
     except BaseException:  # noqa: BLE001 - the worker sees the socket close and is replaced
         import traceback
