@@ -65,17 +65,18 @@ def split_init(init: Any) -> tuple[list, dict]:
     return list(init or []), {}
 
 
-def _tensors(values: Any):
+def tensors_in(values: Any):
+    """Every tensor in a nest of lists, tuples and dicts, in order."""
     import torch
 
     if isinstance(values, torch.Tensor):
         yield values
     elif isinstance(values, (list, tuple)):
         for v in values:
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(values, dict):
         for v in values.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
 
 
 def _to(values: Any, device: str) -> Any:
@@ -110,7 +111,7 @@ def _count_elements(module: Any) -> int | None:
         with torch.device("meta"):
             inputs = module.get_inputs()
             args, kwargs = split_init(module.get_init_inputs())
-            total = sum(t.numel() for t in _tensors(inputs))
+            total = sum(t.numel() for t in tensors_in(inputs))
             try:
                 model = module.Model(*args, **kwargs)
                 total += sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
@@ -221,7 +222,7 @@ def _off_block(value: int) -> int:
 def _finite(values: Any) -> bool:
     import torch
 
-    return all(bool(torch.isfinite(t).all()) for t in _tensors(values) if t.is_floating_point())
+    return all(bool(torch.isfinite(t).all()) for t in tensors_in(values) if t.is_floating_point())
 
 
 def run_reference(fd: int, task_source: str, plan: dict[str, Any], device: str) -> None:
@@ -489,7 +490,7 @@ def run_candidate(
         mutated = [i for i, (a, b) in enumerate(zip(inputs, pristine)) if isinstance(a, torch.Tensor) and not _same_bytes(a, b)]
         out_of_bounds = [i for i, (t, buffer) in enumerate(guarded) if buffer is not None and not _guard_intact(buffer, t.numel())]
         input_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-        outputs = list(_tensors(output))
+        outputs = list(tensors_in(output))
         aliases = any(o.untyped_storage().data_ptr() in input_storages for o in outputs)
         try:
             spec, payload = channel.encode_values(output)

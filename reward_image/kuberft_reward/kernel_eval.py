@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import channel, program
+from .harness import tensors_in
 from .sandbox import EXIT_SANDBOX_SETUP_FAILED, ChildRun, Limits
 from .schema import Outcome, RewardResult, WorkerAnswer, WorkerJob
 from .zygote import Zygote
@@ -148,16 +149,6 @@ def _observed_hack(real: CandidateRun) -> str | None:
         if entry["kernel_torch"]:
             return f"a Triton kernel body called torch (test case {index}): " + ", ".join(entry["kernel_torch"][:3]) + "; the real Triton compiler refuses this"
     return None
-
-
-def _tensor_list(value: Any) -> list:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensor_list(v)]
-    return []
 
 
 class SandboxDamaged(RuntimeError):
@@ -357,8 +348,8 @@ class KernelEvaluator:
         such a case cannot tell a kernel's output from an untouched zeroed buffer."""
         import torch
 
-        zeros = [torch.zeros_like(t) for t in _tensor_list(expected)]
-        return bool(zeros) and all(self._matches(z, t, args)[0] for z, t in zip(zeros, _tensor_list(expected)))
+        expected_tensors = list(tensors_in(expected))
+        return bool(expected_tensors) and all(self._matches(torch.zeros_like(t), t, args)[0] for t in expected_tensors)
 
     @staticmethod
     def _case(reference: Reference, index: int) -> dict[str, Any]:
