@@ -211,6 +211,8 @@ class KernelEvaluator:
             self.cache.move_to_end(key)
             return self.cache[key]
         run = self.zygote.run({"kind": "reference", "task_source": task_source, "plan": plan}, b"", limits)
+        if run.exit_code == EXIT_SANDBOX_SETUP_FAILED:
+            raise SandboxDamaged(_describe_child_end(run, limits)[1])
         try:
             frames, complete = channel.read_frames(run.result)
         except channel.ChannelError as e:
