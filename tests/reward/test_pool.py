@@ -335,3 +335,20 @@ def test_a_jobs_pool_starts_sandbox_workers_only_for_rewards_that_run_model_code
     assert text_only.num_workers == 0
     kernels = RewardPool.for_job(spec("triton.format", "triton.correctness"))
     assert (kernels.num_workers, kernels.max_queue, kernels.sandbox.timeout_seconds) == (3, 7, 9)
+
+
+def test_a_worker_whose_zygote_is_gone_answers_error_and_is_replaced(pool):
+    worker = pool._workers[0].process.pid
+    zygotes = [int(pid) for pid in open(f"/proc/{worker}/task/{worker}/children").read().split()]
+    assert len(zygotes) == 1
+    os.kill(zygotes[0], signal.SIGKILL)
+    before = pool.health()["replaced_workers"]
+    two_relus = [solution("relu") + f"\n# copy {i}" for i in range(2)]
+    scores = [r.rewards["triton.correctness"] for r in pool.evaluate_sync(kernel_request(two_relus, rewards=[{"kind": "triton.correctness"}])).results]
+    # not the completion's fault: an error (left out by the trainer), and a fresh worker takes over
+    assert sorted((s.score, s.outcome) for s in scores) == [(0.0, "error"), (1.0, "ok")], scores
+    assert any("set-up is damaged" in s.reason and "the worker is replaced" in s.reason for s in scores)
+    health = pool.health()
+    assert health["replaced_workers"] == before + 1 and health["alive_workers"] == 2
+    again = pool.evaluate_sync(kernel_request(two_relus, rewards=[{"kind": "triton.correctness"}])).results
+    assert [r.rewards["triton.correctness"].score for r in again] == [1.0, 1.0]
