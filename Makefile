@@ -27,7 +27,7 @@ demo: setup
 
 # The Kubernetes control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok) the
 # operator tests run against, built from Go modules and cached by version under
-# ~/.cache/kuberft: the first build took 16.5 minutes on 2 busy cores (empty Go caches), later runs a second.
+# ~/.cache/kuberft: the first build takes 8-20 minutes on 2 cores (empty Go caches), later runs a second.
 cluster:
 	tests/cluster/build.sh >/dev/null
 
