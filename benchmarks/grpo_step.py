@@ -64,8 +64,8 @@ class RssSampler:
 def run_kuberft(args, model_dir: str, out: dict) -> None:
     import torch
 
-    from kuberft_operator.api import RFTJobSpec
-    from kuberft_reward.schema import EvaluateResponse, ItemResult, RewardResult
+    from kuberft_core.api import RFTJobSpec
+    from kuberft_core.reward_protocol import EvaluateResponse, ItemResult, RewardResult
     from kuberft_trainer.train import Trainer
 
     torch.set_num_threads(args.threads)
@@ -199,7 +199,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (default 1: stable on a shared machine)")
     args = parser.parse_args()
 
-    from kuberft_trainer.modeling import build_tiny_model
+    from kuberft_core.models import build_tiny_model
 
     with tempfile.TemporaryDirectory() as folder:
         model_dir = str(build_tiny_model(folder, hidden_size=args.hidden, num_layers=args.layers, num_heads=4,

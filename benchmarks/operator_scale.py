@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
-from kuberft_operator.api import RFTJobSpec  # noqa: E402
+from kuberft_core.api import RFTJobSpec  # noqa: E402
 from kuberft_operator.builders import LABEL_MANAGED_BY, Images, Owner, rftjob_children  # noqa: E402
 from kuberft_operator.kube import Credentials, KubeClient  # noqa: E402
 from tests.cluster.controlplane import ControlPlane, die_with_parent, free_port  # noqa: E402

@@ -108,9 +108,9 @@ def run_cold(jobs: list[tuple[str, str]]) -> tuple[list[float], list[float], flo
 
 def run_pool(task_ids: list[str], rounds: int) -> tuple[list[float], float, float]:
     """(per-evaluation latencies, wall, worker start-up) with CONCURRENCY workers."""
-    from kuberft_reward.kernel_tasks import shipped_solution
+    from kuberft_core.kernel_tasks import shipped_solution
     from kuberft_reward.pool import RewardPool
-    from kuberft_reward.schema import EvaluateRequest
+    from kuberft_core.reward_protocol import EvaluateRequest
 
     rewards = [{"kind": "triton.compile"}, {"kind": "triton.correctness"}]
 
@@ -151,7 +151,7 @@ def main() -> None:
         cold_one(*args.cold_one)
         return
 
-    from kuberft_reward.kernel_tasks import TaskSet, shipped_solution
+    from kuberft_core.kernel_tasks import TaskSet, shipped_solution
 
     tasks = TaskSet()
     task_ids = tasks.ids()

@@ -53,7 +53,7 @@ from kuberft_serve.config import ServeConfig  # noqa: E402
 from kuberft_serve.heads import HEADS_FORMAT, train_heads  # noqa: E402
 from kuberft_serve.loading import build_engine  # noqa: E402
 from kuberft_serve.sampling import SamplingParams  # noqa: E402
-from kuberft_trainer.modeling import DEFAULT_ALPHABET, build_tiny_model  # noqa: E402
+from kuberft_core.models import DEFAULT_ALPHABET, build_tiny_model  # noqa: E402
 
 SIZES = {
     "full": {"target": dict(hidden_size=512, num_layers=8, intermediate_size=1536, num_heads=8, num_kv_heads=4),

@@ -2,7 +2,7 @@
 
 The dashboards are written here as a few lines per panel, so that every panel has the same
 data source, layout and legend conventions, and rendered to the JSON Grafana imports. Every
-query uses only series listed in `kuberft_operator.metrics.CATALOG` (a test checks it), and
+query uses only series listed in `kuberft_core.metrics.CATALOG` (a test checks it), and
 the end-to-end test runs each one against a real Prometheus scraping real components.
 
     .venv/bin/python helm/dashboards.py           # rewrite the JSON files

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kuberft_operator.api import RFTJob, TurboDeployment
+from kuberft_core.api import RFTJob, TurboDeployment
 from kuberft_operator.crdgen import crd_files
-from kuberft_operator.manifests import check_document, load
+from kuberft_core.manifests import check_document, load
 
 from .support.crd_schema import crd_errors
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import __version__
-from .api import API_VERSION, PodPlacement, RFTJobSpec, TurboDeploymentSpec
+from kuberft_core.api import API_VERSION, PodPlacement, RFTJobSpec, TurboDeploymentSpec
 
 MANAGED_BY = "kuberft-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .manifests import check_file
+    from kuberft_core.manifests import check_file
 
     failed = False
     for path in args.files:

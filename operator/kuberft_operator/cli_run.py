@@ -46,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .api import RFTJob
-    from .manifests import ManifestError, load
+    from kuberft_core.api import RFTJob
+    from kuberft_core.manifests import ManifestError, load
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "aiohttp.access"):

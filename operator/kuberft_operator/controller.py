@@ -30,11 +30,11 @@ from typing import Any, Optional
 import kopf
 from aiohttp import web
 
-from .api import API_VERSION, GROUP, VERSION
+from kuberft_core.api import API_VERSION, GROUP, VERSION
 from .builders import ANNOTATION_HASH, LABEL_MANAGED_BY, LABEL_ROLE, LABEL_RFTJOB, LABEL_TURBO, MANAGED_BY, Images, RFTJobNames, content_hash
 from .kube import ApiError, Credentials, KubeClient
 from .leader import LeaderElector
-from .metrics import component_metrics
+from kuberft_core.metrics import component_metrics
 from .workqueue import WorkQueue
 from .reconcile import ChildRef, Plan, RFTJobObserved, TurboObserved, plan_rftjob, plan_turbo, status_changes
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .api import GROUP, RESOURCES, VERSION, Resource
+from kuberft_core.api import GROUP, RESOURCES, VERSION, Resource
 
 _DROPPED_KEYS = {"title", "$defs", "discriminator"}
 

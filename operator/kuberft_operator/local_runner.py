@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .api import RFTJob, RFTJobSpec
+from kuberft_core.api import RFTJob, RFTJobSpec
 from .run_report import reward_summary, write_report
 
 log = logging.getLogger("kuberft.run")

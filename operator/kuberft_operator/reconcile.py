@@ -17,7 +17,7 @@ from typing import Any, Optional, TypeVar, cast
 
 from pydantic import ValidationError
 
-from .api import ApiModel, RFTJobSpec, TurboDeploymentSpec
+from kuberft_core.api import ApiModel, RFTJobSpec, TurboDeploymentSpec
 from .builders import (
     ANNOTATION_GENERATION,
     ANNOTATION_POD_TEMPLATE_HASH,
@@ -40,7 +40,7 @@ from .builders import (
     trainer_pod_template,
 )
 from .conditions import Conditions, Transition, event_type, parse_time, timestamp
-from .manifests import problems_from
+from kuberft_core.manifests import problems_from
 
 # Where the trainer writes the final adapter inside its output directory (kuberft_trainer.train).
 TRAINER_ADAPTER_DIR = "adapter"

@@ -86,7 +86,7 @@ def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _sandbox(args: argparse.Namespace):
-    from kuberft_operator.api import SandboxSpec
+    from kuberft_core.api import SandboxSpec
     from pydantic import ValidationError
 
     try:
@@ -142,7 +142,7 @@ class _Inputs:
         """Return (item, rewards key, reward requests, sandboxed); raise _Bad naming the field."""
         from pydantic import ValidationError
 
-        from .schema import Item
+        from kuberft_core.reward_protocol import Item
 
         if not isinstance(completion, str):
             raise _Bad("completion", "must be a string")
@@ -167,8 +167,8 @@ class _Inputs:
         """A shipped task id, a task file path, or an inline {"source", "name"} -> InlineTask."""
         from pydantic import ValidationError
 
-        from .kernel_tasks import TaskError, TaskSet, check_task_source, load_task_file
-        from .schema import InlineTask
+        from kuberft_core.kernel_tasks import TaskError, TaskSet, check_task_source, load_task_file
+        from kuberft_core.reward_protocol import InlineTask
 
         if isinstance(spec, dict):
             try:
@@ -216,7 +216,7 @@ class _Inputs:
         from pydantic import ValidationError
 
         from .rewards import TRITON_KINDS, RequestError, needs_sandbox, plan_rewards
-        from .schema import EvaluateRequest, Item, RewardRequest
+        from kuberft_core.reward_protocol import EvaluateRequest, Item, RewardRequest
 
         if not isinstance(spec, list) or not spec:
             raise _Bad("rewards", "must be a non-empty list of reward kinds or reward objects")
@@ -260,7 +260,7 @@ def _result_json(result=None, *, error: str | None = None, **where) -> dict:
 def _eval(args: argparse.Namespace) -> int:
     from .pool import RewardPool
     from .rewards import RequestError
-    from .schema import EvaluateRequest
+    from kuberft_core.reward_protocol import EvaluateRequest
 
     if args.batch is not None:
         return _eval_batch(args)
@@ -442,7 +442,7 @@ async def _run_batch(lines, pool_for, write) -> None:
     import itertools
     from collections import deque
 
-    from .schema import EvaluateRequest
+    from kuberft_core.reward_protocol import EvaluateRequest
 
     def submit(window: list[_Line]):
         groups: dict[str, list[_Line]] = {}
@@ -485,7 +485,7 @@ async def _run_batch(lines, pool_for, write) -> None:
 def _tasks(args: argparse.Namespace) -> int:
     import ast
 
-    from .kernel_tasks import TaskError, TaskSet
+    from kuberft_core.kernel_tasks import TaskError, TaskSet
 
     try:
         tasks = TaskSet([args.tasks] if args.tasks else None)

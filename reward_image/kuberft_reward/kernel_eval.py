@@ -16,7 +16,8 @@ from typing import Any
 from . import channel, program
 from .harness import tensors_in
 from .sandbox import EXIT_SANDBOX_SETUP_FAILED, ChildRun, Limits
-from .schema import Outcome, RewardResult, WorkerAnswer, WorkerJob
+from kuberft_core.reward_protocol import Outcome, RewardResult
+from .schema import WorkerAnswer, WorkerJob
 from .zygote import Zygote
 
 # Messages of errors that come from the interpreter's limits, not from the program.

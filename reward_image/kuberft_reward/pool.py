@@ -30,14 +30,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kuberft_operator.api import SandboxSpec
-from kuberft_operator.metrics import component_metrics
+from kuberft_core.api import SandboxSpec
+from kuberft_core.metrics import component_metrics
 
 from . import kernel_tasks, rewards
-from .schema import (
-    EvaluateRequest, EvaluateResponse, ItemResult, Outcome, RewardResult, SandboxLimits, WorkerAnswer, WorkerJob, WorkerReward,
-    WorkerTask,
-)
+from kuberft_core.reward_protocol import EvaluateRequest, EvaluateResponse, ItemResult, Outcome, RewardResult
+from .schema import SandboxLimits, WorkerAnswer, WorkerJob, WorkerReward, WorkerTask
 
 WORKER_START_TIMEOUT = 600.0
 REDACTED = "[redacted]"

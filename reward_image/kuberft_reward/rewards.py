@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from . import program, text_rewards
-from .schema import Outcome, RewardRequest, RewardResult
+from kuberft_core.reward_protocol import Outcome, RewardRequest, RewardResult
 
 
 class _Args(BaseModel):

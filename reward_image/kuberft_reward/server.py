@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .pool import PoolBusy, PoolClosed, RewardPool
 from .rewards import RequestError
-from .schema import ErrorResponse, EvaluateRequest
+from kuberft_core.reward_protocol import ErrorResponse, EvaluateRequest
 
 log = logging.getLogger("kuberft.reward")
 MAX_REQUEST_BYTES = 256 << 20

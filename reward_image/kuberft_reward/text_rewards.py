@@ -8,7 +8,8 @@ import re
 from fractions import Fraction
 from typing import Any
 
-from .schema import Outcome, RewardResult
+from kuberft_core.arithmetic import BadExpression, evaluate
+from kuberft_core.reward_protocol import Outcome, RewardResult
 
 MAX_EXPRESSION_CHARS = 256
 
@@ -23,51 +24,6 @@ def answer_text(completion: str) -> str:
 
 
 # --------------------------------------------------------------------------- countdown
-
-_OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-
-
-class _BadExpression(ValueError):
-    pass
-
-
-def _evaluate(node: ast.AST, allowed_ops: str, used: list[int]) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body, allowed_ops, used)
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        used.append(node.value)
-        return Fraction(node.value)
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-        symbol = _OPERATORS[type(node.op)]
-        if symbol not in allowed_ops:
-            raise _BadExpression(f"uses '{symbol}', which is not among the allowed operators {' '.join(allowed_ops)}")
-        left = _evaluate(node.left, allowed_ops, used)
-        right = _evaluate(node.right, allowed_ops, used)
-        if symbol == "+":
-            return left + right
-        if symbol == "-":
-            return left - right
-        if symbol == "*":
-            return left * right
-        if right == 0:
-            raise _BadExpression("divides by zero")
-        return left / right
-    if isinstance(node, ast.Constant):
-        raise _BadExpression(f"contains {node.value!r}, which is not a whole number")
-    if isinstance(node, ast.UnaryOp):
-        raise _BadExpression("uses a unary sign; only the given numbers and binary operators are allowed")
-    raise _BadExpression(f"contains {type(node).__name__.lower()}, not just numbers and + - * /")
-
-
-def expression_value(expression: str, operators: str = "+-*/") -> Fraction:
-    """The exact value of an arithmetic expression over whole numbers; ValueError says what is
-    wrong with it (including division by zero)."""
-    used: list[int] = []
-    try:
-        return _evaluate(ast.parse(expression, mode="eval"), operators, used)
-    except SyntaxError as error:
-        raise ValueError(f"not an arithmetic expression: {expression!r}") from error
-
 
 def countdown(completion: str, row: dict[str, Any], args: dict[str, Any]) -> RewardResult:
     """1.0 when the expression uses only the given numbers, each at most once, and equals the
@@ -91,8 +47,8 @@ def countdown(completion: str, row: dict[str, Any], args: dict[str, Any]) -> Rew
         return RewardResult.of(0.0, Outcome.INVALID, f"'{expression[:40]}' is not an arithmetic expression")
     used: list[int] = []
     try:
-        value = _evaluate(tree, operators, used)
-    except _BadExpression as e:
+        value = evaluate(tree, operators, used)
+    except BadExpression as e:
         return RewardResult.of(0.0, Outcome.INVALID, f"'{expression[:40]}' {e}")
     except RecursionError:
         return RewardResult.of(0.0, Outcome.INVALID, "expression nested too deeply")

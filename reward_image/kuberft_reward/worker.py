@@ -16,7 +16,8 @@ import sys
 import time
 import traceback
 
-from .schema import Outcome, RewardResult, WorkerAnswer, WorkerJob
+from kuberft_core.reward_protocol import Outcome, RewardResult
+from .schema import WorkerAnswer, WorkerJob
 
 
 def _warm_up(device: str) -> dict[str, str]:

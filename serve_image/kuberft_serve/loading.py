@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from kuberft_core.models import resolve_dtype, resolve_model_path
+
 from .config import ServeConfig
 from .engine import Engine
 from .heads import MedusaHeads, train_heads
@@ -18,33 +20,11 @@ from .speculators import DraftSpeculator, HeadsSpeculator, NgramSpeculator, Spec
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def resolve_model_path(name: str) -> str:
-    """A model name as transformers loads it: built-in tiny models (`tiny:...`) resolve through
-    the trainer's modeling module when it knows them; anything else is a hub name or a path."""
-    try:
-        from kuberft_trainer.modeling import resolve_model_path as resolve
-    except ImportError:
-        return name
-    return str(resolve(name))
-
 
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def load_causal_lm(name: str, *, dtype: torch.dtype, device: torch.device, revision=None, trust_remote_code=False):
@@ -129,7 +109,7 @@ def target_runner(model, *, has_adapters: bool, device: torch.device):
 def build_engine(config: ServeConfig, metrics=None) -> Engine:
     """Load everything `config` names and return a ready (not yet started) engine."""
     device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device)
     load = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
     log.info("loading %s (%s on %s)", config.model, dtype, device)
     model = load_causal_lm(config.model, dtype=dtype, device=device, **load)

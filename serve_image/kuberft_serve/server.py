@@ -33,7 +33,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from kuberft_operator.metrics import component_metrics
+from kuberft_core.metrics import component_metrics
 
 from .config import ServeConfig
 from .engine import Engine, Sequence

@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from kuberft_operator import __version__
-from kuberft_operator.api import RFTJob, TurboDeployment
+from kuberft_core.api import RFTJob, TurboDeployment
 from kuberft_operator.builders import REWARD_PORT, Images, Owner, reward_deployment, serve_deployment, trainer_job, trainer_role
 from kuberft_operator.cli import build_parser
 from kuberft_operator.controller import RBAC_RULES
-from kuberft_operator.manifests import load
+from kuberft_core.manifests import load
 
 from .chart import ALL_ON, CHART, NAMESPACE, REPO, find, helm, normalized_rules, one, render, template_text
 from .k8s_schema import model_for

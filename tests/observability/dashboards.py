@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kuberft_operator.metrics import CATALOG
+from kuberft_core.metrics import CATALOG
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = REPO / "helm" / "kuberft" / "dashboards"

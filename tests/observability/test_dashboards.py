@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from kuberft_operator.metrics import exported_series_names
+from kuberft_core.metrics import exported_series_names
 
 from .dashboards import REPO, TARGET_LABELS, load_dashboards, panel_queries, series_labels, variable_queries
 from .promql import PromQLError, label_values_query, metric_names, selectors, substitute_grafana_variables

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kuberft_operator.api import RFTJob, RFTJobSpec, TurboDeploymentSpec
+from kuberft_core.api import RFTJob, RFTJobSpec, TurboDeploymentSpec
 from kuberft_operator.builders import (
     ANNOTATION_RESTARTS_BEFORE,
     KUEUE_QUEUE_LABEL,
@@ -21,7 +21,7 @@ from kuberft_operator.builders import (
     trainer_job,
     trainer_role,
 )
-from kuberft_operator.manifests import load
+from kuberft_core.manifests import load
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 IMAGES = Images.for_version("registry.test/kuberft", "9.9.9")
@@ -170,7 +170,7 @@ def test_autoscaled_serving_leaves_replicas_to_the_hpa():
 
 
 def test_the_example_turbo_deployment_trains_heads_at_start_up_for_its_named_adapter():
-    from kuberft_operator.api import TurboDeployment
+    from kuberft_core.api import TurboDeployment
 
     turbo = load(EXAMPLES / "turbodeployment.yaml", TurboDeployment)
     owner = Owner("TurboDeployment", "triton-kernels", "team-a", "uid-3")
@@ -188,7 +188,7 @@ def test_adapter_paths_that_are_not_claims_pass_through():
 
 def test_every_command_the_operator_runs_is_accepted_by_the_kuberft_cli():
     """The pods' commands are a contract with the trainer, reward and serve components."""
-    from kuberft_operator.api import TurboDeployment
+    from kuberft_core.api import TurboDeployment
     from kuberft_operator.cli import build_parser
 
     spec = _example_spec()

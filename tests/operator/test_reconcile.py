@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 from kuberft_operator.builders import Images, Owner, content_hash, reward_deployment, trainer_job, trainer_pod_template
 from kuberft_operator.reconcile import RFTJobObserved, TurboObserved, parse_spec, plan_rftjob, plan_turbo, status_changes
-from kuberft_operator.api import RFTJobSpec
+from kuberft_core.api import RFTJobSpec
 
 IMAGES = Images.for_version("registry.test/kuberft", "1.0.0")
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)

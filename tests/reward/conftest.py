@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from kuberft_operator.api import SandboxSpec
-from kuberft_reward.kernel_tasks import shipped_solution
-from kuberft_reward.schema import EvaluateRequest
+from kuberft_core.api import SandboxSpec
+from kuberft_core.kernel_tasks import shipped_solution
+from kuberft_core.reward_protocol import EvaluateRequest
 
 SECRET = "tok-9f8e7d6c5b4a-kuberft-test"
 TIMEOUT_SECONDS = 20

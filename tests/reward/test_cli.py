@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kuberft_reward import cli as reward_cli
-from kuberft_reward.kernel_tasks import SHIPPED_DIR, TaskSet
+from kuberft_core.kernel_tasks import SHIPPED_DIR, TaskSet
 
 from .conftest import SECRET, solution
 

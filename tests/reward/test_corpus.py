@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kuberft_reward.schema import EvaluateRequest
+from kuberft_core.reward_protocol import EvaluateRequest
 
 from .conftest import KERNEL_REWARDS, tagged
 

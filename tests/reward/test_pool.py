@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
-from kuberft_reward.kernel_tasks import TaskSet, shipped_solution
+from kuberft_core.kernel_tasks import TaskSet, shipped_solution
 from kuberft_reward.pool import PoolBusy, RewardPool
 from kuberft_reward.rewards import RequestError
-from kuberft_reward.schema import EvaluateRequest
+from kuberft_core.reward_protocol import EvaluateRequest
 
 from .conftest import SECRET, TIMEOUT_SECONDS, kernel_request, solution, tagged
 
@@ -322,7 +322,7 @@ def test_metrics_count_evaluations_hacks_and_timeouts(pool, adversarial_results)
 
 
 def test_a_jobs_pool_starts_sandbox_workers_only_for_rewards_that_run_model_code():
-    from kuberft_operator.api import RFTJobSpec
+    from kuberft_core.api import RFTJobSpec
 
     def spec(*kinds):
         return RFTJobSpec.model_validate({

@@ -3,7 +3,7 @@ and the constructs that are refused or flagged as reward hacking."""
 
 import pytest
 
-from kuberft_reward.kernel_tasks import TaskSet, shipped_solution
+from kuberft_core.kernel_tasks import TaskSet, shipped_solution
 from kuberft_reward.program import analyze, extract_program
 from kuberft_reward import rewards
 

@@ -5,7 +5,7 @@ import ast
 
 import pytest
 
-from kuberft_reward import tasksets
+from kuberft_core import arithmetic, tasksets
 from kuberft_reward import text_rewards
 
 
@@ -167,5 +167,5 @@ def test_tasksets_import_nothing_heavy():
     import subprocess
     import sys
 
-    code = "import sys, kuberft_reward.tasksets, kuberft_reward.schema; print(sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))"
+    code = "import sys, kuberft_core.tasksets, kuberft_core.reward_protocol; print(sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kuberft_operator.api import RFTJob
+from kuberft_core.api import RFTJob
 from kuberft_operator.local_runner import ignored_fields, run_job
-from kuberft_operator.manifests import load
+from kuberft_core.manifests import load
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "local-countdown.yaml"

@@ -11,14 +11,14 @@ ALPHABET = "abcdefghij ,.\n"
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from kuberft_trainer.modeling import build_tiny_model
+    from kuberft_core.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("target"), alphabet=ALPHABET, hidden_size=32, num_layers=2, intermediate_size=64, seed=1)
 
 
 @pytest.fixture(scope="session")
 def draft_dir(tmp_path_factory):
-    from kuberft_trainer.modeling import build_tiny_model
+    from kuberft_core.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("draft"), alphabet=ALPHABET, hidden_size=16, num_layers=1, intermediate_size=32, seed=2)
 
@@ -49,7 +49,7 @@ def patterned_dir(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kuberft_trainer.modeling import build_tiny_model
+    from kuberft_core.models import build_tiny_model
 
     out = build_tiny_model(tmp_path_factory.mktemp("patterned"), alphabet=ALPHABET, hidden_size=48, num_layers=2,
                            intermediate_size=96, seed=0)

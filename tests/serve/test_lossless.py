@@ -165,7 +165,7 @@ def test_rejection_rule_emits_the_target_distribution_whatever_the_draft():
 def test_speculative_sampling_end_to_end_matches_the_models_distribution(tmp_path):
     """A 7-token model sampled two tokens at a time with a draft model: the empirical
     distribution of the 49 possible continuations matches the target's exact probabilities."""
-    from kuberft_trainer.modeling import build_tiny_model
+    from kuberft_core.models import build_tiny_model
 
     target_dir = build_tiny_model(tmp_path / "t", alphabet="abc", hidden_size=16, num_layers=1, intermediate_size=32, seed=5)
     draft_dir = build_tiny_model(tmp_path / "d", alphabet="abc", hidden_size=16, num_layers=1, intermediate_size=32, seed=6)

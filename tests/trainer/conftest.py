@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from kuberft_trainer.modeling import build_tiny_model
+from kuberft_core.models import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import threading
 
 from aiohttp import web
 
-from kuberft_reward.schema import EvaluateRequest
+from kuberft_core.reward_protocol import EvaluateRequest
 
 from .toy import ToyRewardBackend
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from kuberft_operator.api import DatasetSpec
+from kuberft_core.api import DatasetSpec
 from kuberft_trainer.data import DatasetError, PromptFormatter, PromptSampler, load_rows, split_rows
-from kuberft_trainer.modeling import build_char_tokenizer
+from kuberft_core.models import build_char_tokenizer
 
 
 def dataset(**fields) -> DatasetSpec:

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from kuberft_operator.metrics import component_metrics
+from kuberft_core.metrics import component_metrics
 from kuberft_trainer.observe import JobStatusReporter, MetricsServer
 
 

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from kuberft_reward.schema import EvaluateRequest, Item, RewardRequest
+from kuberft_core.reward_protocol import EvaluateRequest, Item, RewardRequest
 from kuberft_trainer.rewards import HttpRewardBackend, score_completions, score_matrix
 
 from .reward_server import RewardServer
@@ -97,7 +97,7 @@ def test_an_unreachable_pool_is_a_failure_not_a_zero():
 
 
 def test_a_response_missing_a_reward_marks_that_reward_failed():
-    from kuberft_reward.schema import EvaluateResponse, ItemResult, RewardResult
+    from kuberft_core.reward_protocol import EvaluateResponse, ItemResult, RewardResult
 
     response = EvaluateResponse(results=[ItemResult(rewards={"other": RewardResult(score=1.0, outcome="ok")})])
     matrix = score_matrix(response, REWARDS, 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kuberft_operator.api import LoraSpec
+from kuberft_core.api import LoraSpec
 from kuberft_trainer.modeling import add_lora
 from kuberft_trainer.rollout import generate, left_pad, sample_next, sequence_logprobs
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kuberft_reward.schema import EvaluateResponse, ItemResult, RewardResult
+from kuberft_core.reward_protocol import EvaluateResponse, ItemResult, RewardResult
 from kuberft_trainer.checkpoint import complete_checkpoints
 from kuberft_trainer.train import Trainer
 

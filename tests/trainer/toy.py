@@ -3,7 +3,7 @@ that belong to the row's `allowed` set (a completion made only of digits scores 
 
 from __future__ import annotations
 
-from kuberft_reward.schema import EvaluateRequest, EvaluateResponse, ItemResult, RewardResult
+from kuberft_core.reward_protocol import EvaluateRequest, EvaluateResponse, ItemResult, RewardResult
 
 
 def allowed_fraction(completion: str, allowed: str) -> float:
@@ -37,7 +37,7 @@ small, so without adapting the head it can hardly sharpen its next-token distrib
 
 def toy_spec(model_dir, **grpo):
     """An RFTJobSpec for the digits task on the tiny model at `model_dir`."""
-    from kuberft_operator.api import RFTJobSpec
+    from kuberft_core.api import RFTJobSpec
 
     rows = [{"prompt": f"Write digits {i}:", "allowed": "0123456789"} for i in range(16)]
     settings = dict(steps=30, promptsPerStep=4, numGenerations=8, learningRate=2e-2, maxCompletionLength=8,

@@ -66,8 +66,8 @@ def load_job(path: Path):
     import yaml
     from pydantic import ValidationError
 
-    from kuberft_operator.api import RFTJobSpec
-    from kuberft_operator.manifests import ManifestError, Problem, check_document, problems_from, read_documents
+    from kuberft_core.api import RFTJobSpec
+    from kuberft_core.manifests import ManifestError, Problem, check_document, problems_from, read_documents
 
     documents = read_documents(path)
     if len(documents) != 1:
@@ -100,17 +100,12 @@ def _reward_backend(args: argparse.Namespace, spec):
             timeout_seconds=args.reward_timeout,
             max_retries=args.reward_retries,
         )
-    try:
-        from kuberft_reward.pool import RewardPool
-    except ImportError as error:
-        raise SystemExit(f"no reward pool: pass --reward-url (the in-process pool is not installed: {error})") from error
-    pool = RewardPool.for_job(spec)
-    pool.start()
-    return pool
+    raise SystemExit("no reward pool to call: set spec.rewardPool.url or pass --reward-url "
+                     "(`kuberft run` runs a job on this machine with a reward pool of its own)")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from kuberft_operator.manifests import ManifestError
+    from kuberft_core.manifests import ManifestError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -123,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
         print("--max-steps must be at least 1", file=sys.stderr)
         return 2
 
-    from kuberft_operator.metrics import component_metrics
+    from kuberft_core.metrics import component_metrics
 
     from .data import DatasetError
     from .observe import JobStatusReporter, MetricsServer

@@ -21,8 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
 
-from kuberft_operator.api import GROUP, VERSION, RFTJob
-from kuberft_operator.metrics import ComponentMetrics
+from kuberft_core.api import GROUP, VERSION, RFTJob
+from kuberft_core.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
-from kuberft_reward.schema import EvaluateRequest, EvaluateResponse, Item, ItemResult, Outcome, RewardRequest, RewardResult
+from kuberft_core.reward_protocol import EvaluateRequest, EvaluateResponse, Item, ItemResult, Outcome, RewardRequest, RewardResult
 
 log = logging.getLogger(__name__)
 

@@ -47,13 +47,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from kuberft_operator.api import RFTJobSpec
-from kuberft_operator.metrics import ComponentMetrics, component_metrics
+from kuberft_core.api import RFTJobSpec
+from kuberft_core.metrics import ComponentMetrics, component_metrics
 
 from . import checkpoint as ckpt
 from .data import PromptFormatter, PromptSampler, load_rows, split_rows
 from .grpo import combine_rewards, group_advantages, policy_loss
-from .modeling import add_lora, limit_cpu_threads_for_small_models, load_model_and_tokenizer, resolve_model_path
+from kuberft_core.models import limit_cpu_threads_for_small_models, resolve_model_path
+
+from .modeling import add_lora, load_model_and_tokenizer
 from .observe import JobStatusReporter
 from .rewards import RewardBackend, ScoreMatrix, reward_requests, score_completions
 from .rollout import Rollout, generate, sequence_logprobs

@@ -82,7 +82,7 @@ def _supervised_pretrain(model_dir: Path, sample_texts: Callable[[random.Random,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .modeling import limit_cpu_threads_for_small_models
+    from .models import limit_cpu_threads_for_small_models
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -105,7 +105,7 @@ def _supervised_pretrain(model_dir: Path, sample_texts: Callable[[random.Random,
 
 
 def _build_random(out: Path) -> None:
-    from .modeling import build_tiny_model
+    from .models import build_tiny_model
 
     build_tiny_model(out, seed=0)
 
@@ -116,9 +116,9 @@ COUNTDOWN_OPTIONS = {"numbers": 2, "maxNumber": 9, "operators": "+-*", "ordered"
 
 
 def _build_countdown(out: Path) -> None:
-    from kuberft_reward.tasksets import builtin_rows
+    from .tasksets import builtin_rows
 
-    from .modeling import build_tiny_model
+    from .models import build_tiny_model
 
     build_tiny_model(out, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=256,
                      max_positions=128, seed=0, chat_template=False)
@@ -145,9 +145,9 @@ TRITON_IMITATED_TASKS = ("relu", "silu", "vector_add", "row_sum")
 
 
 def _build_triton(out: Path) -> None:
-    from kuberft_reward.kernel_tasks import shipped_solution
+    from .kernel_tasks import shipped_solution
 
-    from .modeling import build_tiny_model
+    from .models import build_tiny_model
 
     examples = [
         TRITON_PROMPT.format(task=task) + f"<triton>\n{shipped_solution(task)}</triton>\n"

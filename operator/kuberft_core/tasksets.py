@@ -13,7 +13,7 @@ import random
 from typing import Any
 
 from .kernel_tasks import TaskSet
-from .text_rewards import expression_value
+from .arithmetic import expression_value
 
 KERNEL_INSTRUCTIONS = """\
 Convert this PyTorch module into Triton kernels.
