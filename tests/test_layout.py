@@ -101,3 +101,32 @@ def test_each_image_installs_its_own_extra_only(dockerfile, extras):
     for group in re.findall(r'"\.\[([a-z,]+)\]"', (REPO / dockerfile).read_text()):
         installed |= set(group.split(","))
     assert installed == extras
+
+
+def test_shared_paths_are_defined_once_in_the_core():
+    """A module-level constant holding one of kuberft_core.paths' values is a second copy that
+    can drift (the operator reporting an adapter where the trainer did not write it)."""
+    from kuberft_core import paths
+
+    shared = {value: name for name, value in vars(paths).items() if name.isupper() and isinstance(value, str)}
+    copies = []
+    for package, module, path in modules():
+        if module == "kuberft_core.paths":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and node.value.value in shared:
+                copies.append(f"{path.relative_to(REPO)}:{node.lineno} copies paths.{shared[node.value.value]}")
+    assert copies == []
+
+
+def test_every_module_imports():
+    """A moved module leaves no stale import behind (a relative `from . import moved` included)."""
+    import importlib
+
+    failures = []
+    for _, module, _ in modules():
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001 - report every module that fails, with why
+            failures.append(f"{module}: {error!r}")
+    assert failures == []
