@@ -109,8 +109,8 @@ def run_cold(jobs: list[tuple[str, str]]) -> tuple[list[float], list[float], flo
 def run_pool(task_ids: list[str], rounds: int) -> tuple[list[float], float, float]:
     """(per-evaluation latencies, wall, worker start-up) with CONCURRENCY workers."""
     from kuberft_core.kernel_tasks import shipped_solution
-    from kuberft_reward.pool import RewardPool
     from kuberft_core.reward_protocol import EvaluateRequest
+    from kuberft_reward.pool import RewardPool
 
     rewards = [{"kind": "triton.compile"}, {"kind": "triton.correctness"}]
 

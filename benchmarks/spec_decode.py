@@ -49,11 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 for folder in ("operator", "trainer_image", "serve_image"):
     sys.path.insert(0, str(ROOT / folder))
 
+from kuberft_core.api import ModelSpec, SpeculatorSpec  # noqa: E402
+from kuberft_core.models import DEFAULT_ALPHABET, build_tiny_model  # noqa: E402
 from kuberft_serve.config import ServeConfig  # noqa: E402
 from kuberft_serve.heads import HEADS_FORMAT, train_heads  # noqa: E402
 from kuberft_serve.loading import build_engine  # noqa: E402
 from kuberft_serve.sampling import SamplingParams  # noqa: E402
-from kuberft_core.models import DEFAULT_ALPHABET, build_tiny_model  # noqa: E402
 
 SIZES = {
     "full": {"target": dict(hidden_size=512, num_layers=8, intermediate_size=1536, num_heads=8, num_kv_heads=4),
@@ -131,7 +132,8 @@ def build_models(args, work: Path) -> tuple[Path, Path, Path, list[str]]:
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     rng = random.Random(2)
     head_prompts = [tokenizer.encode(prompt_at_line(train_text, rng, args.prompt_chars)) for _ in range(args.head_prompts)]
-    plain = build_engine(ServeConfig(model=str(target_dir), speculator="none", device="cpu", dtype="float32", max_batch_size=64))
+    plain = build_engine(ServeConfig(model=ModelSpec(name=str(target_dir), dtype="float32"), speculator=SpeculatorSpec(type="none"),
+                                     device="cpu", max_batch_size=64))
     started = time.monotonic()
     heads = train_heads(plain, head_prompts, num_heads=args.heads, max_new_tokens=args.max_new_tokens, epochs=args.head_epochs)
     heads.save(heads_dir, base_model=str(target_dir))
@@ -162,7 +164,8 @@ def train_target_and_draft(args, sizes: dict, train_text: str, target_dir: Path,
     # the target's own greedy continuations of training prompts: what the draft learns to agree with
     rng = random.Random(1)
     distill_prompts = [tokenizer.encode(prompt_at_line(train_text, rng, args.prompt_chars)) for _ in range(args.distill_prompts)]
-    plain = build_engine(ServeConfig(model=str(target_dir), speculator="none", device="cpu", dtype="float32", max_batch_size=32))
+    plain = build_engine(ServeConfig(model=ModelSpec(name=str(target_dir), dtype="float32"), speculator=SpeculatorSpec(type="none"),
+                                     device="cpu", max_batch_size=32))
     started = time.monotonic()
     continuations = plain.generate_batch(distill_prompts, [SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)] * len(distill_prompts))
     print(f"  target wrote {sum(map(len, continuations)):,} tokens for distillation ({time.monotonic() - started:.0f}s)")
@@ -252,8 +255,10 @@ def main() -> int:
 
     def engine(speculator: str):
         return build_engine(ServeConfig(
-            model=str(target_dir), speculator=speculator, draft_model=str(draft_dir), heads={None: str(heads_dir)},
-            num_speculative_tokens=args.heads if speculator == "heads" else args.k, device="cpu", dtype="float32", max_batch_size=1,
+            model=ModelSpec(name=str(target_dir), dtype="float32"),
+            speculator=SpeculatorSpec(type=speculator, draft_model=str(draft_dir), heads_path=str(heads_dir),
+                                      num_speculative_tokens=args.heads if speculator == "heads" else args.k),
+            device="cpu", max_batch_size=1,
         ))
 
     engines = {"plain (kuberft, no speculator)": engine("none"), "kuberft ngram": engine("ngram"),

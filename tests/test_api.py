@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from kuberft_core.api import RFTJob, TurboDeployment
-from kuberft_operator.crdgen import crd_files
 from kuberft_core.manifests import check_document, load
+from kuberft_operator.crdgen import crd_files
 
 from .support.crd_schema import crd_errors
 

@@ -23,6 +23,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from .cel import CelRule, failed_rules
+from .reward_kinds import REWARD_KINDS, options_problems
 
 GROUP = "kuberft.io"
 VERSION = "v1alpha1"
@@ -102,8 +103,8 @@ class ModelSpec(ApiModel):
     """Hugging Face model name (e.g. `Qwen/Qwen2.5-Coder-7B-Instruct`) or a local path / mounted volume path."""
     revision: Optional[str] = Field(default=None, max_length=256)
     """Model revision (branch, tag or commit) when loading by name."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype. `auto` uses bfloat16 on a GPU that supports it and float32 on a CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    """Weights dtype. `auto` uses bfloat16 on a GPU that supports it and float32 on a CPU; `float64` is for exact CPU comparisons."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off by default: it executes code from the model repository."""
 
@@ -132,13 +133,45 @@ class Toleration(ApiModel):
     """For NoExecute: how long the pod stays bound after the taint appears."""
 
 
+class KeyRef(ApiModel):
+    """One key of a Secret or ConfigMap in the job's namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """The Secret's or ConfigMap's name."""
+    key: str = Field(min_length=1, max_length=253)
+    """The key within it."""
+    optional: Optional[bool] = None
+    """Start the container even when the object or key is missing."""
+
+
+class EnvVarSource(ApiModel):
+    """Where a variable's value comes from: a Secret key (tokens, keys) or a ConfigMap key."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule("[has(self.secretKeyRef), has(self.configMapKeyRef)].filter(x, x).size() == 1",
+                "exactly one of secretKeyRef or configMapKeyRef must be set"),
+    )
+
+    secret_key_ref: Optional[KeyRef] = None
+    """A Secret's key: the value never appears in the RFTJob, its ConfigMaps or the pod spec."""
+    config_map_key_ref: Optional[KeyRef] = None
+    """A ConfigMap's key."""
+
+
 class EnvVar(ApiModel):
-    """An environment variable for a container."""
+    """An environment variable for a container: a literal `value`, or `valueFrom` a Secret or
+    ConfigMap key (put credentials in a Secret, never in `value`)."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both", ".valueFrom"),
+    )
 
     name: str = Field(min_length=1, max_length=256)
     """Variable name."""
-    value: str = ""
-    """Variable value."""
+    value: Optional[str] = None
+    """Variable value (default: empty)."""
+    value_from: Optional[EnvVarSource] = None
+    """A Secret or ConfigMap key to read the value from."""
 
 
 class PodPlacement(ApiModel):
@@ -187,17 +220,7 @@ class ObjectMeta(BaseModel):
 
 # --------------------------------------------------------------------------- RFTJob
 
-RewardKind = Literal[
-    "triton.format",
-    "triton.compile",
-    "triton.correctness",
-    "triton.speed",
-    "countdown",
-    "multiple_choice",
-    "exact_match",
-    "regex",
-    "custom",
-]
+RewardKind = Literal[tuple(REWARD_KINDS)]  # the catalogue in reward_kinds.py, in its order
 
 
 class LoraSpec(ApiModel):
@@ -286,7 +309,22 @@ class RewardSpec(ApiModel):
     module: Optional[str] = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=512)
     """For `custom`: `package.module:function`, importable in the reward pool image."""
     args: dict[str, Any] = Field(default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-    """Options of the reward function (e.g. `numTestCases`, `tags`, `pattern`)."""
+    """Options of the reward function (e.g. `numTestCases`, `tag`, `pattern`), checked against the
+    kind's options by the operator and `kuberft validate`; a custom reward's are passed as given."""
+
+    @model_validator(mode="after")
+    def _check_args(self):
+        problems = options_problems(self.kind, self.args)
+        if problems:
+            raise PydanticCustomError(
+                "reward_args",
+                "{summary}",
+                {
+                    "summary": "; ".join(f"args.{path}: {message}" for path, message in problems),
+                    "violations": [(f".args.{path}", message) for path, message in problems],
+                },
+            )
+        return self
 
     @property
     def effective_name(self) -> str:
@@ -449,7 +487,8 @@ Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 
 
 class RFTJobStatus(ApiModel):
-    """Observed state of an RFTJob, written by the operator and the trainer."""
+    """Observed state of an RFTJob, written only by the operator (the trainer reports its step
+    and rewards into the job's progress ConfigMap, which the operator checks and copies here)."""
 
     phase: Optional[Phase] = None
     """Summary of the conditions: Pending, Running, Suspended, Succeeded or Failed."""
@@ -457,7 +496,8 @@ class RFTJobStatus(ApiModel):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Created, RewardPoolReady, Running, Suspended, Succeeded, Failed."""
+    """Created, RewardPoolReady, Running, Suspended, Succeeded, Failed; SpecAccepted after a
+    refused change, ProgressAccepted after a trainer report with values the operator ignored."""
     observed_generation: Optional[int] = None
     """The metadata.generation the status reflects."""
     step: Optional[int] = None
@@ -471,7 +511,8 @@ class RFTJobStatus(ApiModel):
     mean_reward: Optional[float] = None
     """Latest mean total (weighted) reward."""
     adapter: Optional[str] = None
-    """Where the trained adapter is (e.g. `pvc://claim/path`)."""
+    """Where the trained adapter is (`pvc://<claim>/<job>/adapter`), set by the operator from
+    the checkpoint settings once the trainer has written it."""
     restarts: Optional[int] = None
     """Trainer restarts so far (counted against backoffLimit)."""
     start_time: Optional[datetime] = None

@@ -123,3 +123,24 @@ def load(path: Path, resource_type: type[R]) -> R:
             [Problem(str(path), "kind", f"expected exactly one {resource_type.kind_name()}, found {len(matching)}")]
         )
     return matching[0]
+
+
+def load_spec(path: Path, resource_type: type[Resource]) -> tuple[str | None, Any]:
+    """(name or None, spec) from a file holding one `resource_type` manifest, or a bare spec of
+    one (the JSON document the operator mounts in a pod); ManifestError names every problem."""
+    documents = read_documents(path)
+    if len(documents) != 1:
+        raise ManifestError([Problem(str(path), "", f"expected one document, found {len(documents)}")])
+    source, document = documents[0]
+    if isinstance(document, dict) and "kind" in document:
+        resource, problems = check_document(document, source)
+        if problems:
+            raise ManifestError(problems)
+        if not isinstance(resource, resource_type):
+            raise ManifestError([Problem(source, "kind", f"expected a {resource_type.kind_name()}, got {resource.kind}")])
+        return resource.metadata.name, resource.spec
+    spec_type = resource_type.model_fields["spec"].annotation
+    try:
+        return None, spec_type.model_validate(document)
+    except ValidationError as error:
+        raise ManifestError(problems_from(error, source)) from error

@@ -104,6 +104,7 @@ CATALOG: dict[str, ComponentCatalog] = {
             MetricSpec("reconcile_seconds", "histogram", "Reconciliation duration", ("kind",), LATENCY_BUCKETS),
             MetricSpec("rftjobs", "gauge", "RFTJobs by phase", ("phase",)),
             MetricSpec("turbodeployments", "gauge", "TurboDeployments by phase", ("phase",)),
+            MetricSpec("drift_corrections", "counter", "Children applied again because someone changed them", ("kind",)),
         ),
     ),
 }

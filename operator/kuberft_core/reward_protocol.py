@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+
 class Outcome(str, Enum):
     """How one evaluation of one reward ended. Every outcome but `error` is a verdict on the
     completion (scored as given, 0 included); `error` means the pool could not judge it, and the

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from .kernel_tasks import TaskSet
 from .arithmetic import expression_value
+from .kernel_tasks import TaskSet
 
 KERNEL_INSTRUCTIONS = """\
 Convert this PyTorch module into Triton kernels.

@@ -116,9 +116,8 @@ COUNTDOWN_OPTIONS = {"numbers": 2, "maxNumber": 9, "operators": "+-*", "ordered"
 
 
 def _build_countdown(out: Path) -> None:
-    from .tasksets import builtin_rows
-
     from .models import build_tiny_model
+    from .tasksets import builtin_rows
 
     build_tiny_model(out, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=256,
                      max_positions=128, seed=0, chat_template=False)
@@ -146,7 +145,6 @@ TRITON_IMITATED_TASKS = ("relu", "silu", "vector_add", "row_sum")
 
 def _build_triton(out: Path) -> None:
     from .kernel_tasks import shipped_solution
-
     from .models import build_tiny_model
 
     examples = [

@@ -13,8 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from kuberft_core.api import API_VERSION, AdapterSource, PodPlacement, RFTJobSpec, TurboDeploymentSpec
+from kuberft_core.job_progress import progress_config_map_name
+from kuberft_core.paths import CHECKPOINT_DIR, CONFIG_DIR, CONFIG_KEY, DATASET_DIR  # shared with the trainer
+
 from . import __version__
-from kuberft_core.api import API_VERSION, PodPlacement, RFTJobSpec, TurboDeploymentSpec
 
 MANAGED_BY = "kuberft-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -26,15 +29,14 @@ ANNOTATION_HASH = "kuberft.io/applied-hash"
 ANNOTATION_POD_TEMPLATE_HASH = "kuberft.io/pod-template-hash"
 ANNOTATION_RESTARTS_BEFORE = "kuberft.io/restarts-before"
 ANNOTATION_GENERATION = "kuberft.io/spec-generation"
+ANNOTATION_CONFIG_HASH = "kuberft.io/config-hash"
 
 REWARD_PORT = 8080
 TRAINER_METRICS_PORT = 8080
-CONFIG_KEY = "job.json"
-CONFIG_DIR = "/etc/kuberft"
-CHECKPOINT_DIR = "/checkpoints"
-DATASET_DIR = "/etc/kuberft/dataset"
 GPU_RESOURCE = "nvidia.com/gpu"
-NONROOT_UID = 65532
+# The user each image runs as (USER in its Dockerfile). The pods state it too: the kubelet can
+# then verify runAsNonRoot before starting the container, and fsGroup makes volumes writable.
+IMAGE_UID = {"trainer": 10001, "serve": 10001, "reward": 65532}
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class Images:
     trainer: str
     reward: str
     serve: str
+    pull_secrets: tuple[str, ...] = ()
+    """Image pull Secrets (in each job's namespace) every pod the operator creates names."""
+
+    def pod_fields(self) -> dict[str, Any]:
+        return {"imagePullSecrets": [{"name": name} for name in self.pull_secrets]} if self.pull_secrets else {}
 
     @classmethod
     def for_version(cls, registry: str = "ghcr.io/kuberft", version: str = __version__) -> "Images":
@@ -147,6 +154,7 @@ class RFTJobNames:
         self.reward = f"{job_name}-reward"
         self.trainer = f"{job_name}-trainer"
         self.checkpoints = f"{job_name}-checkpoints"
+        self.progress = progress_config_map_name(job_name)
 
 
 def reward_url(name: str, namespace: str) -> str:
@@ -202,17 +210,35 @@ def reward_service_account(owner: Owner) -> dict[str, Any]:
     )
 
 
-def _restricted_container_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": NONROOT_UID,
-        "runAsGroup": NONROOT_UID,
-        "allowPrivilegeEscalation": False,
-        "privileged": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+@dataclass(frozen=True)
+class Restricted:
+    """The securityContexts of every pod the operator creates, meeting the Pod Security Standards
+    `restricted` profile: non-root as the image's own user, the runtime's default seccomp
+    profile, no privilege escalation, no capabilities, and a read-only root filesystem (each
+    component writes only to emptyDir and claim volumes: /tmp as HOME and caches, checkpoints)."""
+
+    pod: dict[str, Any]
+    container: dict[str, Any]
+
+
+def restricted_security(component: str) -> Restricted:
+    uid = IMAGE_UID[component]
+    return Restricted(
+        pod={
+            "runAsNonRoot": True,
+            "runAsUser": uid,
+            "runAsGroup": uid,
+            "fsGroup": uid,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        container={
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    )
 
 
 def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> dict[str, Any]:
@@ -238,7 +264,7 @@ def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: 
         ],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20, "failureThreshold": 6},
-        "securityContext": _restricted_container_security(),
+        "securityContext": restricted_security("reward").container,
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     resources = _resources(pool.placement)
@@ -248,21 +274,20 @@ def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: 
         "serviceAccountName": RFTJobNames(owner.name).reward,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": NONROOT_UID,
-            "runAsGroup": NONROOT_UID,
-            "fsGroup": NONROOT_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_security("reward").pod,
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": f"{tmp_limit_mib}Mi"}}],
         **_scheduling(pool.placement),
+        **images.pod_fields(),
     }
     if pool.sandbox.runtime_class_name:
         pod_spec["runtimeClassName"] = pool.sandbox.runtime_class_name
     labels = _labels(owner, role)
-    return _object(
+    if spec.queue_name:
+        # The reward pods count against the same Kueue quota as the trainer (Kueue admits them
+        # through its Deployment/pod integration), so a queued job uses nothing before admission.
+        labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    manifest = _object(
         "apps/v1",
         "Deployment",
         RFTJobNames(owner.name).reward,
@@ -274,6 +299,9 @@ def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: 
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     )
+    if spec.queue_name:
+        manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
+    return manifest
 
 
 def reward_service(owner: Owner) -> dict[str, Any]:
@@ -284,7 +312,10 @@ def reward_service(owner: Owner) -> dict[str, Any]:
         RFTJobNames(owner.name).reward,
         owner,
         role,
+        # The type is stated, not defaulted: server-side apply reverts only fields we set, and a
+        # hand edit to NodePort must come back to ClusterIP.
         spec={
+            "type": "ClusterIP",
             "selector": _selector(owner, role),
             "ports": [{"name": "http", "port": REWARD_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
@@ -318,15 +349,24 @@ def trainer_service_account(owner: Owner) -> dict[str, Any]:
     return _object("v1", "ServiceAccount", RFTJobNames(owner.name).trainer, owner, "trainer")
 
 
+def progress_config_map(owner: Owner) -> dict[str, Any]:
+    """The trainer's progress report (`kuberft_core.job_progress`), created empty: the trainer
+    fills its `data`, the operator copies the valid part into the RFTJob status. The operator's
+    apply carries no `data`, so re-applying it never takes the trainer's fields away."""
+    return _object("v1", "ConfigMap", RFTJobNames(owner.name).progress, owner, "progress")
+
+
 def trainer_role(owner: Owner) -> dict[str, Any]:
-    """The trainer may patch its own RFTJob's status and nothing else."""
+    """The trainer may read and patch its own progress ConfigMap and nothing else: never the
+    RFTJob or its status, which only the operator writes."""
+    names = RFTJobNames(owner.name)
     return _object(
         "rbac.authorization.k8s.io/v1",
         "Role",
-        RFTJobNames(owner.name).trainer,
+        names.trainer,
         owner,
         "trainer",
-        rules=[{"apiGroups": ["kuberft.io"], "resources": ["rftjobs/status"], "resourceNames": [owner.name], "verbs": ["patch"]}],
+        rules=[{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.progress], "verbs": ["get", "patch"]}],
     )
 
 
@@ -368,12 +408,7 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
             {"name": "KUBERFT_JOB_NAMESPACE", "value": owner.namespace},
             *[e.to_wire() for e in spec.trainer.env],
         ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_security("trainer").container,
         "volumeMounts": [
             {"name": "config", "mountPath": f"{CONFIG_DIR}/{CONFIG_KEY}", "subPath": CONFIG_KEY, "readOnly": True},
             {"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
@@ -403,9 +438,11 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
             "restartPolicy": "Never",
             "serviceAccountName": RFTJobNames(owner.name).trainer,
             "enableServiceLinks": False,
+            "securityContext": restricted_security("trainer").pod,
             "containers": [container],
             "volumes": volumes,
             **_scheduling(spec.trainer),
+            **images.pod_fields(),
         },
     }
 
@@ -461,11 +498,22 @@ def rftjob_children(spec: RFTJobSpec, owner: Owner, images: Images, generation: 
     if claim:
         children.append(claim)
     children += reward_pool_children(spec, owner, images, reward_replicas)
-    children += [trainer_service_account(owner), trainer_role(owner), trainer_role_binding(owner)]
+    children += [progress_config_map(owner), trainer_service_account(owner), trainer_role(owner), trainer_role_binding(owner)]
     return children
 
 
 # --------------------------------------------------------------------------- TurboDeployment children
+
+SERVE_CONFIG_KEY = "serve.json"
+"""The ConfigMap key (and file name under CONFIG_DIR in a serve pod) of the serve document."""
+OPERATOR_ONLY_FIELDS = {"replicas", "autoscaling", "placement"}
+"""TurboDeploymentSpec fields the serving process does not read: how many pods and where they
+run. Left out of the serve document, so scaling the deployment does not restart its pods."""
+
+
+def serve_config_name(name: str) -> str:
+    """The serve document's ConfigMap (`-serve`: no RFTJob child name ends so)."""
+    return f"{name}-serve"
 
 
 def adapter_mount(adapter: str) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]], str]:
@@ -479,50 +527,53 @@ def adapter_mount(adapter: str) -> tuple[Optional[dict[str, Any]], Optional[dict
     return None, None, adapter
 
 
-def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, adapter: Optional[str]) -> dict[str, Any]:
-    """`kuberft serve` pods: the base model, the adapter and the speculator."""
-    role = "serve"
-    command = ["kuberft", "serve", "--model", spec.model.name, "--dtype", spec.model.dtype]
-    if spec.model.revision:
-        command += ["--revision", spec.model.revision]
-    if spec.model.trust_remote_code:
-        command.append("--trust-remote-code")
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
-    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+def serve_document(spec: TurboDeploymentSpec, adapter: Optional[str]) -> dict[str, Any]:
+    """What a serve pod runs (`kuberft serve --config`): the TurboDeploymentSpec as the API
+    serialises it, its adapter resolved to the directory in the pod (`adapter.uri`; `fromRFTJob`
+    resolved by the reconciler to `adapter`), less OPERATOR_ONLY_FIELDS."""
+    resolved = None
     if adapter:
-        volume, mount, path = adapter_mount(adapter)
+        _, _, path = adapter_mount(adapter)
+        resolved = AdapterSource(uri=path, name=spec.adapter.name if spec.adapter else "default")
+    document = spec.model_copy(update={"adapter": resolved})
+    return document.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=OPERATOR_ONLY_FIELDS)
+
+
+def serve_config_map(spec: TurboDeploymentSpec, owner: Owner, adapter: Optional[str]) -> dict[str, Any]:
+    """The serve document, mounted read-only in every serve pod."""
+    document = json.dumps(serve_document(spec, adapter), indent=2, sort_keys=True)
+    return _object("v1", "ConfigMap", serve_config_name(owner.name), owner, "config", data={SERVE_CONFIG_KEY: document})
+
+
+def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, adapter: Optional[str]) -> dict[str, Any]:
+    """`kuberft serve` pods, reading the serve document (model, adapter, speculator) from the
+    ConfigMap; its hash in the pod template rolls the pods when it changes."""
+    role = "serve"
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": serve_config_name(owner.name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": f"{CONFIG_DIR}/{SERVE_CONFIG_KEY}", "subPath": SERVE_CONFIG_KEY, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if adapter:
+        volume, mount, _ = adapter_mount(adapter)
         if volume:
             volumes.append(volume)
             mounts.append(mount)
-        name = spec.adapter.name if spec.adapter else "default"
-        command += ["--adapter", f"{name}={path}"]
-    speculator = spec.speculator
-    command += ["--speculator", speculator.type]
-    if speculator.type != "none":
-        command += ["--num-speculative-tokens", str(speculator.num_speculative_tokens)]
-        if not speculator.adaptive:
-            command.append("--no-adaptive")
-    if speculator.type == "draft" and speculator.draft_model:
-        command += ["--draft-model", speculator.draft_model]
-    if speculator.type == "heads":
-        if speculator.heads_path:
-            command += ["--heads", speculator.heads_path]
-        if speculator.train_heads:
-            command.append("--train-heads")
-    command += ["--max-batch-size", str(spec.max_batch_size), "--port", str(spec.port)]
     container = {
         "name": "serve",
         "image": spec.placement.image or images.serve,
-        "command": command,
+        "command": ["kuberft", "serve", "--config", f"{CONFIG_DIR}/{SERVE_CONFIG_KEY}"],
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "env": [{"name": "HOME", "value": "/tmp"}, *[e.to_wire() for e in spec.placement.env]],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
         "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 180},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        # After start-up (the probe above allows 30 minutes for loading a model), a server that
+        # stops answering is restarted.
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20, "timeoutSeconds": 5, "failureThreshold": 3},
+        "securityContext": restricted_security("serve").container,
         "volumeMounts": mounts,
     }
     resources = _resources(spec.placement)
@@ -531,13 +582,18 @@ def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, ad
     deployment_spec: dict[str, Any] = {
         "selector": {"matchLabels": _selector(owner, role)},
         "template": {
-            "metadata": {"labels": _labels(owner, role)},
+            "metadata": {
+                "labels": _labels(owner, role),
+                "annotations": {ANNOTATION_CONFIG_HASH: content_hash(serve_document(spec, adapter))},
+            },
             "spec": {
                 "automountServiceAccountToken": False,
                 "enableServiceLinks": False,
+                "securityContext": restricted_security("serve").pod,
                 "containers": [container],
                 "volumes": volumes,
                 **_scheduling(spec.placement),
+                **images.pod_fields(),
             },
         },
     }
@@ -556,6 +612,7 @@ def serve_service(spec: TurboDeploymentSpec, owner: Owner) -> dict[str, Any]:
         owner,
         "serve",
         spec={
+            "type": "ClusterIP",
             "selector": _selector(owner, "serve"),
             "ports": [{"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}],
         },

@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     images.add_argument("--image-tag", default=__version__, help=f"tag of the default images (default: {__version__})")
     images.add_argument("--trainer-image", help="trainer image (default: <registry>/trainer:<tag>); spec.trainer.image overrides it per job")
     images.add_argument("--reward-image", help="reward pool image (default: <registry>/reward:<tag>); spec.rewardPool.placement.image overrides it")
+    images.add_argument("--image-pull-secret", action="append", default=[], metavar="NAME",
+                        help="an image pull Secret every pod the operator creates names (repeatable; the Secret must exist in each job's namespace)")
     images.add_argument("--serve-image", help="serving image (default: <registry>/serve:<tag>); spec.placement.image overrides it")
     election = parser.add_argument_group("leader election", "only the replica holding the Lease reconciles")
     election.add_argument("--no-leader-election", dest="leader_election", action="store_false", help="reconcile without taking the Lease (a single replica only)")
@@ -83,6 +85,7 @@ def _operator(args: argparse.Namespace) -> int:
             trainer=args.trainer_image or defaults.trainer,
             reward=args.reward_image or defaults.reward,
             serve=args.serve_image or defaults.serve,
+            pull_secrets=tuple(args.image_pull_secret),
         ),
         workers=args.workers,
         metrics_port=args.metrics_port,

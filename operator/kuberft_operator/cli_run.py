@@ -102,7 +102,7 @@ def _serve(job, adapter_dir: Path, port: int) -> int:
     # A prompt of the job itself, as /v1/completions takes it (templated, without a chat template).
     prompt = PromptFormatter(None, spec.dataset, spec.grpo.max_prompt_length).text(load_rows(spec.dataset)[0])
     request = {"model": adapter_name, "prompt": prompt, "max_tokens": spec.grpo.max_completion_length, "temperature": 0}
-    config = ServeConfig(model=spec.model.name, adapters={adapter_name: str(adapter_dir)}, port=port, host="127.0.0.1")
+    config = ServeConfig(model=spec.model, adapters={adapter_name: str(adapter_dir)}, port=port, host="127.0.0.1")
     print(
         "serving; try:\n"
         f"  curl -s http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(request))}"

@@ -35,7 +35,7 @@ class Transition:
 
 # Conditions whose True status is bad news (a Warning event); for the others False is.
 _TRUE_IS_BAD = {"Failed"}
-_FALSE_IS_BAD = {"SpecAccepted"}
+_FALSE_IS_BAD = {"SpecAccepted", "ProgressAccepted"}
 
 
 def event_type(transition: Transition) -> str:

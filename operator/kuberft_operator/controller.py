@@ -6,12 +6,22 @@ updates a local cache of children and queues the owner's key; workers take keys 
 queue (one reconcile per key at a time, events collapsed), read the parent fresh from the API
 server, plan with the pure functions of `reconcile` and carry the plan out:
 
-- children are server-side applied (skipped when the cached child already carries the same
-  content hash), so a restart or a repeated event creates nothing twice;
+- children are server-side applied with force on the fields the operator sets, so a restart or
+  a repeated event creates nothing twice and a hand edit of one of those fields is reverted on the
+  next reconcile (drift). The apply is skipped only when the cached child carries the desired
+  content hash AND its owned view (labels, annotations, owner references and spec/data/rules, as
+  the API server returned them after our last apply) is unchanged; any other change (an edit, an
+  HPA's new replica count, a claim getting bound) costs one apply, which leaves fields others own
+  alone. After an operator restart each child is applied once;
 - the trainer Job is created once (a second create finds it and does nothing);
 - the status is written with the parent's resourceVersion as a precondition, so a stale
   reconcile (or a second replica) fails with a conflict instead of overwriting newer status;
 - Events are posted after the status write that records the transition.
+
+The operator is the only writer of RFTJob and TurboDeployment status. A trainer reports into
+its job's progress ConfigMap (a labelled child, so its updates arrive here like any child's);
+the cache keeps only the report's known keys, each cut just past the longest value the
+operator reads, so a trainer cannot make the operator hold a megabyte per job.
 """
 
 from __future__ import annotations
@@ -31,12 +41,18 @@ import kopf
 from aiohttp import web
 
 from kuberft_core.api import API_VERSION, GROUP, VERSION
-from .builders import ANNOTATION_HASH, LABEL_MANAGED_BY, LABEL_ROLE, LABEL_RFTJOB, LABEL_TURBO, MANAGED_BY, Images, RFTJobNames, content_hash
+from kuberft_core.job_progress import FIELDS as PROGRESS_FIELDS
+from kuberft_core.job_progress import MAX_VALUE_CHARS as PROGRESS_MAX_CHARS
+from kuberft_core.job_progress import PROGRESS_SUFFIX
+from kuberft_core.metrics import component_metrics
+from kuberft_core.probes import metrics_routes
+
+from .builders import ANNOTATION_HASH, LABEL_MANAGED_BY, LABEL_RFTJOB, LABEL_ROLE, LABEL_TURBO, MANAGED_BY, Images, RFTJobNames, content_hash
+from .conditions import parse_time
 from .kube import ApiError, Credentials, KubeClient
 from .leader import LeaderElector
-from kuberft_core.metrics import component_metrics
-from .workqueue import WorkQueue
 from .reconcile import ChildRef, Plan, RFTJobObserved, TurboObserved, plan_rftjob, plan_turbo, status_changes
+from .workqueue import WorkQueue
 
 log = logging.getLogger("kuberft.operator")
 
@@ -54,21 +70,36 @@ CHILD_KINDS = (
     ("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
 )
 CHILD_EVENT_DELAY = 0.25
+_REFERENCED_KINDS = ("ServiceAccount", "Role", "ConfigMap")
+LOCAL_QUEUE_CACHE_SECONDS = 30.0
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")
+# A trainer Job without a pod this long after its creation has its events read: a refused pod
+# (admission, quota) is reported only there.
+TRAINER_POD_GRACE_SECONDS = 3.0
+
+
+def _age_seconds(obj: dict[str, Any], now: datetime) -> float:
+    created = parse_time((obj.get("metadata") or {}).get("creationTimestamp"))
+    return (now - created).total_seconds() if created else 0.0
 PARENT_KINDS = {"RFTJob": "rftjobs", "TurboDeployment": "turbodeployments"}
 
 # What the operator's ServiceAccount needs (the Helm chart grants exactly this).
 RBAC_RULES = (
     {"apiGroups": [GROUP], "resources": ["rftjobs", "turbodeployments"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [GROUP], "resources": ["rftjobs/status", "turbodeployments/status"], "verbs": ["get", "patch"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services", "serviceaccounts", "persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services", "serviceaccounts"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    # Checkpoint claims outlive the job's other children: never deleted.
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch", "list"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]},
+    # Whether the LocalQueue a job names exists (a job waits for Kueue; a typo would wait forever).
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["localqueues"], "verbs": ["get"]},
 )
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
@@ -109,9 +140,34 @@ def _slim(kind: str, body: dict[str, Any]) -> dict[str, Any]:
         slim["spec"] = {"suspend": (body.get("spec") or {}).get("suspend")}
     elif kind == "Deployment":
         slim["spec"] = {"replicas": (body.get("spec") or {}).get("replicas")}
+    elif kind == "ConfigMap" and str(meta.get("name", "")).endswith(PROGRESS_SUFFIX):
+        # A trainer's report (by name: the trainer may patch its labels, never its name). Untrusted:
+        # one character past the limit is enough for the reconciler to refuse a value.
+        data = body.get("data") or {}
+        slim["data"] = {k: v[: PROGRESS_MAX_CHARS + 1] if isinstance(v, str) else v for k, v in data.items() if k in PROGRESS_FIELDS}
     elif kind == "ConfigMap":
         slim["data"] = body.get("data") or {}
+    slim["view"] = _owned_view_hash(kind, body)
     return slim
+
+
+# The parts of a child the operator sets (besides status, which it never sets on children).
+_VIEW_FIELDS = ("spec", "data", "rules", "roleRef", "subjects", "automountServiceAccountToken", "imagePullSecrets")
+
+
+def _owned_view_hash(kind: str, body: dict[str, Any]) -> str:
+    """A hash of what an edit to the operator's fields would change: a status update leaves it
+    alone. A progress ConfigMap's data is the trainer's, not ours."""
+    meta = body.get("metadata") or {}
+    # Only our annotations: controllers annotate children too (a Deployment's revision, a bound
+    # claim's binder flags), and each such change would cost an apply that changes nothing.
+    ours = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("kuberft.io/")}
+    view: dict[str, Any] = {"labels": meta.get("labels"), "annotations": ours, "ownerReferences": meta.get("ownerReferences")}
+    progress = kind == "ConfigMap" and str(meta.get("name", "")).endswith(PROGRESS_SUFFIX)
+    for name in _VIEW_FIELDS:
+        if name in body and not (progress and name == "data"):
+            view[name] = body[name]
+    return content_hash(view)
 
 
 _KEPT_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp", "labels", "annotations", "ownerReferences", "deletionTimestamp")
@@ -126,6 +182,9 @@ class Controller:
         self.children: dict[Key, dict[str, Any]] = {}
         self.phases: dict[Key, str] = {}
         self._written_versions: dict[Key, str] = {}
+        self._queues: dict[tuple[str, str], tuple[str, float]] = {}
+        # Per child: the owned view the API server returned after our last apply (see _apply).
+        self._applied_views: dict[Key, str] = {}
         self._turbo_by_rftjob: dict[tuple[str, str], set[str]] = {}
         self.parents: dict[Key, dict[str, Any]] = {}
         self._by_owner: dict[tuple[str, str, str], set[Key]] = {}
@@ -198,6 +257,7 @@ class Controller:
 
     def _forget(self, key: Key) -> None:
         body = self.children.pop(key, None)
+        self._applied_views.pop(key, None)
         labels = (body or {}).get("metadata", {}).get("labels") or {}
         for label in (LABEL_RFTJOB, LABEL_TURBO):
             owned = self._by_owner.get((label, key[1], labels.get(label, "")))
@@ -260,12 +320,19 @@ class Controller:
             job = self._cached("Job", namespace, names.trainer, uid)
             job_uid = (job or {}).get("metadata", {}).get("uid")
             pods = [b for k, b in self._owned(LABEL_RFTJOB, namespace, name, job_uid) if k == "Pod"] if job_uid else []
+            queue = await self._local_queue(namespace, ((body.get("spec") or {}).get("queueName")))
+            job_events: list[dict[str, Any]] = []
+            if job is not None and not pods and not (job.get("spec") or {}).get("suspend") and _age_seconds(job, now) >= TRAINER_POD_GRACE_SECONDS:
+                job_events = await self._warning_events(namespace, job_uid)
             observed = RFTJobObserved(
                 body=body,
                 config_map=self._cached("ConfigMap", namespace, names.config, uid),
+                progress=self._cached("ConfigMap", namespace, names.progress, uid),
                 reward_deployment=self._cached("Deployment", namespace, names.reward, uid),
                 trainer_job=job,
                 trainer_pods=pods,
+                trainer_job_events=job_events,
+                local_queue=queue,
                 children=[ChildRef(_API_VERSIONS[k], k, b["metadata"]["name"]) for k, b in self._owned(LABEL_RFTJOB, namespace, name, uid) if k != "Pod"],
             )
             plan = plan_rftjob(observed, self.config.images, now)
@@ -290,7 +357,10 @@ class Controller:
 
     async def execute(self, key: Key, body: dict[str, Any], plan: Plan) -> None:
         namespace = key[1]
-        await asyncio.gather(*(self._apply(namespace, manifest) for manifest in plan.apply))
+        # What others refer to goes first: a RoleBinding applied before its Role fails once (404).
+        first = [m for m in plan.apply if m["kind"] in _REFERENCED_KINDS]
+        await asyncio.gather(*(self._apply(namespace, manifest) for manifest in first))
+        await asyncio.gather(*(self._apply(namespace, manifest) for manifest in plan.apply if manifest["kind"] not in _REFERENCED_KINDS))
         for manifest in plan.create:
             await self.client.create(manifest)
         for ref, patch in plan.patch:
@@ -317,6 +387,49 @@ class Controller:
             self._event_tasks.add(task)
             task.add_done_callback(self._event_tasks.discard)
 
+    async def _local_queue(self, namespace: str, name: Optional[str]) -> Optional[str]:
+        """`found`, `missing` or `no-kueue` for the LocalQueue a job names (None without one);
+        cached a while, as a queue is created once and every reconcile of the job asks."""
+        if not name:
+            return None
+        key = (namespace, name)
+        cached = self._queues.get(key)
+        if cached is not None and time.monotonic() - cached[1] < LOCAL_QUEUE_CACHE_SECONDS:
+            return cached[0]
+        answer = "no-kueue"
+        for version in KUEUE_VERSIONS:
+            try:
+                await self.client.request("GET", f"/apis/kueue.x-k8s.io/{version}/namespaces/{namespace}/localqueues/{name}")
+                answer = "found"
+                break
+            except ApiError as error:
+                if error.status != 404:
+                    log.warning("reading LocalQueue %s/%s failed: %s", namespace, name, error)
+                    return cached[0] if cached else "found"  # unknown: do not cry wolf
+                # A missing LocalQueue is a NotFound Status; a version not served, a bare 404 page.
+                if error.reason == "NotFound":
+                    answer = "missing"
+                    break
+            except (OSError, asyncio.TimeoutError) as error:
+                log.warning("reading LocalQueue %s/%s failed: %s", namespace, name, error)
+                return cached[0] if cached else "found"
+        self._queues[key] = (answer, time.monotonic())
+        return answer
+
+    async def _warning_events(self, namespace: str, uid: Optional[str]) -> list[dict[str, Any]]:
+        """The Warning events about one object (by uid): how a Job says its pod was refused."""
+        if not uid:
+            return []
+        try:
+            listed = await self.client.request(
+                "GET", f"/api/v1/namespaces/{namespace}/events",
+                params={"fieldSelector": f"involvedObject.uid={uid},type=Warning", "limit": "20"},
+            )
+        except (ApiError, OSError, asyncio.TimeoutError) as error:
+            log.warning("listing the events of %s in %s failed: %s", uid, namespace, error)
+            return []
+        return listed.get("items") or []
+
     async def _post_event(self, body: dict[str, Any], event: Any) -> None:
         """Events are posted in the background: a reconcile does not wait for its announcements."""
         async with self._event_slots:
@@ -328,9 +441,14 @@ class Controller:
     async def _apply(self, namespace: str, manifest: dict[str, Any]) -> None:
         digest = content_hash(manifest)
         manifest["metadata"].setdefault("annotations", {})[ANNOTATION_HASH] = digest
-        cached = self.children.get((manifest["kind"], namespace, manifest["metadata"]["name"]))
-        if cached is not None and (cached["metadata"].get("annotations") or {}).get(ANNOTATION_HASH) == digest:
+        key = (manifest["kind"], namespace, manifest["metadata"]["name"])
+        cached = self.children.get(key)
+        if (cached is not None and (cached["metadata"].get("annotations") or {}).get(ANNOTATION_HASH) == digest
+                and cached.get("view") == self._applied_views.get(key)):
             return
+        if cached is not None and key in self._applied_views and cached.get("view") != self._applied_views[key]:
+            log.info("%s %s/%s changed since the operator applied it: applying again", *key)
+            self.metrics.drift_corrections.labels(kind=key[0]).inc()
         applied = None
         if cached is None:
             # A plain create is much cheaper for the API server than a server-side apply; an
@@ -339,7 +457,9 @@ class Controller:
         if applied is None:
             applied = await self.client.apply(manifest)
         # Remember what we wrote at once, so the next reconcile skips it even before the watch event.
-        self._remember((manifest["kind"], namespace, manifest["metadata"]["name"]), _slim(manifest["kind"], applied))
+        slim = _slim(manifest["kind"], applied)
+        self._applied_views[key] = slim["view"]
+        self._remember(key, slim)
 
 
 _API_VERSIONS = {kind: (f"{group}/{version}" if group else version) for group, version, _, kind in CHILD_KINDS}
@@ -409,16 +529,8 @@ def connection_info() -> kopf.ConnectionInfo:
 
 
 async def _serve_metrics(controller: Controller, port: int) -> web.AppRunner:
-    async def metrics(_: web.Request) -> web.Response:
-        body, content_type = controller.metrics.exposition()
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
+    app.add_routes(metrics_routes(controller.metrics))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from kuberft_core.api import RFTJob, RFTJobSpec
+
 from .run_report import reward_summary, write_report
 
 log = logging.getLogger("kuberft.run")

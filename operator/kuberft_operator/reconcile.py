@@ -5,6 +5,13 @@ current time, they return a `Plan` (children to apply, create, patch or delete; 
 operator owns; Events). The controller performs the plan and writes the status with optimistic
 concurrency, so the same observation always yields the same plan: reconciling twice, after a
 restart or from two replicas, creates nothing twice and loses no status.
+
+The operator is the only writer of an RFTJob's status. The trainer reports its step and
+rewards into the job's progress ConfigMap (`kuberft_core.job_progress`); the plan copies what
+passes `read_progress` into the status and names what it ignored in the `ProgressAccepted`
+condition. Phase, conditions, times and the adapter location are the operator's own: the
+adapter is `<output location>/adapter`, computed from the job's checkpoint settings, never
+a path the trainer supplies.
 """
 
 from __future__ import annotations
@@ -18,20 +25,23 @@ from typing import Any, Optional, TypeVar, cast
 from pydantic import ValidationError
 
 from kuberft_core.api import ApiModel, RFTJobSpec, TurboDeploymentSpec
+from kuberft_core.job_progress import read_progress
+from kuberft_core.manifests import problems_from
+from kuberft_core.paths import ADAPTER_DIR as TRAINER_ADAPTER_DIR  # where the trainer writes the final adapter in its output
+
 from .builders import (
     ANNOTATION_GENERATION,
     ANNOTATION_POD_TEMPLATE_HASH,
     ANNOTATION_RESTARTS_BEFORE,
-    CHECKPOINT_DIR,
     CONFIG_KEY,
     Images,
     Owner,
     RFTJobNames,
-    checkpoint_claim_name,
     content_hash,
     output_location,
     rftjob_children,
     serve_autoscaler,
+    serve_config_map,
     serve_deployment,
     serve_selector,
     serve_service,
@@ -39,11 +49,7 @@ from .builders import (
     trainer_job,
     trainer_pod_template,
 )
-from .conditions import Conditions, Transition, event_type, parse_time, timestamp
-from kuberft_core.manifests import problems_from
-
-# Where the trainer writes the final adapter inside its output directory (kuberft_trainer.train).
-TRAINER_ADAPTER_DIR = "adapter"
+from .conditions import Conditions, Transition, event_type, find, parse_time, timestamp
 
 # Fields of a running job that cannot change: the trainer's checkpoints depend on them.
 IMMUTABLE_WHILE_RUNNING = ("model", "lora", "dataset", "rewards", "grpo", "checkpoint", "queueName")
@@ -106,9 +112,17 @@ class RFTJobObserved:
     body: dict[str, Any]
     """The RFTJob as read from the API server."""
     config_map: Optional[dict[str, Any]] = None
+    progress: Optional[dict[str, Any]] = None
+    """The trainer's progress ConfigMap (untrusted: only its checked values reach the status)."""
     reward_deployment: Optional[dict[str, Any]] = None
     trainer_job: Optional[dict[str, Any]] = None
     trainer_pods: list[dict[str, Any]] = field(default_factory=list)
+    trainer_job_events: list[dict[str, Any]] = field(default_factory=list)
+    local_queue: Optional[str] = None
+    """For a job with `queueName`: `found`, `missing` (no such LocalQueue in the namespace) or
+    `no-kueue` (the cluster has no Kueue API)."""
+    """Warning events of a trainer Job that has no pod (the controller lists them only then):
+    a Job whose pod is refused (admission, quota) says why only there."""
     children: list[ChildRef] = field(default_factory=list)
     """Every child that exists now (used when the TTL deletes them)."""
 
@@ -181,6 +195,79 @@ def pod_failure(pods: list[dict[str, Any]]) -> Optional[str]:
     return f"pod {pod['metadata']['name']} failed: {detail}"
 
 
+# Container waiting reasons that no amount of waiting fixes: a person must act.
+_STUCK_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+
+@dataclass(frozen=True)
+class StartProblem:
+    reason: str
+    message: str
+    needs_a_person: bool
+    """False for waiting that resolves itself (no free GPU yet: the autoscaler or a finishing
+    job may bring one)."""
+
+
+def trainer_start_problem(job: Optional[dict[str, Any]], pods: list[dict[str, Any]], job_events: list[dict[str, Any]]) -> Optional[StartProblem]:
+    """Why the trainer has not started, when the cluster says so: its pod refused (admission,
+    quota: only the Job's events say it), unschedulable (a missing claim, no free GPU), or its
+    container stuck (image pull, a missing Secret or ConfigMap key)."""
+    if job is None or (job.get("spec") or {}).get("suspend"):
+        return None
+    live = [p for p in pods if (p.get("status") or {}).get("phase") in (None, "Pending")]
+    if not pods:
+        refused = [e for e in job_events if e.get("reason") == "FailedCreate"]
+        if refused:
+            latest = max(refused, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+            return StartProblem("TrainerPodRefused", f"the trainer Job cannot create its pod: {latest.get('message', '').strip()}", True)
+        return None
+    for pod in live:
+        pod_name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _STUCK_WAITING:
+                detail = f": {waiting['message'].strip()}" if waiting.get("message") else ""
+                return StartProblem("TrainerCannotStart", f"pod {pod_name}: {waiting['reason']}{detail}", True)
+        scheduled = find(status.get("conditions") or [], "PodScheduled")
+        if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+            message = (scheduled.get("message") or "").strip()
+            missing = "not found" in message and ("persistentvolumeclaim" in message or "secret" in message or "configmap" in message)
+            return StartProblem("TrainerUnschedulable", f"pod {pod_name} cannot be scheduled: {message}", missing)
+    return None
+
+
+def deployment_problem(deployment: Optional[dict[str, Any]]) -> Optional[str]:
+    """Why a Deployment's pods do not come up, when the Deployment says so: a ReplicaSet whose
+    pods are refused (admission, quota) or a rollout past its progress deadline."""
+    conditions = ((deployment or {}).get("status") or {}).get("conditions") or []
+    failure = find(conditions, "ReplicaFailure")
+    if failure and failure.get("status") == "True":
+        return f"{failure.get('reason', 'ReplicaFailure')}: {(failure.get('message') or '').strip()}"
+    progressing = find(conditions, "Progressing")
+    if progressing and progressing.get("status") == "False":
+        return f"{progressing.get('reason', 'NotProgressing')}: {(progressing.get('message') or '').strip()}"
+    return None
+
+
+def _queue_problem(queue_name: Optional[str], found: Optional[str]) -> Optional[tuple[str, str]]:
+    if not queue_name or found in (None, "found"):
+        return None
+    if found == "no-kueue":
+        return ("KueueNotInstalled", f"spec.queueName is {queue_name!r}, but this cluster has no Kueue (no kueue.x-k8s.io LocalQueue API): "
+                "install Kueue or remove queueName")
+    return ("LocalQueueNotFound", f"spec.queueName is {queue_name!r}, but there is no LocalQueue {queue_name!r} in this namespace: "
+            "Kueue would never admit the job")
+
+
+def _warn_once(plan: Plan, previous: list[dict[str, Any]], type_: str, reason: str, message: str) -> None:
+    """A Warning event when a condition newly carries this problem (a reason change between two
+    False statuses is no transition, so Conditions would stay silent)."""
+    before = find(previous, type_) or {}
+    if (before.get("reason"), before.get("message")) != (reason, message):
+        plan.events.append(Event("Warning", reason, message))
+
+
 def _finish_status(plan: Plan, conds: Conditions, status: dict[str, Any]) -> Plan:
     plan.status["conditions"] = conds.items
     plan.status["phase"] = _phase(conds)
@@ -199,7 +286,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     conds = Conditions(status.get("conditions"), now, generation)
     plan = Plan()
     plan.status["observedGeneration"] = generation
-    for key in ("startTime", "completionTime", "restarts", "adapter"):
+    for key in ("startTime", "completionTime", "restarts"):
         if status.get(key) is not None:
             plan.status[key] = status[key]
 
@@ -238,15 +325,36 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     elif conds.get("SpecAccepted") is not None:
         conds.set("SpecAccepted", True, "Accepted", f"generation {generation} is in effect")
 
-    # The trainer reports where it wrote the adapter as a path in its pod; a serving pod reaches
-    # it through the claim, so the status says `pvc://<claim>/<path>`.
-    reported = status.get("adapter")
-    claim = checkpoint_claim_name(effective, name)
-    if reported and claim and reported.startswith(CHECKPOINT_DIR + "/"):
-        plan.status["adapter"] = f"pvc://{claim}/{reported[len(CHECKPOINT_DIR) + 1:]}"
-
+    # The trainer's progress report: only checked values reach the status.
+    report, problems = read_progress(
+        ((observed.progress or {}).get("data") or {}), [r.effective_name for r in effective.rewards], effective.grpo.steps
+    )
+    if problems:
+        conds.set("ProgressAccepted", False, "InvalidProgressReport",
+                  f"ignored in ConfigMap {names.progress}: {'; '.join(problems)}")
+    elif conds.get("ProgressAccepted") is not None:
+        conds.set("ProgressAccepted", True, "Accepted", f"the trainer's report in ConfigMap {names.progress} is valid")
+    step = report.step if report.step is not None else status.get("step")
+    if step is not None:
+        plan.status["step"] = step
+    rewards = report.rewards or status.get("rewards")
+    if rewards:
+        plan.status["rewards"] = rewards
+    mean_reward = report.mean_reward if report.mean_reward is not None else status.get("meanReward")
+    if mean_reward is not None:
+        plan.status["meanReward"] = mean_reward
     plan.status["totalSteps"] = effective.grpo.steps
-    plan.status["progress"] = status.get("progress") or f"{status.get('step') or 0}/{effective.grpo.steps}"
+    plan.status["progress"] = f"{step or 0}/{effective.grpo.steps}"
+
+    # The adapter is where the operator told the trainer to write it (`--output` on the
+    # checkpoint volume, `adapter/` inside), reachable by a serving pod through the claim.
+    # The trainer only says that it is written; the job succeeding says so too.
+    location = output_location(effective, name)
+    adapter = f"{location}/{TRAINER_ADAPTER_DIR}" if location else None
+    if adapter and (report.adapter_written or conds.is_true("Succeeded") or status.get("adapter") == adapter):
+        plan.status["adapter"] = adapter
+    elif status.get("adapter") is not None:
+        plan.status["adapter"] = None  # a location the operator did not compute is removed
 
     if finished:
         return _plan_finished(plan, conds, status, observed, effective, now)
@@ -296,10 +404,8 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         conds.set(cond_type, True, reason, message)
         conds.set("Running", False, "Completed" if cond_type == "Succeeded" else reason, message)
         plan.status["completionTime"] = timestamp(now)
-        if cond_type == "Succeeded" and not plan.status.get("adapter"):
-            location = output_location(effective, name)
-            if location:
-                plan.status["adapter"] = f"{location}/{TRAINER_ADAPTER_DIR}"
+        if cond_type == "Succeeded" and adapter:
+            plan.status["adapter"] = adapter
         if delete_trainer:
             plan.delete.append(ChildRef("batch/v1", "Job", names.trainer))
         plan.apply = rftjob_children(effective, owner, images, effective_generation, reward_replicas=0)
@@ -308,7 +414,13 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         return _finish_status(plan, conds, status)
 
     suspended = effective.suspend
-    plan.apply = rftjob_children(effective, owner, images, effective_generation, 0 if suspended else effective.reward_pool.replicas)
+    previous_conditions = status.get("conditions") or []
+    start_problem = trainer_start_problem(job, observed.trainer_pods, observed.trainer_job_events)
+    # A trainer that cannot start until a person acts does not keep a reward pool busy; the pool
+    # comes back when the trainer's pod starts (the trainer waits for it before its first step).
+    pool_parked = start_problem is not None and start_problem.needs_a_person
+    pool_replicas = 0 if suspended or pool_parked else effective.reward_pool.replicas
+    plan.apply = rftjob_children(effective, owner, images, effective_generation, pool_replicas)
     conds.set("Created", True, "ChildrenCreated", "job config, reward pool and trainer permissions created")
 
     # The reward pool.
@@ -318,18 +430,26 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         conds.set("RewardPoolReady", True, "ExternalRewardPool", f"using the reward pool at {effective.reward_pool.url}")
     elif suspended:
         conds.set("RewardPoolReady", False, "Suspended", "the reward pool is scaled to zero while the job is suspended")
+    elif pool_parked:
+        conds.set("RewardPoolReady", False, "WaitingForTrainer", "the reward pool is scaled to zero until the trainer can start")
     else:
         want = effective.reward_pool.replicas
         deployment = observed.reward_deployment or {}
         ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
         scaled = (deployment.get("spec") or {}).get("replicas") == want
         pool_ready = scaled and ready >= want
-        conds.set(
-            "RewardPoolReady",
-            pool_ready,
-            "PodsReady" if pool_ready else "PodsNotReady",
-            f"{min(ready, want)}/{want} reward pods ready",
-        )
+        problem = None if pool_ready else deployment_problem(observed.reward_deployment)
+        if problem:
+            message = f"{min(ready, want)}/{want} reward pods ready; {problem}"
+            _warn_once(plan, previous_conditions, "RewardPoolReady", "RewardPodsCannotStart", message)
+            conds.set("RewardPoolReady", False, "RewardPodsCannotStart", message)
+        else:
+            conds.set(
+                "RewardPoolReady",
+                pool_ready,
+                "PodsReady" if pool_ready else "PodsNotReady",
+                f"{min(ready, want)}/{want} reward pods ready",
+            )
 
     if suspended:
         if job is not None:
@@ -352,6 +472,14 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
                 f"{detail}; restart {plan.status['restarts']} of {effective.backoff_limit} resumes from the latest checkpoint",
             )
         )
+
+    queue = _queue_problem(effective.queue_name, observed.local_queue)
+    if queue is not None:
+        reason, message = queue
+        _warn_once(plan, previous_conditions, "Running", reason, message)
+        conds.set("Running", False, reason, message)
+        plan.requeue(30)  # a queue created later is found again
+        return _finish_status(plan, conds, status)
 
     if job is None:
         if pool_ready:
@@ -378,8 +506,13 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         (p.get("status") or {}).get("phase") == "Running" for p in observed.trainer_pods
     ):
         conds.set("Running", True, "TrainerRunning", "the trainer pod is running" + (f" (restart {plan.status['restarts']})" if plan.status["restarts"] else ""))
+    elif start_problem is not None:
+        _warn_once(plan, previous_conditions, "Running", start_problem.reason, start_problem.message)
+        conds.set("Running", False, start_problem.reason, start_problem.message)
     else:
         conds.set("Running", False, "TrainerStarting", "waiting for the trainer pod to start")
+        if not observed.trainer_pods:
+            plan.requeue(5)  # a refused pod changes nothing we watch: look at the Job's events again
     return _finish_status(plan, conds, status)
 
 
@@ -457,7 +590,7 @@ def plan_turbo(observed: TurboObserved, images: Images, now: datetime) -> Plan:
         adapter = status.get("adapter")
 
     deployment_manifest = serve_deployment(spec, owner, images, adapter)
-    plan.apply = [deployment_manifest, serve_service(spec, owner)]
+    plan.apply = [serve_config_map(spec, owner, adapter), deployment_manifest, serve_service(spec, owner)]
     autoscaler = serve_autoscaler(spec, owner)
     if autoscaler:
         plan.apply.append(autoscaler)

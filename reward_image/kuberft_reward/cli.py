@@ -86,8 +86,9 @@ def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _sandbox(args: argparse.Namespace):
-    from kuberft_core.api import SandboxSpec
     from pydantic import ValidationError
+
+    from kuberft_core.api import SandboxSpec
 
     try:
         return SandboxSpec(timeout_seconds=args.timeout, memory_mi_b=args.memory_mib)
@@ -215,8 +216,9 @@ class _Inputs:
     def _check_rewards(self, spec):
         from pydantic import ValidationError
 
-        from .rewards import TRITON_KINDS, RequestError, needs_sandbox, plan_rewards
         from kuberft_core.reward_protocol import EvaluateRequest, Item, RewardRequest
+
+        from .rewards import TRITON_KINDS, RequestError, needs_sandbox, plan_rewards
 
         if not isinstance(spec, list) or not spec:
             raise _Bad("rewards", "must be a non-empty list of reward kinds or reward objects")
@@ -258,9 +260,10 @@ def _result_json(result=None, *, error: str | None = None, **where) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from kuberft_core.reward_protocol import EvaluateRequest
+
     from .pool import RewardPool
     from .rewards import RequestError
-    from kuberft_core.reward_protocol import EvaluateRequest
 
     if args.batch is not None:
         return _eval_batch(args)

@@ -13,10 +13,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from kuberft_core.reward_protocol import Outcome, RewardResult
+
 from . import channel, program
 from .harness import tensors_in
 from .sandbox import EXIT_SANDBOX_SETUP_FAILED, ChildRun, Limits
-from kuberft_core.reward_protocol import Outcome, RewardResult
 from .schema import WorkerAnswer, WorkerJob
 from .zygote import Zygote
 

@@ -30,11 +30,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kuberft_core import kernel_tasks
 from kuberft_core.api import SandboxSpec
 from kuberft_core.metrics import component_metrics
-
-from . import kernel_tasks, rewards
 from kuberft_core.reward_protocol import EvaluateRequest, EvaluateResponse, ItemResult, Outcome, RewardResult
+
+from . import rewards
 from .schema import SandboxLimits, WorkerAnswer, WorkerJob, WorkerReward, WorkerTask
 
 WORKER_START_TIMEOUT = 600.0

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from kuberft_core.reward_protocol import RewardResult, Wire
+from kuberft_core.reward_protocol import Outcome, RewardResult, Wire
 
 
 class SandboxLimits(Wire):

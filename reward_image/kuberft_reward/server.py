@@ -15,9 +15,11 @@ import logging
 from aiohttp import web
 from pydantic import ValidationError
 
+from kuberft_core.probes import metrics_routes
+from kuberft_core.reward_protocol import ErrorResponse, EvaluateRequest
+
 from .pool import PoolBusy, PoolClosed, RewardPool
 from .rewards import RequestError
-from kuberft_core.reward_protocol import ErrorResponse, EvaluateRequest
 
 log = logging.getLogger("kuberft.reward")
 MAX_REQUEST_BYTES = 256 << 20
@@ -60,22 +62,11 @@ async def evaluate(request: web.Request) -> web.Response:
     return web.Response(body=response.model_dump_json(), content_type="application/json")
 
 
-async def healthz(request: web.Request) -> web.Response:
-    health = request.app[POOL_KEY].health()
-    return web.json_response(health, status=200 if health["status"] == "ok" else 503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[POOL_KEY].metrics.exposition()
-    return web.Response(body=body, headers={"Content-Type": content_type})
-
-
 def build_app(pool: RewardPool) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[POOL_KEY] = pool
     app.router.add_post("/v1/evaluate", evaluate)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    app.add_routes(metrics_routes(pool.metrics, pool.health))  # /healthz: 503 while degraded
     return app
 
 

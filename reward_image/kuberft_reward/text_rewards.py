@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import re
-from fractions import Fraction
 from typing import Any
 
 from kuberft_core.arithmetic import BadExpression, evaluate

@@ -17,6 +17,7 @@ import time
 import traceback
 
 from kuberft_core.reward_protocol import Outcome, RewardResult
+
 from .schema import WorkerAnswer, WorkerJob
 
 

@@ -14,8 +14,8 @@ Requests and replies are the channel's frames (a JSON header plus raw bytes) on 
 
 from __future__ import annotations
 
-import importlib
 import gc
+import importlib
 import json
 import os
 import signal

@@ -22,6 +22,10 @@ Speculators:
 API: POST /v1/completions, POST /v1/chat/completions (stream: true for server-sent events),
 GET /v1/models (the base model and each adapter; the request's `model` field picks one),
 GET /healthz, GET /metrics (Prometheus).
+
+A TurboDeployment's pods run `kuberft serve --config FILE`: FILE is the deployment's spec as one
+JSON document (the operator mounts it, the adapter resolved to a directory); a TurboDeployment
+manifest works too. The flags below describe the same things for a server started by hand.
 """
 
 SERVE_EPILOG = """\
@@ -29,6 +33,7 @@ examples:
   kuberft serve --model Qwen/Qwen2.5-Coder-7B-Instruct --adapter kernels=/adapters/kernels \\
       --speculator heads --heads kernels=/adapters/kernels-heads --port 8000
   kuberft serve --model ./base --speculator draft --draft-model ./small --num-speculative-tokens 6
+  kuberft serve --config /etc/kuberft/serve.json --device cuda:1
   curl localhost:8000/v1/completions -d '{"model": "kernels", "prompt": "def add(", "max_tokens": 32}'
 """
 
@@ -49,12 +54,13 @@ def _named_path(value: str) -> tuple[str | None, str]:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    # Defaults of the model's fields are ModelSpec's (None here: "not given").
     parser.add_argument("--model", metavar="NAME_OR_PATH", help="base model: Hugging Face name, local directory, or a built-in tiny model name")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"],
-                        help="weights dtype (auto: bfloat16 on a GPU that supports it, else float32)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "float64"],
+                        help="weights dtype (default auto: bfloat16 on a GPU that supports it, else float32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--revision", help="model revision when loading by name")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None, help="run model code shipped with the checkpoint")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,25 +71,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    serve.add_argument("--config", type=Path, metavar="FILE",
+                       help="a TurboDeployment spec (JSON or YAML) to serve, as the operator mounts it in a serve pod; "
+                       "then only --host, --device, --seed, --served-model-name and --train-heads-data may be added")
     _add_model_options(serve)
+    # Defaults of the speculator's fields are SpeculatorSpec's (None here: "not given").
     serve.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                        help="a peft LoRA adapter directory, served as model NAME (default: the directory name); repeatable")
-    serve.add_argument("--speculator", default="ngram", choices=["none", "ngram", "draft", "heads"], help="speculator (default: ngram)")
+    serve.add_argument("--speculator", choices=["none", "ngram", "draft", "heads"], help="speculator (default: ngram)")
     serve.add_argument("--draft-model", metavar="NAME_OR_PATH", help="for --speculator draft: the draft model (same tokenizer)")
     serve.add_argument("--heads", action="append", default=[], metavar="[NAME=]DIR",
                        help="for --speculator heads: trained heads for served model NAME (default: the first adapter, "
                        "or the base model without adapters); repeatable")
-    serve.add_argument("--train-heads", action="store_true",
+    serve.add_argument("--train-heads", action="store_true", default=None,
                        help="for --speculator heads: train heads at start-up for models without them (saved to --heads DIR if given)")
     serve.add_argument("--train-heads-data", metavar="FILE", help="prompts for --train-heads (JSONL/JSON rows with `prompt` or "
                        "`messages`, or one prompt per line); default: the model writes freely from start of text")
-    serve.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+    serve.add_argument("--num-speculative-tokens", type=int, metavar="K",
                        help="tokens proposed per step; the upper bound when adaptive (default: 4)")
-    serve.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+    serve.add_argument("--no-adaptive", dest="adaptive", action="store_false", default=None,
                        help="always propose K tokens instead of adapting to the observed acceptance rate")
-    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default: 8)")
+    serve.add_argument("--max-batch-size", type=int, help="requests decoded together (default: 8)")
     serve.add_argument("--host", default="0.0.0.0", help="listen address (default: 0.0.0.0)")
-    serve.add_argument("--port", type=int, default=8000, help="listen port (default: 8000)")
+    serve.add_argument("--port", type=int, help="listen port (default: 8000)")
     serve.add_argument("--served-model-name", help="name of the base model in the API (default: the --model value)")
     serve.add_argument("--seed", type=int, help="seed for requests that give none (default: random per request)")
     serve.set_defaults(handler=_serve, serve_parser=serve)
@@ -108,10 +118,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train_heads, serve_parser=train)
 
 
-def _serve(args: argparse.Namespace) -> int:
+# Flags that set a field of the TurboDeployment spec: argparse dest -> (flag, field path in the spec).
+SPEC_FLAGS = {
+    "model": ("--model", "model.name"),
+    "dtype": ("--dtype", "model.dtype"),
+    "revision": ("--revision", "model.revision"),
+    "trust_remote_code": ("--trust-remote-code", "model.trustRemoteCode"),
+    "adapter": ("--adapter", "adapter"),
+    "speculator": ("--speculator", "speculator.type"),
+    "num_speculative_tokens": ("--num-speculative-tokens", "speculator.numSpeculativeTokens"),
+    "adaptive": ("--no-adaptive", "speculator.adaptive"),
+    "draft_model": ("--draft-model", "speculator.draftModel"),
+    "heads": ("--heads", "speculator.headsPath"),
+    "train_heads": ("--train-heads", "speculator.trainHeads"),
+    "max_batch_size": ("--max-batch-size", "maxBatchSize"),
+    "port": ("--port", "port"),
+}
+
+
+def _given(values: dict):
+    """The values a person gave (None: the flag was not given, the API's default applies)."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _validate_flags(parser: argparse.ArgumentParser, parts: dict[str, tuple[type, dict]]) -> dict:
+    """Each part's core model from its wire form; a problem names the flag and the spec field."""
+    from pydantic import ValidationError
+
+    from kuberft_core.manifests import problems_from
+
+    flag_of = {path: flag for flag, path in SPEC_FLAGS.values()}
+    built, messages = {}, []
+    for prefix, (model_type, wire) in parts.items():
+        try:
+            built[prefix] = model_type.model_validate(wire)
+        except ValidationError as error:
+            for problem in problems_from(error, ""):
+                path = f"{prefix}.{problem.path}" if problem.path else prefix
+                flag = flag_of.get(path)
+                messages.append(f"{flag} ({path}): {problem.message}" if flag else f"{path}: {problem.message}")
+    if messages:
+        parser.error("; ".join(messages))
+    return built
+
+
+def _model_wire(args: argparse.Namespace) -> dict:
+    return _given({"name": args.model, "dtype": args.dtype, "revision": args.revision, "trustRemoteCode": args.trust_remote_code})
+
+
+def _config_from_flags(args: argparse.Namespace, local: dict):
+    """`kuberft serve --model ...`: the flags as the same core models a TurboDeployment holds."""
+    from kuberft_core.api import ModelSpec, SpeculatorSpec
+
+    from .config import ServeConfig
+
     parser: argparse.ArgumentParser = args.serve_parser
     if not args.model:
-        parser.error("--model is required")
+        parser.error("--model is required (or --config FILE)")
     adapters: dict[str, str] = {}
     for value in args.adapter:
         name, path = _named_path(value)
@@ -119,43 +182,70 @@ def _serve(args: argparse.Namespace) -> int:
         if name in adapters:
             parser.error(f"--adapter {value}: the name {name!r} is used twice (give NAME=DIR)")
         adapters[name] = path
-    heads = {}
+    # Heads of the default served model are the speculator's headsPath; others are by name.
+    default_name = next(iter(adapters), None) or args.served_model_name or args.model
+    heads_path, heads_by_model = None, {}
     for value in args.heads:
         name, path = _named_path(value)
-        heads[name] = path
-    if args.speculator == "draft" and not args.draft_model:
-        parser.error("--speculator draft needs --draft-model")
-    if args.speculator == "heads" and not heads and not args.train_heads:
-        parser.error("--speculator heads needs --heads DIR or --train-heads")
-    if args.num_speculative_tokens < 1 or args.num_speculative_tokens > 32:
-        parser.error("--num-speculative-tokens must be between 1 and 32")
-    if args.max_batch_size < 1:
+        name = name or default_name
+        given_before = heads_path if name == default_name else heads_by_model.get(name)
+        if given_before is not None:
+            parser.error(f"--heads {value}: heads for {name!r} are given twice")
+        if name == default_name:
+            heads_path = path
+        else:
+            heads_by_model[name] = path
+    speculator = _given({
+        "type": args.speculator,
+        "numSpeculativeTokens": args.num_speculative_tokens,
+        "adaptive": args.adaptive,
+        "draftModel": args.draft_model,
+        "headsPath": heads_path,
+        "trainHeads": args.train_heads,
+    })
+    parts = _validate_flags(parser, {"model": (ModelSpec, _model_wire(args)), "speculator": (SpeculatorSpec, speculator)})
+    if args.max_batch_size is not None and args.max_batch_size < 1:
         parser.error("--max-batch-size must be at least 1")
+    return ServeConfig(
+        model=parts["model"],
+        speculator=parts["speculator"],
+        adapters=adapters,
+        heads_by_model=heads_by_model,
+        **_given({"max_batch_size": args.max_batch_size, "port": args.port}),
+        **local,
+    )
 
-    from .config import ServeConfig
+
+def _serve(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.serve_parser
+    local = {
+        "host": args.host,
+        "device": args.device,
+        "seed": args.seed,
+        "served_model_name": args.served_model_name,
+        "train_heads_data": args.train_heads_data,
+    }
+    if args.config:
+        given = [flag for dest, (flag, _) in SPEC_FLAGS.items() if getattr(args, dest) not in (None, [])]
+        if given:
+            parser.error(f"{', '.join(given)}: not with --config (the file sets the model, adapter, speculator, batch size and port)")
+        from kuberft_core.manifests import ManifestError
+
+        from .config import ServeConfig, load_spec_document
+
+        try:
+            spec = load_spec_document(args.config)
+        except ManifestError as error:
+            for problem in error.problems:
+                print(f"kuberft serve: {problem}", file=sys.stderr)
+            return 2
+        config = ServeConfig.from_spec(spec, **local)
+    else:
+        config = _config_from_flags(args, local)
+
     from .server import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServeConfig(
-        model=args.model,
-        adapters=adapters,
-        speculator=args.speculator,
-        num_speculative_tokens=args.num_speculative_tokens,
-        adaptive=args.adaptive,
-        draft_model=args.draft_model,
-        heads=heads,
-        train_heads=args.train_heads,
-        train_heads_data=args.train_heads_data,
-        max_batch_size=args.max_batch_size,
-        host=args.host,
-        port=args.port,
-        dtype=args.dtype,
-        device=args.device,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-        served_model_name=args.served_model_name,
-        seed=args.seed,
-    )
     run_server(config)
     return 0
 
@@ -169,15 +259,18 @@ def _train_heads(args: argparse.Namespace) -> int:
     if args.data and not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file")
 
+    from kuberft_core.api import ModelSpec, SpeculatorSpec
+
     from .config import ServeConfig
     from .engine import Engine
     from .heads import train_heads
     from .loading import build_engine, read_prompts, unconditional_prompts
 
+    model = _validate_flags(parser, {"model": (ModelSpec, _model_wire(args))})["model"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     adapters = {"adapter": args.adapter} if args.adapter else {}
-    config = ServeConfig(model=args.model, adapters=adapters, speculator="none", dtype=args.dtype, device=args.device,
-                         revision=args.revision, trust_remote_code=args.trust_remote_code, max_batch_size=args.max_batch_size)
+    config = ServeConfig(model=model, speculator=SpeculatorSpec(type="none"), adapters=adapters, device=args.device,
+                         max_batch_size=args.max_batch_size)
     engine: Engine = build_engine(config)
     prompts = read_prompts(args.data, engine.tokenizer) if args.data else unconditional_prompts(engine.tokenizer)
     heads = train_heads(

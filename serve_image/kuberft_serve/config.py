@@ -1,49 +1,84 @@
-"""What `kuberft serve` serves: one typed object, built from the command line or by the local
-runner. Imports nothing heavy (the CLI builds it before torch is loaded)."""
+"""What `kuberft serve` serves: one typed object. What a TurboDeployment decides is held as the
+core API models themselves (`ModelSpec`, `SpeculatorSpec`); the rest is local to this process.
+
+It is built from the spec document the operator mounts in a serve pod (`kuberft serve --config
+FILE`, read by `load_spec_document`), from command-line flags (`kuberft serve --model ...`), or by
+the local runner; from there on the three are one path. Imports nothing heavy (the CLI builds it
+before torch is loaded)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
 
-SpeculatorType = Literal["none", "ngram", "draft", "heads"]
+from kuberft_core.api import ModelSpec, SpeculatorSpec, TurboDeployment, TurboDeploymentSpec
+from kuberft_core.manifests import ManifestError, Problem, load_spec
 
 
 @dataclass
 class ServeConfig:
-    model: str
-    """Base model: a Hugging Face name, a local path, or a built-in tiny model name (`tiny:...`)."""
+    model: ModelSpec
+    """The base model: a Hugging Face name, a local path or a built-in tiny model name (`tiny:...`),
+    with its revision, dtype and trust_remote_code."""
+    speculator: SpeculatorSpec = field(default_factory=SpeculatorSpec)
+    """Speculative decoding. `headsPath` holds the heads of the default served model (`default_model`)."""
     adapters: dict[str, str] = field(default_factory=dict)
-    """LoRA adapters by served name (the `model` field of requests) -> peft directory."""
-    speculator: SpeculatorType = "ngram"
-    """`none`, `ngram` (prompt lookup), `draft` (small LM, same tokenizer), `heads` (Medusa-style)."""
-    num_speculative_tokens: int = 4
-    """Tokens proposed per step (the upper bound when adaptive)."""
-    adaptive: bool = True
-    """Choose the number of proposed tokens from the observed acceptance rate and step costs."""
-    draft_model: str | None = None
-    """For `draft`: name or path of the draft model."""
-    heads: dict[str | None, str] = field(default_factory=dict)
-    """For `heads`: heads directory per served model (None = the default model)."""
-    train_heads: bool = False
-    """For `heads`: self-distil heads at start-up for every served model without heads."""
+    """LoRA adapters by served name (the `model` field of requests) -> peft directory. A
+    TurboDeployment has at most one; the command line may give several."""
+    heads_by_model: dict[str, str] = field(default_factory=dict)
+    """For `heads` with several served models: heads directories by served name, for the models
+    other than the default one (the command line's `--heads NAME=DIR`)."""
     train_heads_data: str | None = None
     """Prompts for start-up head training (JSONL/JSON with `prompt` or `messages`, or text lines)."""
     max_batch_size: int = 8
     """Requests decoded together."""
     host: str = "0.0.0.0"
     port: int = 8000
-    dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16 | float64 (auto: bfloat16 on a GPU that has it, else float32)."""
+    """Listen port (0: any free port)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
-    revision: str | None = None
-    trust_remote_code: bool = False
     served_model_name: str | None = None
-    """Name of the base model in the API (default: the --model value)."""
+    """Name of the base model in the API (default: the model's name)."""
     seed: int | None = None
     """Seed of requests that give none (default: a random one per request)."""
 
     @property
     def base_name(self) -> str:
-        return self.served_model_name or self.model
+        return self.served_model_name or self.model.name
+
+    @property
+    def default_model(self) -> str | None:
+        """The served model `speculator.headsPath` is for: the first adapter, else the base (None)."""
+        return next(iter(self.adapters), None)
+
+    @classmethod
+    def from_spec(cls, spec: TurboDeploymentSpec, **local) -> "ServeConfig":
+        """A TurboDeployment's serving setup, its adapter resolved to a directory (`adapter.uri`),
+        plus the process-local settings in `local` (host, device, seed, ...)."""
+        adapters = {}
+        if spec.adapter is not None:
+            if spec.adapter.uri is None:
+                raise ValueError("adapter.fromRFTJob is not resolved to adapter.uri")
+            adapters[spec.adapter.name] = spec.adapter.uri
+        return cls(
+            model=spec.model,
+            speculator=spec.speculator,
+            adapters=adapters,
+            max_batch_size=spec.max_batch_size,
+            port=spec.port,
+            **local,
+        )
+
+
+def load_spec_document(path: Path) -> TurboDeploymentSpec:
+    """The TurboDeploymentSpec in `path`: the JSON document the operator mounts in a serve pod
+    (its adapter resolved to a path), or a TurboDeployment manifest. Raises ManifestError naming
+    every problem with its field path."""
+    _, spec = load_spec(path, TurboDeployment)
+    if spec.adapter is not None and spec.adapter.uri is None:
+        raise ManifestError([Problem(
+            str(path),
+            "adapter.fromRFTJob",
+            "the operator resolves this to adapter.uri in a serve pod; to serve here, give adapter.uri (the adapter's directory)",
+        )])
+    return spec

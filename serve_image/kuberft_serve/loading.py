@@ -109,61 +109,61 @@ def target_runner(model, *, has_adapters: bool, device: torch.device):
 def build_engine(config: ServeConfig, metrics=None) -> Engine:
     """Load everything `config` names and return a ready (not yet started) engine."""
     device = pick_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    load = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
-    log.info("loading %s (%s on %s)", config.model, dtype, device)
-    model = load_causal_lm(config.model, dtype=dtype, device=device, **load)
-    tokenizer = load_tokenizer(config.model, **load)
+    dtype = resolve_dtype(config.model.dtype, device)
+    load = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
+    log.info("loading %s (%s on %s)", config.model.name, dtype, device)
+    model = load_causal_lm(config.model.name, dtype=dtype, device=device, **load)
+    tokenizer = load_tokenizer(config.model.name, **load)
     if config.adapters:
         model = attach_adapters(model, config.adapters)
     runner = target_runner(model, has_adapters=bool(config.adapters), device=device)
+    spec = config.speculator
     options = {
-        "num_speculative_tokens": config.num_speculative_tokens,
-        "adaptive": config.adaptive,
+        "num_speculative_tokens": spec.num_speculative_tokens,
+        "adaptive": spec.adaptive,
         "max_batch_size": config.max_batch_size,
         "metrics": metrics,
     }
     speculator: Speculator
-    if config.speculator == "none":
+    if spec.type == "none":
         speculator = Speculator()
-    elif config.speculator == "ngram":
+    elif spec.type == "ngram":
         speculator = NgramSpeculator()
-    elif config.speculator == "draft":
-        if not config.draft_model:
-            raise ValueError("--speculator draft needs --draft-model")
-        draft = load_causal_lm(config.draft_model, dtype=dtype, device=device, **load)
+    elif spec.type == "draft":
+        draft = load_causal_lm(spec.draft_model, dtype=dtype, device=device, **load)
         if draft.config.vocab_size != runner.config.get_text_config().vocab_size:
             log.warning("draft vocabulary (%d) differs in size from the model's; it must share the tokenizer", draft.config.vocab_size)
         # the draft runs at batch sizes where transformers' per-op overhead is its whole cost
         draft_runner = LeanRunner(draft) if LeanRunner.supports(draft) else ModelRunner(draft)
         speculator = DraftSpeculator(draft_runner, tokenizer.pad_token_id or 0)
-    elif config.speculator == "heads":
+    else:  # heads (SpeculatorSpec admits no other type)
         speculator = HeadsSpeculator(load_or_train_heads(config, runner, tokenizer, options), model.get_output_embeddings())
-    else:
-        raise ValueError(f"speculator {config.speculator!r} is not one of none, ngram, draft, heads")
     return Engine(runner, tokenizer, speculator, **options)
 
 
-def default_model_key(config: ServeConfig) -> str | None:
-    """The served model that `--heads DIR` (no name) applies to: the first adapter, else the base."""
-    return next(iter(config.adapters), None)
+def heads_paths(config: ServeConfig) -> dict[str | None, str]:
+    """Heads directories by served model (None = the base): `speculator.headsPath` for the default
+    model, `heads_by_model` for the others."""
+    paths: dict[str | None, str] = {}
+    if config.speculator.heads_path:
+        paths[config.default_model] = config.speculator.heads_path
+    for name, path in config.heads_by_model.items():
+        if name == config.base_name:
+            paths[None] = path
+        elif name in config.adapters:
+            paths[name] = path
+        else:
+            raise ValueError(f"heads for {name!r}: {name!r} is neither the base model nor an adapter name")
+    return paths
 
 
 def load_or_train_heads(config: ServeConfig, runner: ModelRunner, tokenizer, options: dict) -> dict:
-    """Heads per served model (None = the base): loaded from `config.heads`, or trained when
-    `config.train_heads` (then saved to the given directory, if any). Served models without
+    """Heads per served model (None = the base): loaded from their directories, or trained when
+    `speculator.trainHeads` (then saved to the given directory, if any). Served models without
     heads decode without speculation."""
     device = runner.device
     dtype = next(runner.model.parameters()).dtype
-    paths: dict[str | None, str] = {}
-    for key, path in config.heads.items():
-        if key is None:
-            key = default_model_key(config)
-        elif key == config.base_name:
-            key = None
-        elif key not in config.adapters:
-            raise ValueError(f"--heads {key}=...: {key!r} is neither the base model nor an adapter name")
-        paths[key] = path
+    paths = heads_paths(config)
     needed = list(config.adapters) or [None]
     heads: dict = {}
     for key in dict.fromkeys([*needed, *paths]):
@@ -172,21 +172,22 @@ def load_or_train_heads(config: ServeConfig, runner: ModelRunner, tokenizer, opt
             heads[key] = MedusaHeads.load(path, runner.model).to(device=device, dtype=dtype)
             continue
         name = key or config.base_name
-        if not config.train_heads:
+        if not config.speculator.train_heads:
             if path:
                 raise FileNotFoundError(f"heads for {name!r}: {path} holds no heads.json (train them with --train-heads)")
             raise ValueError(f"no heads for {name!r}: give --heads [NAME=]DIR with trained heads, or --train-heads")
         plain = Engine(runner, tokenizer, None, **{**options, "metrics": None})
         prompts = read_prompts(config.train_heads_data, tokenizer) if config.train_heads_data else unconditional_prompts(tokenizer)
-        log.info("training %d heads for %s on %d prompts", config.num_speculative_tokens, name, len(prompts))
+        num_heads = config.speculator.num_speculative_tokens
+        log.info("training %d heads for %s on %d prompts", num_heads, name, len(prompts))
         trained = train_heads(
             plain,
             prompts,
             adapter=key,
-            num_heads=config.num_speculative_tokens,
+            num_heads=num_heads,
             temperature=0.0 if config.train_heads_data else 1.0,
         )
         if path:
-            trained.save(path, base_model=config.model, adapter=config.adapters.get(key) if key else None)
+            trained.save(path, base_model=config.model.name, adapter=config.adapters.get(key) if key else None)
         heads[key] = trained
     return heads

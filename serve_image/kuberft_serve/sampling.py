@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kuberft_core import sampling
+
 # Streams of keyed uniforms, so the draws of one position never reuse each other's randomness.
 STREAM_TARGET = 0
 STREAM_DRAFT = 1
@@ -61,17 +63,9 @@ def keyed_uniform(seed: int, position: int, stream: int = STREAM_TARGET) -> floa
 
 
 def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Probabilities after temperature and nucleus (top-p) filtering; logits [..., V] -> probs
-    [..., V] in float64 (so sums and ratios are not the weak point)."""
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    """Probabilities after temperature and nucleus (top-p) filtering (the trainer's, from the
+    core); logits [..., V] -> probs [..., V] in float64 (so sums and ratios are not the weak point)."""
+    return sampling.warp(logits.double(), temperature, top_p)
 
 
 def sample(probs: torch.Tensor, u: float) -> int:

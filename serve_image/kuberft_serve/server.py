@@ -9,10 +9,11 @@ whose text pieces come back to the request's event loop through an asyncio queue
 
 Starting it in-process (the local runner, tests):
 
+    from kuberft_core.api import ModelSpec
     from kuberft_serve.config import ServeConfig
     from kuberft_serve.server import run_server, start_server
 
-    run_server(ServeConfig(model="tiny:countdown", adapters={"countdown": "runs/x/adapter"}))  # blocks
+    run_server(ServeConfig(model=ModelSpec(name="tiny:countdown"), adapters={"countdown": "runs/x/adapter"}))  # blocks
     server = start_server(config)   # or: in a background thread; server.url, server.stop()
 
 `create_app(engine, config, metrics)` returns the aiohttp application for an engine built with
@@ -34,6 +35,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from kuberft_core.metrics import component_metrics
+from kuberft_core.probes import metrics_routes
 
 from .config import ServeConfig
 from .engine import Engine, Sequence
@@ -278,22 +280,16 @@ async def _stream(request, served: Served, chunk, opening: list, include_usage: 
 async def models(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     created = int(request.app[STARTED])
-    data = [{"id": config.base_name, "object": "model", "created": created, "owned_by": "kuberft", "root": config.model, "parent": None}]
+    data = [{"id": config.base_name, "object": "model", "created": created, "owned_by": "kuberft", "root": config.model.name, "parent": None}]
     for name, path in config.adapters.items():
         data.append({"id": name, "object": "model", "created": created, "owned_by": "kuberft", "root": path, "parent": config.base_name})
     return web.json_response({"object": "list", "data": data})
 
 
-async def healthz(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
+def engine_health(engine: Engine) -> dict[str, Any]:
     if not engine.alive:
-        return web.json_response({"status": "engine not running"}, status=503)
-    return web.json_response({"status": "ok", "running": engine.running})
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    body, content_type = request.app[METRICS].exposition()
-    return web.Response(body=body, headers={"Content-Type": content_type})
+        return {"status": "engine not running"}
+    return {"status": "ok", "running": engine.running}
 
 
 def create_app(engine: Engine, config: ServeConfig, metrics=None) -> web.Application:
@@ -308,8 +304,7 @@ def create_app(engine: Engine, config: ServeConfig, metrics=None) -> web.Applica
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    app.add_routes(metrics_routes(engine.metrics, lambda: engine_health(engine)))
 
     async def start_engine(_app):
         engine.start()
@@ -334,7 +329,7 @@ def build(config: ServeConfig) -> web.Application:
 def run_server(config: ServeConfig) -> None:
     """Serve until interrupted (the `kuberft serve` command)."""
     app = build(config)
-    log.info("serving %s on http://%s:%d (speculator %s)", ", ".join(_model_names(app)), config.host, config.port, config.speculator)
+    log.info("serving %s on http://%s:%d (speculator %s)", ", ".join(_model_names(app)), config.host, config.port, config.speculator.type)
     web.run_app(app, host=config.host, port=config.port, print=None)
 
 

@@ -18,15 +18,15 @@ import ctypes
 import ctypes.util
 import json
 import os
-import signal
 import secrets
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional

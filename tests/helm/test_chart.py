@@ -8,12 +8,12 @@ import json
 import pytest
 import yaml
 
-from kuberft_operator import __version__
 from kuberft_core.api import RFTJob, TurboDeployment
+from kuberft_core.manifests import load
+from kuberft_operator import __version__
 from kuberft_operator.builders import REWARD_PORT, Images, Owner, reward_deployment, serve_deployment, trainer_job, trainer_role
 from kuberft_operator.cli import build_parser
 from kuberft_operator.controller import RBAC_RULES
-from kuberft_core.manifests import load
 
 from .chart import ALL_ON, CHART, NAMESPACE, REPO, find, helm, normalized_rules, one, render, template_text
 from .k8s_schema import model_for
@@ -71,6 +71,8 @@ def test_default_install_creates_the_operator_its_rbac_metrics_service_and_dashb
         ("ConfigMap", NAMESPACE, "kuberft-dashboard-reward-pool"),
         ("ConfigMap", NAMESPACE, "kuberft-dashboard-serving"),
         ("ConfigMap", NAMESPACE, "kuberft-dashboard-training"),
+        ("CustomResourceDefinition", "", "rftjobs.kuberft.io"),
+        ("CustomResourceDefinition", "", "turbodeployments.kuberft.io"),
         ("Deployment", NAMESPACE, "kuberft"),
         ("Role", NAMESPACE, "kuberft-leader-election"),
         ("RoleBinding", NAMESPACE, "kuberft-leader-election"),
@@ -106,16 +108,27 @@ def test_every_toggle_on_adds_monitors_namespaced_rbac_sandbox_objects_and_a_dis
 
 def test_chart_crds_are_the_generated_crds():
     top = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
-    chart = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    chart = sorted(p.name for p in (CHART / "files" / "crds").glob("*.yaml"))
     assert chart == top == ["rftjobs.kuberft.io.yaml", "turbodeployments.kuberft.io.yaml"]
     for name in top:
-        assert (CHART / "crds" / name).read_bytes() == (REPO / "crds" / name).read_bytes(), name
+        assert (CHART / "files" / "crds" / name).read_bytes() == (REPO / "crds" / name).read_bytes(), name
+    assert not (CHART / "crds").exists()  # Helm would install those once and never upgrade them
 
 
-def test_helm_installs_the_crds_from_the_chart():
-    text = helm("template", "kuberft", str(CHART), "--include-crds").stdout
-    crds = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "CustomResourceDefinition"]
-    assert sorted(c["metadata"]["name"] for c in crds) == ["rftjobs.kuberft.io", "turbodeployments.kuberft.io"]
+def test_the_release_installs_and_upgrades_the_crds_as_generated_and_keeps_them():
+    crds = {d["metadata"]["name"]: d for d in yaml.safe_load_all(helm("template", "kuberft", str(CHART)).stdout)
+            if d and d["kind"] == "CustomResourceDefinition"}
+    assert sorted(crds) == ["rftjobs.kuberft.io", "turbodeployments.kuberft.io"]
+    for name, crd in crds.items():
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        crd["metadata"] = {"name": name}
+        assert crd == yaml.safe_load((REPO / "crds" / f"{name}.yaml").read_text())  # byte-for-byte numbers included
+    unkept = [d for d in yaml.safe_load_all(helm("template", "kuberft", str(CHART), "--set", "crds.keep=false").stdout)
+              if d and d["kind"] == "CustomResourceDefinition"]
+    assert [d["metadata"].get("annotations") for d in unkept] == [None, None]
+    none = helm("template", "kuberft", str(CHART), "--set", "crds.install=false").stdout
+    assert "CustomResourceDefinition" not in none
 
 
 def test_chart_version_matches_the_package():
@@ -215,7 +228,7 @@ def test_operator_holds_every_permission_of_the_trainer_role_it_grants(defaults)
     held = normalized_rules(one(defaults, "ClusterRole", "kuberft")["rules"])
     for group, resource, name, verb in normalized_rules(trainer["rules"]):
         assert (group, resource, "*", verb) in held, (group, resource, name, verb)
-    assert normalized_rules(trainer["rules"]) == {("kuberft.io", "rftjobs/status", "job", "patch")}
+    assert normalized_rules(trainer["rules"]) == {("", "configmaps", "job-progress", "get"), ("", "configmaps", "job-progress", "patch")}
 
 
 # ------------------------------------------------------------------ metrics and dashboards

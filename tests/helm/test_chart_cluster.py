@@ -19,7 +19,7 @@ from kuberft_operator.builders import Owner, trainer_role, trainer_role_binding
 from kuberft_operator.cli import build_parser
 from kuberft_operator.controller import RBAC_RULES
 from tests.cluster.controlplane import free_port
-from tests.operator.conftest import cluster, wait_for  # noqa: F401 - the session control plane
+from tests.operator.conftest import cluster, install_kueue_crds, wait_for  # noqa: F401 - the session control plane
 
 from .chart import ALL_ON, CHART, REPO, helm, normalized_rules, one, render, template_text
 
@@ -46,6 +46,7 @@ def prometheus_operator_crds() -> list[Path]:
 def chart_cluster(cluster):  # noqa: F811 - the fixture imported above
     for path in prometheus_operator_crds():
         cluster.kubectl("apply", "--server-side", "-f", str(path))
+    install_kueue_crds(cluster)  # the operator reads LocalQueues
     for namespace in [RELEASE_NAMESPACE, FULL_NAMESPACE, "monitoring", *WATCHED]:
         cluster.kubectl("create", "namespace", namespace, check=False)
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com", "crd/podmonitors.monitoring.coreos.com")
@@ -86,10 +87,34 @@ def test_api_server_dry_run_rejects_an_unknown_field(chart_cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def installed(chart_cluster):
-    """The chart installed twice: defaults (cluster-wide) and every toggle on (two namespaces)."""
+    """The chart installed twice: defaults (cluster-wide, with the CRDs) and every toggle on (two
+    namespaces, `crds.install=false`: one release per cluster owns the CRDs). The test cluster
+    applied the CRDs by hand before, so the first release adopts them the README's way."""
+    adopt_crds(chart_cluster, "kuberft", RELEASE_NAMESPACE)
     _helm(chart_cluster, "install", "kuberft", str(CHART), "--namespace", RELEASE_NAMESPACE, "--wait=false")
-    _helm(chart_cluster, "install", "full", str(CHART), "--namespace", FULL_NAMESPACE, "--values", str(ALL_ON), "--wait=false")
+    _helm(chart_cluster, "install", "full", str(CHART), "--namespace", FULL_NAMESPACE, "--values", str(ALL_ON),
+          "--set", "crds.install=false", "--wait=false")
     return chart_cluster
+
+
+def adopt_crds(cluster, release: str, namespace: str) -> None:
+    for crd in ("crd/rftjobs.kuberft.io", "crd/turbodeployments.kuberft.io"):
+        cluster.kubectl("label", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+        cluster.kubectl("annotate", crd, f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}", "--overwrite")
+
+
+def crd_annotations(cluster) -> dict:
+    return cluster.get_json("crd", "rftjobs.kuberft.io")["metadata"].get("annotations") or {}
+
+
+def test_helm_upgrade_upgrades_the_crds(installed):
+    assert crd_annotations(installed)["helm.sh/resource-policy"] == "keep"
+    _helm(installed, "upgrade", "kuberft", str(CHART), "--namespace", RELEASE_NAMESPACE, "--set", "crds.keep=false", "--wait=false")
+    assert "helm.sh/resource-policy" not in crd_annotations(installed)  # the upgrade reached the CRD
+    # Without values Helm would reuse the last release's (crds.keep=false): back to the defaults.
+    _helm(installed, "upgrade", "kuberft", str(CHART), "--namespace", RELEASE_NAMESPACE, "--reset-values", "--wait=false")
+    assert crd_annotations(installed)["helm.sh/resource-policy"] == "keep"
+    assert crd_annotations(installed)["meta.helm.sh/release-name"] == "kuberft"
 
 
 def test_helm_install_creates_the_operator(installed):

@@ -145,3 +145,23 @@ def namespace(cluster: ControlPlane):
     wait_for(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0, 30, "the default ServiceAccount")
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+KUEUE = "sigs.k8s.io/kueue@v0.17.0"
+
+
+def install_kueue_crds(cluster: ControlPlane) -> None:
+    """Kueue's LocalQueue CRD, from its Go module (no Kueue controller runs here)."""
+    result = subprocess.run(["go", "mod", "download", "-json", KUEUE], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"go mod download {KUEUE} failed:\n{result.stdout}{result.stderr}"
+    crd = Path(json.loads(result.stdout)["Dir"]) / "config" / "components" / "crd" / "bases" / "kueue.x-k8s.io_localqueues.yaml"
+    cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/localqueues.kueue.x-k8s.io")
+
+
+def kueue_local_queue(cluster: ControlPlane, namespace: str, name: str) -> None:
+    """A LocalQueue named `name` in `namespace`."""
+    install_kueue_crds(cluster)
+    queue = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": name, "namespace": namespace},
+             "spec": {"clusterQueue": "cluster-gpus"}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(queue))

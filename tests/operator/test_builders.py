@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from kuberft_core.api import RFTJob, RFTJobSpec, TurboDeploymentSpec
+from kuberft_core.manifests import load
 from kuberft_operator.builders import (
     ANNOTATION_RESTARTS_BEFORE,
     KUEUE_QUEUE_LABEL,
@@ -17,11 +18,11 @@ from kuberft_operator.builders import (
     reward_network_policy,
     rftjob_children,
     serve_autoscaler,
+    serve_config_map,
     serve_deployment,
     trainer_job,
     trainer_role,
 )
-from kuberft_core.manifests import load
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 IMAGES = Images.for_version("registry.test/kuberft", "9.9.9")
@@ -35,7 +36,7 @@ def _example_spec() -> RFTJobSpec:
 def test_every_child_is_owned_by_the_rftjob_and_labelled():
     children = rftjob_children(_example_spec(), OWNER, IMAGES, generation=1, reward_replicas=2)
     kinds = [c["kind"] for c in children]
-    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service", "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding"]
+    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service", "NetworkPolicy", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"]
     for child in children:
         meta = child["metadata"]
         assert meta["namespace"] == "team-a"
@@ -63,15 +64,19 @@ def test_reward_pods_are_locked_down():
         "kuberft", "reward", "serve", "--port", "8080", "--workers", "4", "--timeout", "120", "--memory-mib", "8192", "--max-queue", "1024",
     ]
     assert container["image"] == "registry.test/kuberft/reward:9.9.9"
-    assert container["securityContext"] == {
+    assert pod["securityContext"] == {
         "runAsNonRoot": True,
         "runAsUser": 65532,
         "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container["securityContext"] == {
         "allowPrivilegeEscalation": False,
         "privileged": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert pod["automountServiceAccountToken"] is False
     assert pod["runtimeClassName"] == "gvisor"
@@ -137,27 +142,62 @@ def test_queue_name_creates_the_job_suspended_with_the_kueue_label():
     assert job["metadata"]["annotations"][ANNOTATION_RESTARTS_BEFORE] == "2"
 
 
-def test_trainer_role_allows_only_patching_its_own_status():
+def test_trainer_role_allows_only_reading_and_patching_its_own_progress_config_map():
+    # Nothing on rftjobs or rftjobs/status: the operator alone writes the job's status.
     assert trainer_role(OWNER)["rules"] == [
-        {"apiGroups": ["kuberft.io"], "resources": ["rftjobs/status"], "resourceNames": ["triton-kernels"], "verbs": ["patch"]}
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["triton-kernels-progress"], "verbs": ["get", "patch"]}
     ]
 
 
-def test_serve_deployment_mounts_a_pvc_adapter_and_passes_the_speculator():
+def test_the_progress_config_map_is_an_owned_labelled_child_without_data():
+    [progress] = [c for c in rftjob_children(_example_spec(), OWNER, IMAGES, generation=1, reward_replicas=2)
+                  if c["metadata"]["name"] == "triton-kernels-progress"]
+    assert progress["kind"] == "ConfigMap"
+    # The operator's apply owns no data field, so re-applying never erases the trainer's report.
+    assert "data" not in progress
+    assert progress["metadata"]["labels"]["kuberft.io/role"] == "progress"
+    assert progress["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kuberft-operator"
+    assert progress["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_serve_pods_read_the_resolved_spec_from_their_config_map_and_mount_a_pvc_adapter():
     spec = TurboDeploymentSpec.model_validate(
         {"model": {"name": "Qwen/Qwen2.5-0.5B"}, "speculator": {"type": "draft", "draftModel": "tiny-draft", "numSpeculativeTokens": 5}, "port": 9000}
     )
     owner = Owner("TurboDeployment", "chat", "team-a", "uid-2")
     deployment = serve_deployment(spec, owner, IMAGES, adapter="pvc://ckpt/triton-kernels")
+    config = serve_config_map(spec, owner, adapter="pvc://ckpt/triton-kernels")
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["containers"][0]["command"] == [
-        "kuberft", "serve", "--model", "Qwen/Qwen2.5-0.5B", "--dtype", "auto", "--adapter", "default=/adapters/triton-kernels",
-        "--speculator", "draft", "--num-speculative-tokens", "5", "--draft-model", "tiny-draft",
-        "--max-batch-size", "8", "--port", "9000",
-    ]
+    container = pod["containers"][0]
+    assert container["command"] == ["kuberft", "serve", "--config", "/etc/kuberft/serve.json"]
+    assert {"name": "config", "mountPath": "/etc/kuberft/serve.json", "subPath": "serve.json", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "config", "configMap": {"name": "chat-serve"}} in pod["volumes"]
+    assert (config["kind"], config["metadata"]["name"], config["metadata"]["ownerReferences"][0]["uid"]) == ("ConfigMap", "chat-serve", "uid-2")
+    assert json.loads(config["data"]["serve.json"]) == {
+        "model": {"name": "Qwen/Qwen2.5-0.5B", "dtype": "auto", "trustRemoteCode": False},
+        "adapter": {"name": "default", "uri": "/adapters/triton-kernels"},
+        "speculator": {"type": "draft", "draftModel": "tiny-draft", "numSpeculativeTokens": 5, "adaptive": True, "trainHeads": False},
+        "maxBatchSize": 8,
+        "port": 9000,
+    }
+    assert container["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"}]
     assert {"name": "adapter", "persistentVolumeClaim": {"claimName": "ckpt", "readOnly": True}} in pod["volumes"]
     assert deployment["spec"]["replicas"] == 1
     assert serve_autoscaler(spec, owner) is None
+
+
+def test_a_changed_serve_document_rolls_the_pods_and_scaling_does_not():
+    owner = Owner("TurboDeployment", "chat", "team-a", "uid-2")
+
+    def config_hash(wire, adapter="/models/a"):
+        spec = TurboDeploymentSpec.model_validate({"model": {"name": "m"}, **wire})
+        return serve_deployment(spec, owner, IMAGES, adapter)["spec"]["template"]["metadata"]["annotations"]["kuberft.io/config-hash"]
+
+    first = config_hash({})
+    assert config_hash({"replicas": 5}) == first
+    assert config_hash({"autoscaling": {"minReplicas": 2, "maxReplicas": 4}}) == first
+    assert config_hash({"speculator": {"numSpeculativeTokens": 6}}) != first
+    assert config_hash({}, adapter="/models/b") != first
 
 
 def test_autoscaled_serving_leaves_replicas_to_the_hpa():
@@ -174,12 +214,11 @@ def test_the_example_turbo_deployment_trains_heads_at_start_up_for_its_named_ada
 
     turbo = load(EXAMPLES / "turbodeployment.yaml", TurboDeployment)
     owner = Owner("TurboDeployment", "triton-kernels", "team-a", "uid-3")
-    command = serve_deployment(turbo.spec, owner, IMAGES, adapter="/models/adapter")["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command == [
-        "kuberft", "serve", "--model", "Qwen/Qwen2.5-Coder-7B-Instruct", "--dtype", "bfloat16",
-        "--adapter", "triton-kernels=/models/adapter", "--speculator", "heads", "--num-speculative-tokens", "4",
-        "--train-heads", "--max-batch-size", "16", "--port", "8000",
-    ]
+    document = json.loads(serve_config_map(turbo.spec, owner, adapter="/models/adapter")["data"]["serve.json"])
+    assert (document["model"]["name"], document["model"]["dtype"]) == ("Qwen/Qwen2.5-Coder-7B-Instruct", "bfloat16")
+    assert document["adapter"] == {"name": "triton-kernels", "uri": "/models/adapter"}
+    assert (document["speculator"]["type"], document["speculator"]["trainHeads"], document["maxBatchSize"]) == ("heads", True, 16)
+    assert not {"replicas", "autoscaling", "placement"} & set(document)
 
 
 def test_adapter_paths_that_are_not_claims_pass_through():
@@ -201,4 +240,41 @@ def test_every_command_the_operator_runs_is_accepted_by_the_kuberft_cli():
     parsed = [build_parser().parse_args(command[1:]) for command in commands]
     assert (parsed[0].command, str(parsed[0].config), parsed[0].reward_url) == ("train", "/etc/kuberft/job.json", "http://triton-kernels-reward.team-a.svc:8080")
     assert (parsed[1].reward_command, parsed[1].workers, parsed[1].timeout, parsed[1].memory_mib) == ("serve", 4, 120, 8192)
-    assert (parsed[2].command, parsed[2].adapter, parsed[2].train_heads) == ("serve", ["triton-kernels=/adapters/p"], True)
+    assert (parsed[2].command, str(parsed[2].config)) == ("serve", "/etc/kuberft/serve.json")
+
+
+def test_the_serve_document_is_what_kuberft_serve_config_reads(tmp_path):
+    """The serve pod's document is a contract with the serve component: it loads as the same spec."""
+    from kuberft_core.api import TurboDeployment
+    from kuberft_serve.config import ServeConfig, load_spec_document
+
+    turbo = load(EXAMPLES / "turbodeployment.yaml", TurboDeployment).spec
+    config_map = serve_config_map(turbo, Owner("TurboDeployment", "t", "team-a", "u"), "pvc://c/p")
+    (tmp_path / "serve.json").write_text(config_map["data"]["serve.json"])
+    config = ServeConfig.from_spec(load_spec_document(tmp_path / "serve.json"))
+    assert config.adapters == {"triton-kernels": "/adapters/p"}
+    assert (config.model, config.speculator) == (turbo.model, turbo.speculator)
+    assert (config.max_batch_size, config.port) == (16, 8000)
+
+
+def test_image_pull_secrets_and_secret_env_reach_every_pod_the_operator_creates():
+    import dataclasses
+
+    images = dataclasses.replace(IMAGES, pull_secrets=("regcred",))
+    wire = _example_spec().to_wire()
+    token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    wire["trainer"]["env"] = [token]
+    wire["rewardPool"].setdefault("placement", {})["env"] = [token]
+    spec = RFTJobSpec.model_validate(wire)
+    turbo = TurboDeploymentSpec.model_validate({"model": {"name": "m"}, "placement": {"env": [token]}})
+    pods = {
+        "trainer": trainer_job(spec, OWNER, images)["spec"]["template"]["spec"],
+        "reward": reward_deployment(spec, OWNER, images, 1)["spec"]["template"]["spec"],
+        "serve": serve_deployment(turbo, Owner("TurboDeployment", "s", "team-a", "u"), images, None)["spec"]["template"]["spec"],
+    }
+    for name, pod in pods.items():
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}], name
+        assert token in pod["containers"][0]["env"], name
+    config = job_config_map(spec, OWNER, 1)["data"]
+    assert "hf" in json.dumps(config) and "token" in json.dumps(config)  # the reference, never a value
+    assert "imagePullSecrets" not in trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]

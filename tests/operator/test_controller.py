@@ -104,7 +104,7 @@ def test_a_status_write_from_a_stale_copy_fails_and_announces_nothing():
         ctl = controller(kube)
         key = ("RFTJob", "ns", "demo")
         ctl.parents[key] = copy.deepcopy(JOB)
-        kube.objects[key]["metadata"]["resourceVersion"] = "99"  # someone (the trainer) wrote since
+        kube.objects[key]["metadata"]["resourceVersion"] = "99"  # someone (a user's edit) wrote since
         with pytest.raises(ApiError) as raised:
             await ctl.reconcile(key)
         assert raised.value.conflict
@@ -115,6 +115,28 @@ def test_a_status_write_from_a_stale_copy_fails_and_announces_nothing():
         assert kube.objects[key]["status"]["phase"] == "Pending"
 
     asyncio.run(scenario())
+
+
+def test_the_trainers_report_reaches_the_status_through_the_cache_cut_to_the_keys_the_operator_reads():
+    async def scenario():
+        kube = FakeKube()
+        ctl = controller(kube)
+        key = ("RFTJob", "ns", "demo")
+        await ctl.reconcile(key)
+        report = copy.deepcopy(kube.objects[("ConfigMap", "ns", "demo-progress")])
+        assert "data" not in report  # created empty: the trainer fills it
+        report["data"] = {"step": "3", "phase": "Succeeded", "rewards": "[" * 1_000_000}  # as the trainer patched it
+        ctl.on_child_event("ConfigMap", "MODIFIED", report)
+        cached = ctl.children[("ConfigMap", "ns", "demo-progress")]["data"]
+        assert sorted(cached) == ["rewards", "step"] and len(cached["rewards"]) == 2049
+        await ctl.reconcile(key)
+        return kube.objects[key]["status"]
+
+    status = asyncio.run(scenario())
+    assert status["step"] == 3 and status["progress"].startswith("3/")
+    assert status["phase"] == "Pending"
+    refused = next(c for c in status["conditions"] if c["type"] == "ProgressAccepted")
+    assert refused["message"] == "ignored in ConfigMap demo-progress: rewards: longer than 2048 characters"
 
 
 def test_our_own_status_write_coming_back_as_an_event_queues_nothing():

@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import wait_for
+from kuberft_trainer.report import ProgressReporter
+
+from .conftest import kueue_local_queue, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -136,22 +138,40 @@ def test_the_example_job_gets_its_children_runs_and_succeeds(cluster, operator, 
     assert trainer["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     for kind, child in (("configmap", f"{name}-config"), ("deployment", f"{name}-reward"), ("service", f"{name}-reward"),
                         ("networkpolicy", f"{name}-reward"), ("pvc", f"{name}-checkpoints"), ("job", f"{name}-trainer"),
-                        ("serviceaccount", f"{name}-trainer"), ("role", f"{name}-trainer"), ("rolebinding", f"{name}-trainer")):
+                        ("serviceaccount", f"{name}-trainer"), ("role", f"{name}-trainer"), ("rolebinding", f"{name}-trainer"),
+                        ("configmap", f"{name}-progress")):
         assert owned_by(get(cluster, namespace, kind, child), "RFTJob", name), f"{kind}/{child} has no owner reference"
 
-    # The trainer's ServiceAccount may patch its own RFTJob's status and nothing else.
+    # The trainer's ServiceAccount may read and patch its progress ConfigMap and nothing else:
+    # the operator alone writes the RFTJob's status.
     trainer_sa = f"system:serviceaccount:{namespace}:{name}-trainer"
     can = lambda *args: cluster.kubectl("auth", "can-i", *args, "-n", namespace, f"--as={trainer_sa}", check=False).stdout.strip()
-    assert can("patch", f"rftjobs.kuberft.io/{name}", "--subresource=status") == "yes"
-    assert can("patch", "rftjobs.kuberft.io/other", "--subresource=status") == "no"
+    assert can("patch", f"configmaps/{name}-progress") == "yes"
+    assert can("get", f"configmaps/{name}-progress") == "yes"
+    assert can("patch", f"configmaps/{name}-config") == "no"
+    assert can("patch", f"rftjobs.kuberft.io/{name}", "--subresource=status") == "no"
     assert can("get", "pods") == "no"
 
     wait_phase(cluster, namespace, name, "Running")
-    # The trainer reports progress with its own identity: a bare PATCH, as its client sends it.
-    answer = patch_as(cluster, trainer_sa, f"/apis/kuberft.io/v1alpha1/namespaces/{namespace}/rftjobs/{name}/status",
-                      {"status": {"step": 250, "progress": "250/500", "meanReward": 0.625}})
-    assert answer == 200
+    status_path = f"/apis/kuberft.io/v1alpha1/namespaces/{namespace}/rftjobs/{name}/status"
+    assert patch_as(cluster, trainer_sa, status_path, {"status": {"phase": "Succeeded"}}) == 403
     assert patch_as(cluster, trainer_sa, f"/apis/kuberft.io/v1alpha1/namespaces/{namespace}/rftjobs/{name}", {"spec": {"suspend": True}}) == 403
+    # A hostile report changes neither the phase nor the adapter; the operator says what it ignored.
+    progress_path = f"/api/v1/namespaces/{namespace}/configmaps/{name}-progress"
+    hostile = {"data": {"phase": "Succeeded", "adapter": "pvc://other-team-checkpoints/their-job/adapter", "meanReward": "NaN", "step": "9999"}}
+    assert patch_as(cluster, trainer_sa, progress_path, hostile) == 200
+    refused = wait_for(lambda: condition(cluster, namespace, name, "ProgressAccepted").get("status") == "False"
+                       and condition(cluster, namespace, name, "ProgressAccepted"), 30, "ProgressAccepted=False")
+    assert refused["message"] == (f"ignored in ConfigMap {name}-progress: step: 9999 is more than the job's 500 steps; "
+                                  'meanReward: "NaN" is not a finite number')
+    running = status(cluster, namespace, name)
+    assert running["phase"] == "Running" and "adapter" not in running and "meanReward" not in running
+    # The trainer's own client, with the ServiceAccount's token over HTTPS, as in its pod.
+    token = cluster.workdir / f"{namespace}-trainer-token"
+    token.write_text(cluster.kubectl("create", "token", f"{name}-trainer", "-n", namespace).stdout.strip())
+    reporter = ProgressReporter(name, namespace, cluster.server, token_file=token, ca_file=cluster.workdir / "pki" / "apiserver.crt")
+    assert reporter.step(250, 500, {"triton.format": 1.0, "triton.compile": 0.75, "triton.correctness": 0.5}, 0.625)
+    wait_for(lambda: condition(cluster, namespace, name, "ProgressAccepted").get("status") == "True", 30, "ProgressAccepted=True")
     table = cluster.kubectl("get", "rftjobs", "-n", namespace).stdout
     assert table.split("\n")[0].split() == ["NAME", "PHASE", "STEP", "REWARD", "AGE"]
     assert table.split("\n")[1].split()[:4] == [name, "Running", "250/500", "0.625"]
@@ -165,6 +185,7 @@ def test_the_example_job_gets_its_children_runs_and_succeeds(cluster, operator, 
     assert not [a for a in meta.get("annotations") or {} if "kopf" in a]
     assert done["adapter"] == f"pvc://{name}-checkpoints/{name}/adapter"
     assert done["step"] == 250 and done["totalSteps"] == 500
+    assert done["rewards"] == {"triton.format": 1.0, "triton.compile": 0.75, "triton.correctness": 0.5}
     assert done["observedGeneration"] == 1
     assert done["startTime"] <= done["completionTime"]
     types = {c["type"]: (c["status"], c["reason"]) for c in done["conditions"]}
@@ -173,7 +194,7 @@ def test_the_example_job_gets_its_children_runs_and_succeeds(cluster, operator, 
     assert types["RewardPoolReady"][0] == "True"
     assert types["Running"] == ("False", "Completed")
     reasons = [e["reason"] for e in events(cluster, namespace, name)]
-    for reason in ("ChildrenCreated", "PodsReady", "TrainerCreated", "TrainerRunning", "TrainerSucceeded"):
+    for reason in ("ChildrenCreated", "PodsReady", "TrainerCreated", "TrainerRunning", "InvalidProgressReport", "TrainerSucceeded"):
         assert reason in reasons, reasons
     # The reward pool is not needed any more.
     wait_for(lambda: get(cluster, namespace, "deployment", f"{name}-reward")["spec"]["replicas"] == 0, 20, "the reward pool to scale to 0")
@@ -198,8 +219,11 @@ def test_kwok_completes_the_trainer_and_the_turbo_deployment_serves_its_adapter(
     assert ready["url"] == f"http://{name}.{namespace}.svc:8000/v1"
     assert ready["adapter"] == "pvc://kernels-checkpoints/kernels/adapter"
     deployment = get(cluster, namespace, "deployment", name)
-    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command[:8] == ["kuberft", "serve", "--model", "Qwen/Qwen2.5-Coder-7B-Instruct", "--dtype", "bfloat16", "--adapter", "triton-kernels=/adapters/kernels/adapter"]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["command"] == ["kuberft", "serve", "--config", "/etc/kuberft/serve.json"]
+    config = get(cluster, namespace, "configmap", f"{name}-serve")
+    document = json.loads(config["data"]["serve.json"])
+    assert (document["model"]["name"], document["adapter"]) == ("Qwen/Qwen2.5-Coder-7B-Instruct", {"name": "triton-kernels", "uri": "/adapters/kernels/adapter"})
+    assert owned_by(config, "TurboDeployment", name)
     assert owned_by(deployment, "TurboDeployment", name)
     assert owned_by(get(cluster, namespace, "service", name), "TurboDeployment", name)
     table = cluster.kubectl("get", "turbodeployments", "-n", namespace).stdout.split("\n")
@@ -250,15 +274,24 @@ def test_suspend_deletes_the_trainer_and_resume_starts_a_new_one(cluster, operat
 
 
 def test_deleting_the_job_deletes_every_child(cluster, operator, namespace):
+    def children() -> list[dict[str, Any]]:
+        kinds = "configmaps,deployments,services,networkpolicies,jobs,serviceaccounts,roles,rolebindings,pods"
+        return cluster.get_json(kinds, "-n", namespace, "-l", "kuberft.io/rftjob=doomed")["items"]
+
     apply(cluster, namespace, job_manifest("doomed"))
     wait_phase(cluster, namespace, "doomed", "Running")
+    wait_for(lambda: any(c["kind"] == "Pod" for c in children()), 30, "the job's pods")
+    before = children()
+    # Something to delete: every kind of child exists, and each one the operator made is owned by the job.
+    assert {c["kind"] for c in before} == {
+        "ConfigMap", "Deployment", "Service", "NetworkPolicy", "Job", "ServiceAccount", "Role", "RoleBinding", "Pod",
+    }
+    assert [c["metadata"]["name"] for c in before if c["kind"] != "Pod" and not owned_by(c, "RFTJob", "doomed")] == []
+
     cluster.kubectl("delete", "rftjob", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
-
-    def leftovers() -> list[str]:
-        found = cluster.get_json("configmaps,deployments,services,networkpolicies,jobs,serviceaccounts,roles,rolebindings,pods", "-n", namespace, "-l", "kuberft.io/rftjob=doomed")
-        return [f"{i['kind']}/{i['metadata']['name']}" for i in found["items"]]
-
-    wait_for(lambda: leftovers() == [] or None, 60, "garbage collection of the children")
+    assert get(cluster, namespace, "rftjob", "doomed") is None
+    wait_for(lambda: children() == [] or None, 60, "garbage collection of the children")
+    assert [f"{c['kind']}/{c['metadata']['name']}" for c in children()] == []
 
 
 def test_the_deadline_fails_a_job_that_runs_too_long(cluster, operator, namespace):
@@ -279,7 +312,10 @@ def test_ttl_after_finished_removes_children_but_keeps_the_job_and_its_outputs(c
 
 
 def test_a_queue_name_hands_the_trainer_job_to_kueue(cluster, operator, namespace):
+    kueue_local_queue(cluster, namespace, "gpu-queue")
     apply(cluster, namespace, job_manifest("queued", queueName="gpu-queue"))
+    pool = wait_for(lambda: get(cluster, namespace, "deployment", "queued-reward"), 60, "the reward pool")
+    assert pool["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"  # the same quota
     job = wait_for(lambda: get(cluster, namespace, "job", "queued-trainer"), 60, "the trainer Job")
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from datetime import datetime, timedelta, timezone
 
 from kuberft_operator.kube import ApiError
@@ -109,13 +110,24 @@ def test_a_clean_shutdown_releases_the_lease_for_the_standby():
     asyncio.run(scenario())
 
 
-def test_hold_returns_when_another_replica_took_the_lease():
+def test_hold_renews_while_leading_and_returns_when_another_replica_took_the_lease(caplog):
     async def scenario():
         store = LeaseStore()
         a = LeaderElector(store, "ops", "kuberft-operator", "a", lease_seconds=1.0, renew_seconds=0.05)
         await a.try_acquire_or_renew()
+        acquired = store.lease["spec"]["renewTime"]
+        holding = asyncio.create_task(a.hold())
+        await asyncio.sleep(0.3)
+        assert not holding.done()  # still the leader: hold keeps renewing
+        assert store.lease["spec"]["holderIdentity"] == "a" and store.lease["spec"]["renewTime"] > acquired
         store.lease["spec"]["holderIdentity"] = "intruder"
         store.lease["spec"]["renewTime"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        await asyncio.wait_for(a.hold(), timeout=2)
+        writes = store.version
+        await asyncio.wait_for(holding, timeout=2)
+        assert store.lease["spec"]["holderIdentity"] == "intruder"  # the new leader's lease is left alone
+        assert store.version == writes
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.ERROR, logger="kuberft.operator.leader"):
+        asyncio.run(scenario())
+    # It returned because it saw the takeover, not because it failed to renew in time.
+    assert [r.getMessage() for r in caplog.records] == ["leader election: lease ops/kuberft-operator was taken over"]

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
-from kuberft_operator.builders import Images, Owner, content_hash, reward_deployment, trainer_job, trainer_pod_template
-from kuberft_operator.reconcile import RFTJobObserved, TurboObserved, parse_spec, plan_rftjob, plan_turbo, status_changes
+import pytest
+
 from kuberft_core.api import RFTJobSpec
+from kuberft_operator.builders import Images, Owner, reward_deployment, trainer_job
+from kuberft_operator.reconcile import RFTJobObserved, TurboObserved, parse_spec, plan_rftjob, plan_turbo, status_changes
 
 IMAGES = Images.for_version("registry.test/kuberft", "1.0.0")
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)
@@ -58,6 +60,10 @@ def config_map_for(spec, generation=1):
 
 def condition(plan, type_):
     return next(c for c in plan.status["conditions"] if c["type"] == type_)
+
+
+def applied(plan, kind):
+    return next(c for c in plan.apply if c["kind"] == kind)
 
 
 def test_a_new_job_gets_its_children_but_no_trainer_until_the_pool_is_ready():
@@ -114,10 +120,99 @@ def test_a_completed_trainer_job_makes_the_job_succeeded_and_scales_the_pool_dow
     assert deployment["spec"]["replicas"] == 0
 
 
-def test_the_adapter_path_the_trainer_reports_becomes_a_claim_location():
-    status = {"startTime": "2026-11-25T11:00:00Z", "adapter": "/checkpoints/demo/adapter"}
-    plan = run(rftjob(status=status), reward_deployment=ready_pool(), trainer_job=created_job(conditions=[("Complete", "", "")]))
+RUNNING_POD = [{"metadata": {"name": "demo-trainer-x"}, "status": {"phase": "Running"}}]
+
+
+def progress(**data):
+    """The trainer's progress ConfigMap as the controller's cache holds it."""
+    return {"metadata": {"name": "demo-progress"}, "data": data}
+
+
+def running(status=None, report=None, **observed):
+    status = {"startTime": "2026-11-25T11:00:00Z", **(status or {})}
+    return run(rftjob(status=status), reward_deployment=ready_pool(), trainer_job=created_job(active=1), trainer_pods=RUNNING_POD,
+               progress=report, **observed)
+
+
+def test_the_trainers_progress_report_is_copied_into_the_status():
+    plan = running(report=progress(step="12", totalSteps="20", rewards='{"countdown":0.41234}', meanReward="0.41234"))
+    assert (plan.status["step"], plan.status["progress"], plan.status["totalSteps"]) == (12, "12/20", 20)
+    assert plan.status["rewards"] == {"countdown": 0.41234}
+    assert plan.status["meanReward"] == 0.41234
+    assert "adapter" not in plan.status  # not written yet
+    assert [c["type"] for c in plan.status["conditions"] if c["type"] == "ProgressAccepted"] == []
+
+
+def test_the_adapter_location_is_the_operators_once_the_trainer_says_it_is_written():
+    plan = running(report=progress(step="20", adapterWritten="true"))
     assert plan.status["adapter"] == "pvc://demo-checkpoints/demo/adapter"
+    # A location nobody but the operator could have computed (an older trainer wrote status) goes.
+    stale = running(status={"adapter": "pvc://other-team-checkpoints/their-job/adapter"}, report=progress(step="3"))
+    assert stale.status["adapter"] is None
+    assert status_changes({"adapter": "pvc://other-team-checkpoints/their-job/adapter"}, stale.status)["adapter"] is None
+
+
+def test_a_hostile_progress_report_cannot_change_phase_adapter_or_inject_status():
+    before = {"step": 5, "rewards": {"countdown": 0.25}, "meanReward": 0.25}
+    hostile = progress(
+        phase="Succeeded",
+        adapter="pvc://other-team-checkpoints/their-job/adapter",
+        conditions='[{"type": "Succeeded", "status": "True"}]',
+        step="999999",
+        totalSteps="-1",
+        rewards=json.dumps({f"r{i}": 1.0 for i in range(100)}),
+        meanReward="NaN",
+        adapterWritten="/etc/passwd",
+    )
+    plan = running(status=before, report=hostile)
+    assert plan.status["phase"] == "Running"
+    assert condition(plan, "Running")["reason"] == "TrainerRunning"
+    assert "Succeeded" not in [c["type"] for c in plan.status["conditions"]]
+    assert "adapter" not in plan.status
+    # Every bad value is ignored: the status keeps what the operator accepted before.
+    assert (plan.status["step"], plan.status["progress"]) == (5, "5/20")
+    assert plan.status["rewards"] == {"countdown": 0.25} and plan.status["meanReward"] == 0.25
+    assert not set(plan.status) - {"observedGeneration", "startTime", "restarts", "step", "rewards", "meanReward", "totalSteps", "progress", "conditions", "phase"}
+    refused = condition(plan, "ProgressAccepted")
+    assert (refused["status"], refused["reason"]) == ("False", "InvalidProgressReport")
+    message = refused["message"]
+    assert message.startswith("ignored in ConfigMap demo-progress: step: 999999 is more than the job's 20 steps; ")
+    assert 'totalSteps: "-1" is not a whole number' in message
+    assert '"r0", "r1", "r10" and 97 more not among the job\'s rewards (countdown)' in message
+    assert 'meanReward: "NaN" is not a finite number' in message
+    assert 'adapterWritten: "/etc/passwd" is neither true nor false' in message
+    assert len(message) < 1000
+    warning = next(e for e in plan.events if e.reason == "InvalidProgressReport")
+    assert warning.type == "Warning"
+
+
+def test_huge_and_infinite_progress_values_are_refused_and_a_valid_report_is_accepted_again():
+    plan = running(report=progress(rewards="{" + " " * 1_000_000 + "}", meanReward="1e400", step="7"))
+    assert plan.status["step"] == 7
+    assert "rewards" not in plan.status and "meanReward" not in plan.status
+    assert condition(plan, "ProgressAccepted")["message"] == (
+        "ignored in ConfigMap demo-progress: rewards: longer than 2048 characters; meanReward: \"1e400\" is not a finite number"
+    )
+    later = running(status=plan.status, report=progress(step="8", rewards='{"countdown":0.5}', meanReward="0.5"))
+    assert (later.status["step"], later.status["rewards"], later.status["meanReward"]) == (8, {"countdown": 0.5}, 0.5)
+    assert (condition(later, "ProgressAccepted")["status"], condition(later, "ProgressAccepted")["reason"]) == ("True", "Accepted")
+
+
+def test_a_turbo_deployment_serves_the_operators_adapter_whatever_the_trainer_claims():
+    hostile = progress(adapter="pvc://other-team-checkpoints/their-job/adapter", adapterWritten="true")
+    finished = run(rftjob(status={"startTime": "2026-11-25T11:00:00Z"}), reward_deployment=ready_pool(),
+                   trainer_job=created_job(conditions=[("Complete", "", "")]), progress=hostile)
+    assert finished.status["phase"] == "Succeeded"
+    assert finished.status["adapter"] == "pvc://demo-checkpoints/demo/adapter"
+    turbo = {
+        "apiVersion": "kuberft.io/v1alpha1",
+        "kind": "TurboDeployment",
+        "metadata": {"name": "chat", "namespace": "ns", "uid": "t1", "generation": 1},
+        "spec": {"model": {"name": "tiny:countdown"}, "adapter": {"fromRFTJob": "demo"}},
+    }
+    serving = plan_turbo(TurboObserved(body=turbo, rftjob=rftjob(status=finished.status)), IMAGES, NOW)
+    volumes = applied(serving, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "adapter", "persistentVolumeClaim": {"claimName": "demo-checkpoints", "readOnly": True}} in volumes
 
 
 def test_a_failed_trainer_restart_is_counted_and_announced():
@@ -206,7 +301,8 @@ def test_the_deadline_fails_the_job_and_stops_the_trainer():
     plan = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:49:00Z"}), reward_deployment=ready_pool(), trainer_job=created_job(active=1, spec=spec))
     assert condition(plan, "Failed")["reason"] == "DeadlineExceeded"
     assert [(d.kind, d.name) for d in plan.delete] == [("Job", "demo-trainer")]
-    early = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:55:00Z"}), reward_deployment=ready_pool(), trainer_job=created_job(active=1, spec=spec))
+    early = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:55:00Z"}), reward_deployment=ready_pool(), trainer_job=created_job(active=1, spec=spec),
+                trainer_pods=RUNNING_POD)
     assert early.requeue_after == 300
 
 
@@ -247,8 +343,9 @@ def test_a_turbo_deployment_waits_for_its_rftjob_then_serves_its_adapter():
     assert waiting.status["conditions"][0]["message"] == "RFTJob demo is Running; serving starts when it has Succeeded"
     done = rftjob(status={"phase": "Succeeded", "adapter": "pvc://demo-checkpoints/demo"})
     serving = plan_turbo(TurboObserved(body=turbo, rftjob=done), IMAGES, NOW)
-    command = serving.apply[0]["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command[command.index("--adapter") + 1] == "default=/adapters/demo"
+    assert [c["kind"] for c in serving.apply] == ["ConfigMap", "Deployment", "Service"]
+    document = json.loads(applied(serving, "ConfigMap")["data"]["serve.json"])
+    assert document["adapter"] == {"name": "default", "uri": "/adapters/demo"}
     assert serving.status["url"] == "http://chat.ns.svc:8000/v1"
     assert serving.status["phase"] == "Progressing"
     failed = plan_turbo(TurboObserved(body=turbo, rftjob=rftjob(status={"phase": "Failed"})), IMAGES, NOW)
@@ -264,3 +361,78 @@ def test_each_distinct_spec_is_validated_once_and_a_broken_rule_still_fails_the_
     assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
     assert "reward names must be unique" in failed["message"]
     assert run(rftjob(broken)).status == plan.status  # the refusal is not cached away
+
+
+# --------------------------------------------------------------------------- failures surface
+
+STARTED = {"startTime": "2026-11-25T11:59:00Z"}
+REFUSED = {"type": "Warning", "reason": "FailedCreate", "lastTimestamp": "2026-11-25T11:59:30Z",
+           "message": 'Error creating: pods "demo-trainer-x" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true'}
+
+
+def pending_pod(waiting=None, unschedulable=None):
+    status = {"phase": "Pending"}
+    if waiting:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": waiting[0], "message": waiting[1]}}}]
+    if unschedulable:
+        status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}]
+    return [{"metadata": {"name": "demo-trainer-x"}, "status": status}]
+
+
+@pytest.mark.parametrize("observed,reason,words", [
+    ({"trainer_job_events": [REFUSED]}, "TrainerPodRefused", "violates PodSecurity"),
+    ({"trainer_pods": pending_pod(unschedulable='persistentvolumeclaim "does-not-exist" not found')}, "TrainerUnschedulable", '"does-not-exist" not found'),
+    ({"trainer_pods": pending_pod(waiting=("ImagePullBackOff", 'Back-off pulling image "registry.test/kuberft/trainer:typo"'))}, "TrainerCannotStart", "trainer:typo"),
+    ({"trainer_pods": pending_pod(waiting=("CreateContainerConfigError", 'secret "hf-token" not found'))}, "TrainerCannotStart", "hf-token"),
+])
+def test_a_trainer_that_cannot_start_says_why_warns_once_and_parks_the_reward_pool(observed, reason, words):
+    plan = run(rftjob(status=STARTED), reward_deployment=ready_pool(), trainer_job=created_job(), **observed)
+    running = condition(plan, "Running")
+    assert (running["status"], running["reason"]) == ("False", reason) and words in running["message"]
+    assert [(e.type, e.reason) for e in plan.events if e.type == "Warning"] == [("Warning", reason)]
+    assert applied(plan, "Deployment")["spec"]["replicas"] == 0
+    assert condition(plan, "RewardPoolReady")["reason"] == "WaitingForTrainer"
+
+    again = run(rftjob(status={**STARTED, "conditions": plan.status["conditions"]}), reward_deployment=ready_pool(), trainer_job=created_job(), **observed)
+    assert not [e for e in again.events if e.type == "Warning"]  # the same problem is announced once
+
+    fixed = run(rftjob(status={**STARTED, "conditions": plan.status["conditions"]}), reward_deployment=ready_pool(), trainer_job=created_job(active=1),
+                trainer_pods=[{"metadata": {"name": "demo-trainer-x"}, "status": {"phase": "Running"}}])
+    assert condition(fixed, "Running")["reason"] == "TrainerRunning"
+    assert applied(fixed, "Deployment")["spec"]["replicas"] == 2  # the pool comes back with the trainer
+
+
+def test_waiting_for_a_gpu_is_reported_but_keeps_the_reward_pool():
+    plan = run(rftjob(status=STARTED), reward_deployment=ready_pool(), trainer_job=created_job(),
+               trainer_pods=pending_pod(unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu."))
+    assert condition(plan, "Running")["reason"] == "TrainerUnschedulable"
+    assert applied(plan, "Deployment")["spec"]["replicas"] == 2
+
+
+def test_reward_pods_refused_by_admission_are_reported_on_the_job():
+    pool = ready_pool()
+    pool["status"] = {"readyReplicas": 0, "conditions": [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                                          "message": 'pods "demo-reward-abc" is forbidden: exceeded quota: team-a, requested: cpu=4'}]}
+    plan = run(rftjob(), reward_deployment=pool)
+    pool_condition = condition(plan, "RewardPoolReady")
+    assert pool_condition["reason"] == "RewardPodsCannotStart" and "exceeded quota: team-a" in pool_condition["message"]
+    assert ("Warning", "RewardPodsCannotStart") in [(e.type, e.reason) for e in plan.events]
+    assert not plan.create  # no trainer without a pool
+
+
+def test_a_trainer_job_without_a_pod_is_looked_at_again():
+    plan = run(rftjob(status=STARTED), reward_deployment=ready_pool(), trainer_job=created_job())
+    assert condition(plan, "Running")["reason"] == "TrainerStarting" and plan.requeue_after is not None
+
+
+@pytest.mark.parametrize("found,reason", [("missing", "LocalQueueNotFound"), ("no-kueue", "KueueNotInstalled")])
+def test_a_queue_kueue_cannot_admit_from_is_reported_and_nothing_is_started(found, reason):
+    spec = dict(SPEC, queueName="gpus")
+    plan = run(rftjob(spec=spec), reward_deployment=ready_pool(), local_queue=found)
+    running = condition(plan, "Running")
+    assert running["reason"] == reason and "'gpus'" in running["message"]
+    assert ("Warning", reason) in [(e.type, e.reason) for e in plan.events]
+    assert not plan.create and plan.requeue_after == 30
+    assert applied(plan, "Deployment")["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    found_plan = run(rftjob(spec=spec), reward_deployment=ready_pool(), local_queue="found")
+    assert [c["kind"] for c in found_plan.create] == ["Job"]

@@ -12,11 +12,11 @@ import textwrap
 import pytest
 
 from kuberft_core.api import SandboxSpec
+from kuberft_core.kernel_tasks import shipped_solution
+from kuberft_core.reward_protocol import EvaluateRequest
 from kuberft_reward import channel
 from kuberft_reward.kernel_eval import parse_candidate_frames
-from kuberft_core.kernel_tasks import shipped_solution
 from kuberft_reward.sandbox import ChildRun, Limits, run_sandboxed
-from kuberft_core.reward_protocol import EvaluateRequest
 
 from .conftest import KERNEL_REWARDS, tagged
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kuberft_reward import cli as reward_cli
 from kuberft_core.kernel_tasks import SHIPPED_DIR, TaskSet
+from kuberft_reward import cli as reward_cli
 
 from .conftest import SECRET, solution
 

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 
 from kuberft_core.kernel_tasks import TaskSet, shipped_solution
+from kuberft_core.reward_protocol import EvaluateRequest
 from kuberft_reward.pool import PoolBusy, RewardPool
 from kuberft_reward.rewards import RequestError
-from kuberft_core.reward_protocol import EvaluateRequest
 
 from .conftest import SECRET, TIMEOUT_SECONDS, kernel_request, solution, tagged
 
@@ -280,7 +280,7 @@ def test_unknown_tasks_and_bad_rewards_are_named(pool):
         pool.evaluate_sync(kernel_request(["x"], rewards=[{"kind": "triton.fast"}]))
     with pytest.raises(RequestError, match=r"rewards\[0\].args.numTestCases: Input should be greater than or equal to 1"):
         pool.evaluate_sync(kernel_request(["x"], rewards=[{"kind": "triton.correctness", "args": {"numTestCases": 0}}]))
-    with pytest.raises(RequestError, match=r"rewards\[0\].args.colour: Extra inputs are not permitted"):
+    with pytest.raises(RequestError, match=r"rewards\[0\].args.colour: unknown option of countdown \(known: formatScore, operators\)"):
         pool.evaluate_sync(kernel_request(["x"], rewards=[{"kind": "countdown", "args": {"colour": 1}}]))
 
 

@@ -4,8 +4,8 @@ and the constructs that are refused or flagged as reward hacking."""
 import pytest
 
 from kuberft_core.kernel_tasks import TaskSet, shipped_solution
-from kuberft_reward.program import analyze, extract_program
 from kuberft_reward import rewards
+from kuberft_reward.program import analyze, extract_program
 
 
 def format_reward(completion, task_source, tag):

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from kuberft_core.api import RFTJob
-from kuberft_operator.local_runner import ignored_fields, run_job
 from kuberft_core.manifests import load
+from kuberft_operator.local_runner import ignored_fields, run_job
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "local-countdown.yaml"

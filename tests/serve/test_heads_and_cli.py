@@ -1,15 +1,19 @@
 """Speculation heads trained by self-distillation (`kuberft serve train-heads`, and at start-up
-with --train-heads) propose what the model will say; the CLI explains itself and refuses
-incomplete command lines."""
+with --train-heads) propose what the model will say; the CLI explains itself, reads a
+TurboDeployment's spec document (`--config`) or flags into the same setup, and refuses incomplete
+command lines and bad documents naming the field."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import kuberft_serve.server
+from kuberft_core.api import ModelSpec, SpeculatorSpec
 from kuberft_operator.cli import main
 from kuberft_serve.config import ServeConfig
 from kuberft_serve.heads import MedusaHeads
@@ -41,9 +45,9 @@ def test_train_heads_command_writes_heads_that_predict_the_adapted_models_output
     MedusaHeads.for_model(AutoModelForCausalLM.from_pretrained(patterned_dir), 3).save(untrained)
 
     def engine(heads_dir):
-        return build_engine(ServeConfig(model=str(patterned_dir), adapters={"tuned": str(adapter)}, speculator="heads",
-                                        heads={"tuned": str(heads_dir)}, num_speculative_tokens=3, adaptive=False,
-                                        device="cpu", dtype="float32", max_batch_size=16))
+        speculator = SpeculatorSpec(type="heads", heads_path=str(heads_dir), num_speculative_tokens=3, adaptive=False)
+        return build_engine(ServeConfig(model=ModelSpec(name=str(patterned_dir), dtype="float32"), adapters={"tuned": str(adapter)},
+                                        speculator=speculator, device="cpu", max_batch_size=16))
 
     trained_rate = acceptance(engine(out), PROMPTS, "tuned")
     untrained_rate = acceptance(engine(untrained), PROMPTS, "tuned")
@@ -53,11 +57,11 @@ def test_train_heads_command_writes_heads_that_predict_the_adapted_models_output
 
 def test_train_heads_at_start_up_saves_them_and_serves_with_them(tiny_dir, tmp_path):
     heads_dir = tmp_path / "startup-heads"
-    config = ServeConfig(model=str(tiny_dir), speculator="heads", heads={None: str(heads_dir)}, train_heads=True,
-                         num_speculative_tokens=2, device="cpu", dtype="float64")
-    engine = build_engine(config)
+    model = ModelSpec(name=str(tiny_dir), dtype="float64")
+    speculator = SpeculatorSpec(type="heads", heads_path=str(heads_dir), train_heads=True, num_speculative_tokens=2)
+    engine = build_engine(ServeConfig(model=model, speculator=speculator, device="cpu"))
     assert (heads_dir / "heads.safetensors").is_file()
-    plain = build_engine(ServeConfig(model=str(tiny_dir), speculator="none", device="cpu", dtype="float64"))
+    plain = build_engine(ServeConfig(model=model, speculator=SpeculatorSpec(type="none"), device="cpu"))
     ids = engine.tokenizer.encode("abc abc")
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     assert engine.generate(ids, params) == plain.generate(ids, params)
@@ -101,17 +105,21 @@ def test_a_heads_directory_holds_only_the_block_and_loading_shares_the_models_we
 def test_heads_for_another_model_size_are_refused(tiny_dir, tmp_path):
     MedusaHeads(torch.zeros(10, 48), torch.zeros(10, 48), 2).save(tmp_path / "wrong")
     with pytest.raises(ValueError, match="trained for hidden size 48, the model has 32"):
-        build_engine(ServeConfig(model=str(tiny_dir), speculator="heads", heads={None: str(tmp_path / "wrong")}, device="cpu"))
+        build_engine(ServeConfig(model=ModelSpec(name=str(tiny_dir)), speculator=SpeculatorSpec(type="heads", heads_path=str(tmp_path / "wrong")),
+                                 device="cpu"))
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["serve", "--port", "9"], "--model is required"),
-        (["serve", "--model", "m", "--speculator", "draft"], "--speculator draft needs --draft-model"),
-        (["serve", "--model", "m", "--speculator", "heads"], "--speculator heads needs --heads DIR or --train-heads"),
-        (["serve", "--model", "m", "--num-speculative-tokens", "0"], "--num-speculative-tokens must be between 1 and 32"),
+        (["serve", "--port", "9"], "--model is required (or --config FILE)"),
+        (["serve", "--model", "m", "--speculator", "draft"], "--draft-model (speculator.draftModel): type draft needs draftModel"),
+        (["serve", "--model", "m", "--speculator", "heads"], "--heads (speculator.headsPath): type heads needs headsPath or trainHeads: true"),
+        (["serve", "--model", "m", "--num-speculative-tokens", "0"],
+         "--num-speculative-tokens (speculator.numSpeculativeTokens): Input should be greater than or equal to 1"),
         (["serve", "--model", "m", "--adapter", "a=/x", "--adapter", "a=/y"], "the name 'a' is used twice"),
+        (["serve", "--model", "m", "--heads", "/h1", "--heads", "m=/h2"], "--heads m=/h2: heads for 'm' are given twice"),
+        (["serve", "--config", "serve.json", "--model", "m", "--port", "9"], "--model, --port: not with --config"),
         (["serve", "train-heads", "--model", "m", "--output", "o", "--data", "/no/such/file"], "--data /no/such/file: no such file"),
     ],
 )
@@ -126,5 +134,75 @@ def test_serve_help_teaches_the_speculators_and_the_api(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = capsys.readouterr().out
-    for phrase in ("ngram", "prompt lookup", "--draft-model", "Medusa-style", "/v1/chat/completions", "train-heads"):
+    for phrase in ("ngram", "prompt lookup", "--draft-model", "Medusa-style", "/v1/chat/completions", "train-heads", "--config FILE"):
         assert phrase in text
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """The ServeConfig each `kuberft serve` would serve (the server is not started)."""
+    configs = []
+    monkeypatch.setattr(kuberft_serve.server, "run_server", configs.append)
+    return configs
+
+
+def test_a_spec_document_and_the_same_flags_give_one_serving_setup(tmp_path, served):
+    document = {
+        "model": {"name": "tiny:countdown", "dtype": "float32"},
+        "adapter": {"name": "tuned", "uri": "/adapters/tuned"},
+        "speculator": {"type": "heads", "headsPath": "/heads/tuned", "numSpeculativeTokens": 3, "adaptive": False},
+        "maxBatchSize": 4,
+        "port": 9001,
+    }
+    (tmp_path / "serve.json").write_text(json.dumps(document))
+    assert main(["serve", "--config", str(tmp_path / "serve.json"), "--device", "cpu", "--seed", "7"]) == 0
+    assert main(["serve", "--model", "tiny:countdown", "--dtype", "float32", "--adapter", "tuned=/adapters/tuned", "--speculator", "heads",
+                 "--heads", "/heads/tuned", "--num-speculative-tokens", "3", "--no-adaptive", "--max-batch-size", "4", "--port", "9001",
+                 "--device", "cpu", "--seed", "7"]) == 0
+    from_file, from_flags = served
+    assert from_file == from_flags
+    assert (from_file.model.name, from_file.adapters, from_file.speculator.heads_path) == ("tiny:countdown", {"tuned": "/adapters/tuned"}, "/heads/tuned")
+    assert (from_file.speculator.num_speculative_tokens, from_file.max_batch_size, from_file.port, from_file.device) == (3, 4, 9001, "cpu")
+
+
+def test_flags_left_out_take_the_api_defaults(served):
+    assert main(["serve", "--model", "tiny:countdown"]) == 0
+    assert (served[0].model, served[0].speculator) == (ModelSpec(name="tiny:countdown"), SpeculatorSpec())
+    assert (served[0].max_batch_size, served[0].port) == (8, 8000)
+
+
+def test_named_heads_of_other_served_models_stay_apart_from_the_default_models(served):
+    assert main(["serve", "--model", "base", "--adapter", "a=/a", "--adapter", "b=/b", "--speculator", "heads",
+                 "--heads", "a=/heads/a", "--heads", "b=/heads/b"]) == 0
+    assert (served[0].speculator.heads_path, served[0].heads_by_model) == ("/heads/a", {"b": "/heads/b"})
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"model": {"name": "m"}, "speculator": {"numSpeculativeTokens": 40}}', "speculator.numSpeculativeTokens: Input should be less than or equal to 32"),
+        ('{"model": {"name": "m"}, "speculator": {"type": "draft"}}', "speculator.draftModel: type draft needs draftModel"),
+        ('{"model": {"name": "m"}, "maxBatchsize": 4}', "maxBatchsize: unknown field"),
+        ('{"speculator": {"type": "ngram"}}', "model: required field is missing"),
+        ('{"model": {"name": "m"}, "adapter": {"fromRFTJob": "demo"}}', "adapter.fromRFTJob: the operator resolves this to adapter.uri"),
+        ('{"model": {"name": "m"', "not valid YAML"),
+    ],
+)
+def test_a_bad_spec_document_is_refused_naming_the_field(tmp_path, served, capsys, content, problem):
+    path = tmp_path / "serve.json"
+    path.write_text(content)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"kuberft serve: {path}: {problem}" in err
+    assert served == []
+
+
+def test_a_turbo_deployment_manifest_serves_as_its_spec(tmp_path, served):
+    import yaml
+
+    example = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "turbodeployment.yaml").read_text())
+    example["spec"]["adapter"] = {"uri": "/adapters/kernels", "name": "kernels"}
+    (tmp_path / "turbo.yaml").write_text(yaml.safe_dump(example))
+    assert main(["serve", "--config", str(tmp_path / "turbo.yaml")]) == 0
+    assert (served[0].model.name, served[0].adapters) == ("Qwen/Qwen2.5-Coder-7B-Instruct", {"kernels": "/adapters/kernels"})
+    assert (served[0].speculator.type, served[0].speculator.train_heads) == ("heads", True)

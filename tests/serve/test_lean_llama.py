@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kuberft_core.api import ModelSpec, SpeculatorSpec
 from kuberft_serve.config import ServeConfig
 from kuberft_serve.kv_batch import ModelRunner, SequenceBatch
 from kuberft_serve.lean_llama import LeanRunner
@@ -38,7 +39,8 @@ def test_lean_forward_gives_the_logits_of_transformers_for_the_same_weights(draf
 
 
 def test_the_draft_speculator_runs_the_lean_forward_for_a_llama_draft(tiny_dir, draft_dir):
-    engine = build_engine(ServeConfig(model=str(tiny_dir), speculator="draft", draft_model=str(draft_dir), device="cpu", dtype="float64"))
+    engine = build_engine(ServeConfig(model=ModelSpec(name=str(tiny_dir), dtype="float64"),
+                                      speculator=SpeculatorSpec(type="draft", draft_model=str(draft_dir)), device="cpu"))
     assert isinstance(engine.speculator.runner, LeanRunner)
 
 
@@ -72,8 +74,9 @@ def test_a_torch_without_the_internal_onednn_ops_falls_back_to_a_plain_product(m
 
 
 def test_the_target_runs_the_lean_forward_on_the_cpu_without_adapters_and_transformers_with_them(tiny_dir, adapter_dir):
-    plain = build_engine(ServeConfig(model=str(tiny_dir), speculator="none", device="cpu", dtype="float32"))
-    adapted = build_engine(ServeConfig(model=str(tiny_dir), adapters={"tuned": str(adapter_dir)}, speculator="none", device="cpu", dtype="float32"))
+    model = ModelSpec(name=str(tiny_dir), dtype="float32")
+    plain = build_engine(ServeConfig(model=model, speculator=SpeculatorSpec(type="none"), device="cpu"))
+    adapted = build_engine(ServeConfig(model=model, adapters={"tuned": str(adapter_dir)}, speculator=SpeculatorSpec(type="none"), device="cpu"))
     assert isinstance(plain.target_runner, LeanRunner)
     assert isinstance(adapted.target_runner, ModelRunner)
 
@@ -89,8 +92,8 @@ def test_greedy_speculation_on_the_lean_target_equals_its_plain_decoding(tiny_di
     heads.save(tmp_path)
 
     def engine(name):
-        return build_engine(ServeConfig(model=str(tiny_dir), speculator=name, draft_model=str(draft_dir), heads={None: str(tmp_path)},
-                                        num_speculative_tokens=4, device="cpu", dtype="float64", max_batch_size=4))
+        spec = SpeculatorSpec(type=name, draft_model=str(draft_dir), heads_path=str(tmp_path), num_speculative_tokens=4)
+        return build_engine(ServeConfig(model=ModelSpec(name=str(tiny_dir), dtype="float64"), speculator=spec, device="cpu", max_batch_size=4))
 
     plain, fast = engine("none"), engine(speculator)
     assert isinstance(fast.target_runner, LeanRunner)
@@ -104,7 +107,7 @@ def test_greedy_speculation_on_the_lean_target_equals_its_plain_decoding(tiny_di
 def test_plain_decoding_on_the_lean_target_writes_what_transformers_generate_writes(tiny_dir):
     from kuberft_serve.sampling import SamplingParams
 
-    engine = build_engine(ServeConfig(model=str(tiny_dir), speculator="none", device="cpu", dtype="float32"))
+    engine = build_engine(ServeConfig(model=ModelSpec(name=str(tiny_dir), dtype="float32"), speculator=SpeculatorSpec(type="none"), device="cpu"))
     assert isinstance(engine.target_runner, LeanRunner)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     for text in ("abc abc ab", "hello, ", "a", "the cafe. the cafe. the"):

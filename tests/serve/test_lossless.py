@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kuberft_core.api import ModelSpec, SpeculatorSpec
 from kuberft_serve.config import ServeConfig
 from kuberft_serve.engine import Engine
 from kuberft_serve.heads import MedusaHeads
@@ -37,18 +38,14 @@ def heads_dir(tiny_dir, adapter_dir, tmp_path_factory):
 
 def make_engine(tiny_dir, adapter_dir, draft_dir, heads_dir, speculator, k=4, adaptive=False, batch=8) -> Engine:
     config = ServeConfig(
-        model=str(tiny_dir),
+        model=ModelSpec(name=str(tiny_dir), dtype="float64"),
         adapters={"tuned": str(adapter_dir)},
-        speculator=speculator,
-        num_speculative_tokens=k,
-        adaptive=adaptive,
-        draft_model=str(draft_dir),
-        dtype="float64",
+        speculator=SpeculatorSpec(type=speculator, num_speculative_tokens=k, adaptive=adaptive, draft_model=str(draft_dir),
+                                  heads_path=heads_dir["tuned"]),
+        heads_by_model={str(tiny_dir): heads_dir[None]},
         device="cpu",
         max_batch_size=batch,
     )
-    if speculator == "heads":
-        config.heads = {"tuned": heads_dir["tuned"], str(tiny_dir): heads_dir[None]}
     return build_engine(config)
 
 
@@ -169,8 +166,9 @@ def test_speculative_sampling_end_to_end_matches_the_models_distribution(tmp_pat
 
     target_dir = build_tiny_model(tmp_path / "t", alphabet="abc", hidden_size=16, num_layers=1, intermediate_size=32, seed=5)
     draft_dir = build_tiny_model(tmp_path / "d", alphabet="abc", hidden_size=16, num_layers=1, intermediate_size=32, seed=6)
-    config = ServeConfig(model=str(target_dir), speculator="draft", draft_model=str(draft_dir), num_speculative_tokens=2,
-                         adaptive=False, dtype="float64", device="cpu", max_batch_size=512)
+    config = ServeConfig(model=ModelSpec(name=str(target_dir), dtype="float64"),
+                         speculator=SpeculatorSpec(type="draft", draft_model=str(draft_dir), num_speculative_tokens=2, adaptive=False),
+                         device="cpu", max_batch_size=512)
     engine = build_engine(config)
     prompt = engine.tokenizer.encode("abcab")
     n = 6000
@@ -200,8 +198,9 @@ def test_a_draft_identical_to_the_model_has_every_proposal_accepted(patterned_di
     exactly what the model then says, at every proposal length (fixed k: with the adaptive
     controller the number of proposals followed the machine's timings)."""
     for k in (1, 2, 3, 4):
-        config = ServeConfig(model=str(patterned_dir), speculator="draft", draft_model=str(patterned_dir), num_speculative_tokens=k,
-                             adaptive=False, dtype="float64", device="cpu", max_batch_size=8)
+        config = ServeConfig(model=ModelSpec(name=str(patterned_dir), dtype="float64"),
+                             speculator=SpeculatorSpec(type="draft", draft_model=str(patterned_dir), num_speculative_tokens=k, adaptive=False),
+                             device="cpu", max_batch_size=8)
         engine = build_engine(config)
         engine.speculator.confidence_threshold = 0.0
         prompts = [encode(engine, t) for t in PROMPTS]

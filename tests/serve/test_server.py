@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from kuberft_core.api import ModelSpec, SpeculatorSpec
 from kuberft_serve.config import ServeConfig
 from kuberft_serve.loading import build_engine
 from kuberft_serve.sampling import SamplingParams
@@ -20,12 +21,10 @@ from kuberft_serve.server import start_server
 @pytest.fixture(scope="module")
 def config(tiny_dir, adapter_dir):
     return ServeConfig(
-        model=str(tiny_dir),
+        model=ModelSpec(name=str(tiny_dir), dtype="float64"),
         served_model_name="tiny-base",
         adapters={"tuned": str(adapter_dir)},
-        speculator="ngram",
-        num_speculative_tokens=4,
-        dtype="float64",
+        speculator=SpeculatorSpec(type="ngram", num_speculative_tokens=4),
         device="cpu",
         host="127.0.0.1",
         port=0,
@@ -48,7 +47,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(config):
     """Plain greedy decoding of the same model, for the expected texts."""
-    plain = ServeConfig(**{**config.__dict__, "speculator": "none"})
+    plain = ServeConfig(**{**config.__dict__, "speculator": SpeculatorSpec(type="none")})
     engine = build_engine(plain)
 
     def complete(prompt_ids, max_tokens, adapter=None):

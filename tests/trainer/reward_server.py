@@ -47,6 +47,7 @@ class RewardServer:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_post("/v1/evaluate", self._evaluate)
+        app.router.add_get("/healthz", lambda _: web.Response(text="ok\n"))
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

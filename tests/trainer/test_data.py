@@ -7,8 +7,8 @@ import json
 import pytest
 
 from kuberft_core.api import DatasetSpec
-from kuberft_trainer.data import DatasetError, PromptFormatter, PromptSampler, load_rows, split_rows
 from kuberft_core.models import build_char_tokenizer
+from kuberft_trainer.data import DatasetError, PromptFormatter, PromptSampler, load_rows, split_rows
 
 
 def dataset(**fields) -> DatasetSpec:

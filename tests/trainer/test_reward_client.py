@@ -107,3 +107,25 @@ def test_a_response_missing_a_reward_marks_that_reward_failed():
 def test_the_client_rejects_a_url_without_a_scheme():
     with pytest.raises(ValueError, match="must start with http"):
         HttpRewardBackend("reward-pool:8080")
+
+
+def test_the_trainer_waits_for_a_pool_that_starts_late_and_gives_up_on_one_that_never_does():
+    import socket
+    import threading
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = HttpRewardBackend(f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    assert client.wait_until_ready(timeout_seconds=1.0, poll_seconds=0.2) is False
+    assert 1.0 <= time.monotonic() - started < 5
+
+    with RewardServer() as late:
+        client = HttpRewardBackend(late.url)
+        ready = []
+        waiter = threading.Thread(target=lambda: ready.append(client.wait_until_ready(timeout_seconds=30, poll_seconds=0.1)))
+        waiter.start()
+        waiter.join(timeout=10)
+        assert ready == [True]

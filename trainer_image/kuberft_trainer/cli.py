@@ -5,7 +5,6 @@ Imports nothing heavy at module level (torch loads only when the command runs)."
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -26,9 +25,10 @@ metrics.jsonl (one line per step), samples/step-N.jsonl (held-out completions an
 rewards), and at the end adapter/ (peft format) and config.json.
 
 Serves /metrics (Prometheus) and /healthz on --metrics-port. In a cluster, with
-KUBERFT_JOB_NAME (and KUBERFT_JOB_NAMESPACE) set, it patches that RFTJob's status
-(phase, step, progress, rewards, meanReward, adapter). SIGTERM or Ctrl-C stops after the
-current step with a checkpoint; running the same command again resumes.
+KUBERFT_JOB_NAME (and KUBERFT_JOB_NAMESPACE) set, it reports step, rewards, meanReward and
+the adapter being written into that RFTJob's progress ConfigMap (<job>-progress), which the
+operator copies into the status. SIGTERM or Ctrl-C stops after the current step with a
+checkpoint; running the same command again resumes.
 """
 
 EPILOG = """\
@@ -56,36 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reward-concurrency", type=int, default=4, help="requests to the reward pool in flight at once (default: 4)")
     parser.add_argument("--reward-timeout", type=float, default=600.0, help="seconds to wait for one reward request (default: 600)")
     parser.add_argument("--reward-retries", type=int, default=5, help="retries of a failed reward request, with backoff (default: 5)")
+    parser.add_argument("--reward-wait", type=float, default=900.0,
+                        help="seconds to wait for the reward pool's /healthz before training; 0: do not wait (default: 900)")
     parser.add_argument("--no-progress", action="store_true", help="log one line per step instead of a progress bar")
     parser.set_defaults(handler=_train)
-
-
-def load_job(path: Path):
-    """(job name or None, RFTJobSpec) from a manifest or a bare spec; raises ManifestError
-    naming every problem with its field path."""
-    import yaml
-    from pydantic import ValidationError
-
-    from kuberft_core.api import RFTJobSpec
-    from kuberft_core.manifests import ManifestError, Problem, check_document, problems_from, read_documents
-
-    documents = read_documents(path)
-    if len(documents) != 1:
-        raise ManifestError([Problem(str(path), "", f"expected one document, found {len(documents)}")])
-    source, document = documents[0]
-    if isinstance(document, dict) and "kind" in document:
-        resource, problems = check_document(document, source)
-        if problems:
-            raise ManifestError(problems)
-        if resource.kind != "RFTJob":
-            raise ManifestError([Problem(source, "kind", f"expected an RFTJob, got {resource.kind}")])
-        return resource.metadata.name, resource.spec
-    try:
-        return None, RFTJobSpec.model_validate(document)
-    except ValidationError as error:
-        raise ManifestError(problems_from(error, source)) from error
-    except yaml.YAMLError as error:  # pragma: no cover - read_documents already parsed it
-        raise ManifestError([Problem(source, "", str(error))]) from error
 
 
 def _reward_backend(args: argparse.Namespace, spec):
@@ -105,11 +79,12 @@ def _reward_backend(args: argparse.Namespace, spec):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from kuberft_core.manifests import ManifestError
+    from kuberft_core.api import RFTJob
+    from kuberft_core.manifests import ManifestError, load_spec
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        manifest_name, spec = load_job(args.config)
+        manifest_name, spec = load_spec(args.config, RFTJob)
     except ManifestError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -119,17 +94,18 @@ def _train(args: argparse.Namespace) -> int:
         return 2
 
     from kuberft_core.metrics import component_metrics
+    from kuberft_core.probes import MetricsServer
 
     from .data import DatasetError
-    from .observe import JobStatusReporter, MetricsServer
     from .progress import StepProgress
+    from .report import ProgressReporter
     from .train import Trainer
 
     job_name = os.environ.get("KUBERFT_JOB_NAME") or manifest_name or "local"
     rank0 = int(os.environ.get("RANK", "0")) == 0
     metrics = component_metrics("trainer")
     server = MetricsServer(metrics, args.metrics_port).start() if args.metrics_port and rank0 else None
-    status = JobStatusReporter.from_environment() if rank0 else None
+    status = ProgressReporter.from_environment() if rank0 else None
     backend = _reward_backend(args, spec)
     progress = None
     try:
@@ -138,6 +114,10 @@ def _train(args: argparse.Namespace) -> int:
         except (DatasetError, FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        # The model loads while the pool starts; the first step needs the pool.
+        if args.reward_wait > 0 and not backend.wait_until_ready(args.reward_wait):
+            print(f"error: the reward pool at {backend.health_url} did not become ready within {args.reward_wait:g}s", file=sys.stderr)
+            return 3
         with trainer:
             if rank0:
                 progress = StepProgress(bar=not args.no_progress and sys.stderr.isatty())
@@ -148,9 +128,6 @@ def _train(args: argparse.Namespace) -> int:
             progress.close()
         if server is not None:
             server.close()
-        close = getattr(backend, "close", None)
-        if close is not None and not asyncio.iscoroutinefunction(close):
-            close()  # the in-process pool (an async close, the HTTP client's, ran in the trainer)
     if rank0:
         summary = {"step": result.step, "total_steps": result.total_steps, "interrupted": result.interrupted,
                    "resumed_from": result.resumed_from, "adapter": str(result.adapter_dir) if result.adapter_dir else None,

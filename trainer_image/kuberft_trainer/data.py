@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-DEFAULT_DATASET_DIR = "/etc/kuberft/dataset"
+from kuberft_core import paths
+
+DEFAULT_DATASET_DIR = paths.DATASET_DIR  # where the operator mounts a dataset.configMap
 
 
 class DatasetError(ValueError):

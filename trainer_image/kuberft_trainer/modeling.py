@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kuberft_core.models import limit_cpu_threads_for_small_models, resolve_dtype, resolve_model_path
+from kuberft_core.models import resolve_dtype, resolve_model_path
 
 
 def load_model_and_tokenizer(model_spec, device):

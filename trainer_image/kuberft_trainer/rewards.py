@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
@@ -125,6 +126,7 @@ class HttpRewardBackend:
         if batch_size < 1 or concurrency < 1 or max_retries < 0:
             raise ValueError("batch_size and concurrency must be at least 1 and max_retries at least 0")
         self.endpoint = url.rstrip("/") + "/v1/evaluate"
+        self.health_url = url.rstrip("/") + "/healthz"
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.timeout_seconds = timeout_seconds
@@ -134,6 +136,30 @@ class HttpRewardBackend:
         self._jitter = random.Random()  # private: the global RNG belongs to the training run
         self._session = None
         self.retries = 0
+
+    def wait_until_ready(self, timeout_seconds: float, poll_seconds: float = 2.0) -> bool:
+        """Wait for the pool's `/healthz` to answer 200 (the operator starts the pool beside the
+        trainer, and parks it while the trainer cannot start); False after `timeout_seconds`."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_seconds
+        next_log = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=5) as answer:
+                    if answer.status == 200:
+                        return True
+                reason = f"HTTP {answer.status}"
+            except (urllib.error.URLError, OSError) as error:
+                reason = str(getattr(error, "reason", error))
+            if time.monotonic() >= deadline:
+                log.warning("the reward pool at %s is not ready after %.0fs (%s)", self.health_url, timeout_seconds, reason)
+                return False
+            if time.monotonic() >= next_log:
+                log.info("waiting for the reward pool at %s (%s)", self.health_url, reason)
+                next_log = time.monotonic() + 30
+            time.sleep(poll_seconds)
 
     async def _get_session(self):
         import aiohttp

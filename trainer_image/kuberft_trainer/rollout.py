@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from kuberft_core.sampling import warp
+
 
 @dataclass
 class Rollout:
@@ -64,15 +66,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     """One token per row from (N, V) logits; temperature 0 is greedy."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(warp(logits.float(), temperature, top_p), 1, generator=generator).squeeze(-1)
 
 
 def _cache_argument(model, cache) -> dict:

@@ -47,23 +47,23 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kuberft_core import paths
 from kuberft_core.api import RFTJobSpec
 from kuberft_core.metrics import ComponentMetrics, component_metrics
+from kuberft_core.models import limit_cpu_threads_for_small_models, resolve_model_path
 
 from . import checkpoint as ckpt
 from .data import PromptFormatter, PromptSampler, load_rows, split_rows
 from .grpo import combine_rewards, group_advantages, policy_loss
-from kuberft_core.models import limit_cpu_threads_for_small_models, resolve_model_path
-
 from .modeling import add_lora, load_model_and_tokenizer
-from .observe import JobStatusReporter
+from .report import ProgressReporter
 from .rewards import RewardBackend, ScoreMatrix, reward_requests, score_completions
 from .rollout import Rollout, generate, sequence_logprobs
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = paths.ADAPTER_DIR  # the operator reports `<output>/adapter` as the job's adapter
 CONFIG_FILE = "config.json"
 SAMPLES_DIR = "samples"
 PHASES = ("generate", "reward", "train")
@@ -201,7 +201,7 @@ class Trainer:
         on_step: Optional[Callable[[StepMetrics], None]] = None,
         device: Optional[torch.device] = None,
         metrics: Optional[ComponentMetrics] = None,
-        status: Optional[JobStatusReporter] = None,
+        status: Optional[ProgressReporter] = None,
         event_loop: Optional[asyncio.AbstractEventLoop] = None,
         use_vllm: Optional[bool] = None,
     ):
@@ -667,7 +667,7 @@ class Trainer:
                     shutil.rmtree(adapter)
                 scratch.rename(adapter)
                 if self.status is not None:
-                    self.status.finished(str(adapter))
+                    self.status.finished()
             self.dist.barrier()
         elif self.step > 0 and ckpt.latest_checkpoint(self.output_dir) is None and self.dist.main:
             self._save_checkpoint()
