@@ -345,6 +345,24 @@ def reward_network_policy(owner: Owner) -> dict[str, Any]:
     )
 
 
+def ingress_only_on(name: str, owner: Owner, role: str, port: int) -> dict[str, Any]:
+    """A NetworkPolicy that admits connections to the `role` pods on `port` only (their
+    metrics or API port); their egress stays open (model hubs, dataset URIs, the API server and
+    the reward pool lie wherever the user put them)."""
+    return _object(
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+        name,
+        owner,
+        role,
+        spec={
+            "podSelector": {"matchLabels": _selector(owner, role)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": port}]}],
+        },
+    )
+
+
 def trainer_service_account(owner: Owner) -> dict[str, Any]:
     return _object("v1", "ServiceAccount", RFTJobNames(owner.name).trainer, owner, "trainer")
 
@@ -498,7 +516,8 @@ def rftjob_children(spec: RFTJobSpec, owner: Owner, images: Images, generation: 
     if claim:
         children.append(claim)
     children += reward_pool_children(spec, owner, images, reward_replicas)
-    children += [progress_config_map(owner), trainer_service_account(owner), trainer_role(owner), trainer_role_binding(owner)]
+    children += [progress_config_map(owner), trainer_service_account(owner), trainer_role(owner), trainer_role_binding(owner),
+                 ingress_only_on(RFTJobNames(owner.name).trainer, owner, "trainer", TRAINER_METRICS_PORT)]
     return children
 
 

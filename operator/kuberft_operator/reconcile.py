@@ -38,6 +38,7 @@ from .builders import (
     Owner,
     RFTJobNames,
     content_hash,
+    ingress_only_on,
     output_location,
     rftjob_children,
     serve_autoscaler,
@@ -590,7 +591,8 @@ def plan_turbo(observed: TurboObserved, images: Images, now: datetime) -> Plan:
         adapter = status.get("adapter")
 
     deployment_manifest = serve_deployment(spec, owner, images, adapter)
-    plan.apply = [serve_config_map(spec, owner, adapter), deployment_manifest, serve_service(spec, owner)]
+    plan.apply = [serve_config_map(spec, owner, adapter), deployment_manifest, serve_service(spec, owner),
+                  ingress_only_on(owner.name, owner, "serve", spec.port)]
     autoscaler = serve_autoscaler(spec, owner)
     if autoscaler:
         plan.apply.append(autoscaler)

@@ -36,7 +36,7 @@ def _example_spec() -> RFTJobSpec:
 def test_every_child_is_owned_by_the_rftjob_and_labelled():
     children = rftjob_children(_example_spec(), OWNER, IMAGES, generation=1, reward_replicas=2)
     kinds = [c["kind"] for c in children]
-    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service", "NetworkPolicy", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"]
+    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service", "NetworkPolicy", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy"]
     for child in children:
         meta = child["metadata"]
         assert meta["namespace"] == "team-a"
@@ -278,3 +278,13 @@ def test_image_pull_secrets_and_secret_env_reach_every_pod_the_operator_creates(
     config = job_config_map(spec, OWNER, 1)["data"]
     assert "hf" in json.dumps(config) and "token" in json.dumps(config)  # the reference, never a value
     assert "imagePullSecrets" not in trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]
+
+
+def test_trainer_and_serve_pods_admit_connections_on_their_own_port_only():
+    children = rftjob_children(_example_spec(), OWNER, IMAGES, 1, 2)
+    trainer_policy = next(c for c in children if c["kind"] == "NetworkPolicy" and c["metadata"]["name"] == "triton-kernels-trainer")
+    assert trainer_policy["spec"]["podSelector"]["matchLabels"]["kuberft.io/role"] == "trainer"
+    assert trainer_policy["spec"]["policyTypes"] == ["Ingress"]
+    assert trainer_policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
+    trainer_ports = trainer_job(_example_spec(), OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert [p["containerPort"] for p in trainer_ports] == [8080]

@@ -343,7 +343,7 @@ def test_a_turbo_deployment_waits_for_its_rftjob_then_serves_its_adapter():
     assert waiting.status["conditions"][0]["message"] == "RFTJob demo is Running; serving starts when it has Succeeded"
     done = rftjob(status={"phase": "Succeeded", "adapter": "pvc://demo-checkpoints/demo"})
     serving = plan_turbo(TurboObserved(body=turbo, rftjob=done), IMAGES, NOW)
-    assert [c["kind"] for c in serving.apply] == ["ConfigMap", "Deployment", "Service"]
+    assert [c["kind"] for c in serving.apply] == ["ConfigMap", "Deployment", "Service", "NetworkPolicy"]
     document = json.loads(applied(serving, "ConfigMap")["data"]["serve.json"])
     assert document["adapter"] == {"name": "default", "uri": "/adapters/demo"}
     assert serving.status["url"] == "http://chat.ns.svc:8000/v1"
