@@ -74,11 +74,17 @@ def test_default_install_creates_the_operator_its_rbac_metrics_service_and_dashb
         ("CustomResourceDefinition", "", "rftjobs.kuberft.io"),
         ("CustomResourceDefinition", "", "turbodeployments.kuberft.io"),
         ("Deployment", NAMESPACE, "kuberft"),
+        ("NetworkPolicy", NAMESPACE, "kuberft"),
         ("Role", NAMESPACE, "kuberft-leader-election"),
         ("RoleBinding", NAMESPACE, "kuberft-leader-election"),
         ("Service", NAMESPACE, "kuberft-metrics"),
         ("ServiceAccount", NAMESPACE, "kuberft"),
     ]
+    policy = one(defaults, "NetworkPolicy", "kuberft")["spec"]
+    operator_pod = one(defaults, "Deployment", "kuberft")["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= operator_pod["metadata"]["labels"].items()
+    metrics_port = operator_pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": metrics_port}]}] and policy["policyTypes"] == ["Ingress"]
 
 
 def test_every_toggle_on_adds_monitors_namespaced_rbac_sandbox_objects_and_a_disruption_budget(all_on):
@@ -90,7 +96,7 @@ def test_every_toggle_on_adds_monitors_namespaced_rbac_sandbox_objects_and_a_dis
         ("PodMonitor", "monitoring", "kuberft-trainer"),
     ]
     assert ("RuntimeClass", "", "gvisor") in kinds
-    assert [k for k in kinds if k[0] == "NetworkPolicy"] == [
+    assert [k for k in kinds if k[0] == "NetworkPolicy"] == [("NetworkPolicy", NAMESPACE, "kuberft")] + [
         ("NetworkPolicy", ns, "kuberft-reward-metrics") for ns in WATCHED
     ]
     assert [k for k in kinds if k[0] in ("Role", "RoleBinding")] == [
