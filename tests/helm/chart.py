@@ -46,7 +46,7 @@ def template_text(values_files: Iterable[Path] = (), set_values: Optional[dict[s
 
 
 def render(values_files: Iterable[Path] = (), set_values: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
-    """Every object `helm template` renders (CRDs excluded: they come from crds/)."""
+    """Every object `helm template` renders, the CRDs included (templates/crds.yaml)."""
     text = template_text(values_files, set_values).stdout
     return [doc for doc in yaml.safe_load_all(text) if doc]
 

@@ -33,6 +33,11 @@ def all_on():
     return render([ALL_ON])
 
 
+@pytest.fixture(scope="module")
+def cluster_wide():
+    return render(set_values={"watchAllNamespaces": "true"})
+
+
 def _kinds(objects):
     return sorted((o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in objects)
 
@@ -63,9 +68,7 @@ def test_chart_lints_cleanly(values):
 
 def test_default_install_creates_the_operator_its_rbac_metrics_service_and_dashboards(defaults):
     assert _kinds(defaults) == [
-        ("ClusterRole", "", "kuberft"),
         ("ClusterRole", "", "kuberft-discovery"),
-        ("ClusterRoleBinding", "", "kuberft"),
         ("ClusterRoleBinding", "", "kuberft-discovery"),
         ("ConfigMap", NAMESPACE, "kuberft-dashboard-operator"),
         ("ConfigMap", NAMESPACE, "kuberft-dashboard-reward-pool"),
@@ -75,7 +78,9 @@ def test_default_install_creates_the_operator_its_rbac_metrics_service_and_dashb
         ("CustomResourceDefinition", "", "turbodeployments.kuberft.io"),
         ("Deployment", NAMESPACE, "kuberft"),
         ("NetworkPolicy", NAMESPACE, "kuberft"),
+        ("Role", NAMESPACE, "kuberft"),  # least privilege by default: the release namespace only
         ("Role", NAMESPACE, "kuberft-leader-election"),
+        ("RoleBinding", NAMESPACE, "kuberft"),
         ("RoleBinding", NAMESPACE, "kuberft-leader-election"),
         ("Service", NAMESPACE, "kuberft-metrics"),
         ("ServiceAccount", NAMESPACE, "kuberft"),
@@ -145,12 +150,14 @@ def test_chart_version_matches_the_package():
 # ------------------------------------------------------------------ the operator Deployment
 
 
-def test_operator_runs_with_the_default_images_and_watches_the_whole_cluster(defaults):
+def test_operator_runs_with_the_default_images_and_watches_its_own_namespace(defaults, cluster_wide):
+    assert _operator_args(cluster_wide).namespaces == []
+    assert one(cluster_wide, "ClusterRole", "kuberft") and one(cluster_wide, "ClusterRoleBinding", "kuberft")
     args = _operator_args(defaults)
     expected = Images.for_version("ghcr.io/kuberft", __version__)
     assert _container(defaults)["image"] == f"ghcr.io/kuberft/operator:{__version__}"
     assert (args.trainer_image, args.reward_image, args.serve_image) == (expected.trainer, expected.reward, expected.serve)
-    assert args.namespaces == []
+    assert args.namespaces == [NAMESPACE]
     assert args.leader_election and args.lease_namespace == NAMESPACE and args.lease_name == "kuberft"
     assert (args.metrics_port, args.workers, args.lease_duration, args.renew_period) == (8080, 16, 15.0, 5.0)
 
@@ -199,9 +206,10 @@ def _operator_grants_without_leases():
     return normalized_rules(r for r in RBAC_RULES if "leases" not in r["resources"])
 
 
-def test_operator_role_grants_exactly_what_the_operator_uses(defaults, all_on):
-    cluster_role = one(defaults, "ClusterRole", "kuberft")
+def test_operator_role_grants_exactly_what_the_operator_uses(defaults, all_on, cluster_wide):
+    cluster_role = one(cluster_wide, "ClusterRole", "kuberft")
     assert normalized_rules(cluster_role["rules"]) == _operator_grants_without_leases()
+    assert normalized_rules(one(defaults, "Role", "kuberft", NAMESPACE)["rules"]) == _operator_grants_without_leases()
     for namespace in WATCHED:
         role = one(all_on, "Role", "kuberft", namespace)
         assert normalized_rules(role["rules"]) == _operator_grants_without_leases()
@@ -219,8 +227,8 @@ def test_leader_election_may_touch_only_its_own_lease(defaults):
     assert {verb for *_, verb in grants} == set(lease_rule["verbs"])
 
 
-def test_discovery_role_is_read_only(defaults, all_on):
-    assert normalized_rules(one(defaults, "ClusterRole", "kuberft-discovery")["rules"]) == {
+def test_discovery_role_is_read_only(cluster_wide, all_on):
+    assert normalized_rules(one(cluster_wide, "ClusterRole", "kuberft-discovery")["rules"]) == {
         ("apiextensions.k8s.io", "customresourcedefinitions", "*", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "*", "watch"),
     }
@@ -231,7 +239,7 @@ def test_discovery_role_is_read_only(defaults, all_on):
 def test_operator_holds_every_permission_of_the_trainer_role_it_grants(defaults):
     """Kubernetes lets a subject create a Role only with permissions it holds itself."""
     trainer = trainer_role(Owner("RFTJob", "job", "team-a", "uid"))
-    held = normalized_rules(one(defaults, "ClusterRole", "kuberft")["rules"])
+    held = normalized_rules(one(defaults, "Role", "kuberft", NAMESPACE)["rules"])
     for group, resource, name, verb in normalized_rules(trainer["rules"]):
         assert (group, resource, "*", verb) in held, (group, resource, name, verb)
     assert normalized_rules(trainer["rules"]) == {("", "configmaps", "job-progress", "get"), ("", "configmaps", "job-progress", "patch")}
@@ -275,7 +283,7 @@ def test_pod_monitors_select_the_pods_the_operator_creates_and_their_metrics_por
 
 
 def test_pod_monitors_look_in_every_namespace_when_the_operator_watches_the_cluster():
-    objects = render(set_values={"metrics.podMonitor.enabled": "true"})
+    objects = render(set_values={"metrics.podMonitor.enabled": "true", "watchAllNamespaces": "true"})
     assert {json.dumps(m["spec"]["namespaceSelector"]) for m in find(objects, "PodMonitor")} == {'{"any": true}'}
 
 

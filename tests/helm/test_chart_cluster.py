@@ -87,11 +87,11 @@ def test_api_server_dry_run_rejects_an_unknown_field(chart_cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def installed(chart_cluster):
-    """The chart installed twice: defaults (cluster-wide, with the CRDs) and every toggle on (two
-    namespaces, `crds.install=false`: one release per cluster owns the CRDs). The test cluster
-    applied the CRDs by hand before, so the first release adopts them the README's way."""
+    """The chart installed twice: cluster-wide (`watchAllNamespaces`, with the CRDs) and every
+    toggle on (two namespaces, `crds.install=false`: one release per cluster owns the CRDs). The
+    test cluster applied the CRDs by hand before, so the first release adopts them the README's way."""
     adopt_crds(chart_cluster, "kuberft", RELEASE_NAMESPACE)
-    _helm(chart_cluster, "install", "kuberft", str(CHART), "--namespace", RELEASE_NAMESPACE, "--wait=false")
+    _helm(chart_cluster, "install", "kuberft", str(CHART), "--namespace", RELEASE_NAMESPACE, "--set", "watchAllNamespaces=true", "--wait=false")
     _helm(chart_cluster, "install", "full", str(CHART), "--namespace", FULL_NAMESPACE, "--values", str(ALL_ON),
           "--set", "crds.install=false", "--wait=false")
     return chart_cluster
@@ -109,10 +109,10 @@ def crd_annotations(cluster) -> dict:
 
 def test_helm_upgrade_upgrades_the_crds(installed):
     assert crd_annotations(installed)["helm.sh/resource-policy"] == "keep"
-    _helm(installed, "upgrade", "kuberft", str(CHART), "--namespace", RELEASE_NAMESPACE, "--set", "crds.keep=false", "--wait=false")
+    _helm(installed, "upgrade", "kuberft", str(CHART), "--namespace", RELEASE_NAMESPACE, "--set", "crds.keep=false", "--set", "watchAllNamespaces=true", "--wait=false")
     assert "helm.sh/resource-policy" not in crd_annotations(installed)  # the upgrade reached the CRD
     # Without values Helm would reuse the last release's (crds.keep=false): back to the defaults.
-    _helm(installed, "upgrade", "kuberft", str(CHART), "--namespace", RELEASE_NAMESPACE, "--reset-values", "--wait=false")
+    _helm(installed, "upgrade", "kuberft", str(CHART), "--namespace", RELEASE_NAMESPACE, "--reset-values", "--set", "watchAllNamespaces=true", "--wait=false")
     assert crd_annotations(installed)["helm.sh/resource-policy"] == "keep"
     assert crd_annotations(installed)["meta.helm.sh/release-name"] == "kuberft"
 

@@ -62,6 +62,18 @@ Image reference of one component: (dict "root" $ "component" "trainer").
 {{- end -}}
 {{- end -}}
 
+{{/* The namespaces the operator reconciles (empty with watchAllNamespaces: all of them). */}}
+{{- define "kuberft.watchedNamespaces" -}}
+{{- if and .Values.watchAllNamespaces .Values.watchNamespaces -}}
+{{- fail "watchAllNamespaces reconciles every namespace: leave watchNamespaces empty with it" -}}
+{{- end -}}
+{{- if .Values.watchAllNamespaces -}}
+{{- toJson list -}}
+{{- else -}}
+{{- toJson (.Values.watchNamespaces | default (list .Release.Namespace)) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Namespaces that get the reward-pool NetworkPolicy. */}}
 {{- define "kuberft.rewardPolicyNamespaces" -}}
 {{- $namespaces := .Values.rewardSandbox.networkPolicy.namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) -}}
