@@ -623,6 +623,12 @@ def plan_turbo(observed: TurboObserved, images: Images, now: datetime) -> Plan:
     elif ready >= desired:
         conds.set("Available", True, "MinimumReplicasAvailable", f"{ready}/{desired} serving pods ready")
         plan.status["phase"] = "Ready" if waiting is None else waiting[0]
+    elif (problem := deployment_problem(observed.deployment)) is not None:
+        # Pods refused (admission, quota): say so now, not after the 10-minute progress deadline.
+        message = f"{ready}/{desired} serving pods ready; {problem}"
+        _warn_once(plan, status.get("conditions") or [], "Available", "ServePodsCannotStart", message)
+        conds.set("Available", False, "ServePodsCannotStart", message)
+        plan.status["phase"] = "Progressing" if waiting is None else waiting[0]
     else:
         conds.set("Available", False, "ReplicasNotReady", f"{ready}/{desired} serving pods ready")
         plan.status["phase"] = "Progressing" if waiting is None else waiting[0]

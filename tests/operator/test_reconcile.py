@@ -436,3 +436,20 @@ def test_a_queue_kueue_cannot_admit_from_is_reported_and_nothing_is_started(foun
     assert applied(plan, "Deployment")["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
     found_plan = run(rftjob(spec=spec), reward_deployment=ready_pool(), local_queue="found")
     assert [c["kind"] for c in found_plan.create] == ["Job"]
+
+
+def test_serve_pods_refused_by_admission_are_reported_at_once_not_after_the_progress_deadline():
+    turbo = {"apiVersion": "kuberft.io/v1alpha1", "kind": "TurboDeployment",
+             "metadata": {"name": "chat", "namespace": "ns", "uid": "t1", "generation": 1},
+             "spec": {"model": {"name": "tiny:countdown"}}}
+    refused = {"spec": {"replicas": 1}, "status": {"conditions": [
+        {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"},
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+         "message": 'pods "chat-abc" is forbidden: violates PodSecurity "restricted:latest": seccompProfile'}]}}
+    plan = plan_turbo(TurboObserved(body=turbo, deployment=refused), IMAGES, NOW)
+    available = next(c for c in plan.status["conditions"] if c["type"] == "Available")
+    assert available["reason"] == "ServePodsCannotStart" and "violates PodSecurity" in available["message"]
+    assert [(e.type, e.reason) for e in plan.events if e.type == "Warning"] == [("Warning", "ServePodsCannotStart")]
+    turbo["status"] = {"conditions": plan.status["conditions"]}
+    again = plan_turbo(TurboObserved(body=turbo, deployment=refused), IMAGES, NOW)
+    assert not [e for e in again.events if e.type == "Warning"]
