@@ -140,32 +140,38 @@ def _slim(kind: str, body: dict[str, Any]) -> dict[str, Any]:
         slim["spec"] = {"suspend": (body.get("spec") or {}).get("suspend")}
     elif kind == "Deployment":
         slim["spec"] = {"replicas": (body.get("spec") or {}).get("replicas")}
-    elif kind == "ConfigMap" and str(meta.get("name", "")).endswith(PROGRESS_SUFFIX):
+    progress_report = kind == "ConfigMap" and str(meta.get("name", "")).endswith(PROGRESS_SUFFIX)
+    if progress_report:
         # A trainer's report (by name: the trainer may patch its labels, never its name). Untrusted:
         # one character past the limit is enough for the reconciler to refuse a value.
         data = body.get("data") or {}
         slim["data"] = {k: v[: PROGRESS_MAX_CHARS + 1] if isinstance(v, str) else v for k, v in data.items() if k in PROGRESS_FIELDS}
     elif kind == "ConfigMap":
         slim["data"] = body.get("data") or {}
-    slim["view"] = _owned_view_hash(kind, body)
+    if kind not in _NEVER_APPLIED:
+        slim["view"] = _owned_view_hash(body, ours_data=not progress_report)
     return slim
+
+
+# Pods are the controllers' and the trainer Job is created once (Kueue owns its suspend flag):
+# the operator never re-applies them, so their owned view is never compared.
+_NEVER_APPLIED = ("Pod", "Job")
 
 
 # The parts of a child the operator sets (besides status, which it never sets on children).
 _VIEW_FIELDS = ("spec", "data", "rules", "roleRef", "subjects", "automountServiceAccountToken", "imagePullSecrets")
 
 
-def _owned_view_hash(kind: str, body: dict[str, Any]) -> str:
+def _owned_view_hash(body: dict[str, Any], ours_data: bool) -> str:
     """A hash of what an edit to the operator's fields would change: a status update leaves it
-    alone. A progress ConfigMap's data is the trainer's, not ours."""
+    alone. `ours_data` is False for a progress ConfigMap, whose data is the trainer's."""
     meta = body.get("metadata") or {}
     # Only our annotations: controllers annotate children too (a Deployment's revision, a bound
     # claim's binder flags), and each such change would cost an apply that changes nothing.
     ours = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("kuberft.io/")}
     view: dict[str, Any] = {"labels": meta.get("labels"), "annotations": ours, "ownerReferences": meta.get("ownerReferences")}
-    progress = kind == "ConfigMap" and str(meta.get("name", "")).endswith(PROGRESS_SUFFIX)
     for name in _VIEW_FIELDS:
-        if name in body and not (progress and name == "data"):
+        if name in body and (ours_data or name != "data"):
             view[name] = body[name]
     return content_hash(view)
 
