@@ -30,6 +30,7 @@ demo: setup
 # ~/.cache/kuberft: the first build takes 8-20 minutes on 2 cores (empty Go caches), later runs a second.
 cluster:
 	tests/cluster/build.sh >/dev/null
+	tests/cluster/build-jobset.sh >/dev/null
 
 # The default test run (under ~20 minutes); slow end-to-end tests run with `make test-slow`.
 test: setup tools cluster

@@ -465,7 +465,8 @@ class RFTJobSpec(ApiModel):
     suspend: bool = False
     """Stop the trainer, keeping checkpoints; setting it back to false resumes from the latest checkpoint."""
     queue_name: Optional[str] = Field(default=None, max_length=63)
-    """Kueue LocalQueue: the trainer Job is created suspended with this queue label so Kueue admits it."""
+    """Kueue LocalQueue: the trainer and the reward pool run as one JobSet, created suspended with this
+    queue label, so Kueue admits them together as one workload (needs JobSet installed)."""
     backoff_limit: int = Field(default=3, ge=0, le=100)
     """Trainer restarts (each from the latest checkpoint) before the job fails."""
     active_deadline_seconds: Optional[int] = Field(default=None, ge=1)

@@ -146,6 +146,10 @@ def gpu_count(placement: PodPlacement) -> int:
 # --------------------------------------------------------------------------- RFTJob children
 
 
+JOBSET_TRAINER, JOBSET_REWARD = "trainer", "reward"
+"""The replicated jobs of a queued job's JobSet."""
+
+
 class RFTJobNames:
     """Names of an RFTJob's children (the API limits job names to 52 characters for the suffixes)."""
 
@@ -153,6 +157,10 @@ class RFTJobNames:
         self.config = f"{job_name}-config"
         self.reward = f"{job_name}-reward"
         self.trainer = f"{job_name}-trainer"
+        # A queued job: one JobSet, whose Jobs JobSet names <jobset>-<replicated job>-<index>.
+        self.jobset = job_name
+        self.jobset_trainer = f"{job_name}-{JOBSET_TRAINER}-0"
+        self.jobset_reward = f"{job_name}-{JOBSET_REWARD}-0"
         self.checkpoints = f"{job_name}-checkpoints"
         self.progress = progress_config_map_name(job_name)
 
@@ -241,9 +249,9 @@ def restricted_security(component: str) -> Restricted:
     )
 
 
-def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> dict[str, Any]:
-    """The sandboxed reward pool: untrusted model output runs here, so the pods get no
-    privileges, no token, no writable root filesystem and (with the NetworkPolicy) no egress."""
+def reward_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict[str, Any]:
+    """A sandboxed reward pod: untrusted model output runs here, so the pods get no privileges,
+    no token, no writable root filesystem and (with the NetworkPolicy) no egress."""
     pool = spec.reward_pool
     role = "reward-pool"
     tmp_limit_mib = max(1024, pool.workers * 512)
@@ -282,12 +290,13 @@ def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: 
     }
     if pool.sandbox.runtime_class_name:
         pod_spec["runtimeClassName"] = pool.sandbox.runtime_class_name
-    labels = _labels(owner, role)
-    if spec.queue_name:
-        # The reward pods count against the same Kueue quota as the trainer (Kueue admits them
-        # through its Deployment/pod integration), so a queued job uses nothing before admission.
-        labels[KUEUE_QUEUE_LABEL] = spec.queue_name
-    manifest = _object(
+    return {"metadata": {"labels": _labels(owner, role)}, "spec": pod_spec}
+
+
+def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> dict[str, Any]:
+    """The reward pool of a job without a queue (a queued job's pool is part of its JobSet)."""
+    role = "reward-pool"
+    return _object(
         "apps/v1",
         "Deployment",
         RFTJobNames(owner.name).reward,
@@ -296,12 +305,9 @@ def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: 
         spec={
             "replicas": replicas,
             "selector": {"matchLabels": _selector(owner, role)},
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": reward_pod_template(spec, owner, images),
         },
     )
-    if spec.queue_name:
-        manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
-    return manifest
 
 
 def reward_service(owner: Owner) -> dict[str, Any]:
@@ -465,18 +471,7 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
     }
 
 
-def trainer_job(
-    spec: RFTJobSpec,
-    owner: Owner,
-    images: Images,
-    restarts_before: int = 0,
-    deadline_seconds: Optional[int] = None,
-) -> dict[str, Any]:
-    """The trainer Job. Retries are the Job's own (each new pod resumes from the latest
-    checkpoint); `restarts_before` counts failures of earlier Jobs of this RFTJob (before a
-    suspend), so the whole RFTJob never exceeds `backoffLimit`. With a `queueName` the Job is
-    created suspended with Kueue's queue label: Kueue admits it by unsuspending it."""
-    template = trainer_pod_template(spec, owner, images)
+def _trainer_job_spec(spec: RFTJobSpec, template: dict[str, Any], restarts_before: int, deadline_seconds: Optional[int]) -> dict[str, Any]:
     job_spec: dict[str, Any] = {
         "backoffLimit": max(0, spec.backoff_limit - restarts_before),
         "completions": 1,
@@ -485,27 +480,104 @@ def trainer_job(
     }
     if deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(1, deadline_seconds)
-    manifest = _object("batch/v1", "Job", RFTJobNames(owner.name).trainer, owner, "trainer", spec=job_spec)
-    manifest["metadata"]["annotations"] = {
-        ANNOTATION_POD_TEMPLATE_HASH: content_hash(template),
-        ANNOTATION_RESTARTS_BEFORE: str(restarts_before),
+    return job_spec
+
+
+def _trainer_annotations(template: dict[str, Any], restarts_before: int) -> dict[str, str]:
+    return {ANNOTATION_POD_TEMPLATE_HASH: content_hash(template), ANNOTATION_RESTARTS_BEFORE: str(restarts_before)}
+
+
+def trainer_job(
+    spec: RFTJobSpec,
+    owner: Owner,
+    images: Images,
+    restarts_before: int = 0,
+    deadline_seconds: Optional[int] = None,
+) -> dict[str, Any]:
+    """The trainer Job of a job without a queue. Retries are the Job's own (each new pod resumes
+    from the latest checkpoint); `restarts_before` counts failures of earlier Jobs of this RFTJob
+    (before a suspend), so the whole RFTJob never exceeds `backoffLimit`."""
+    template = trainer_pod_template(spec, owner, images)
+    manifest = _object("batch/v1", "Job", RFTJobNames(owner.name).trainer, owner, "trainer",
+                       spec=_trainer_job_spec(spec, template, restarts_before, deadline_seconds))
+    manifest["metadata"]["annotations"] = _trainer_annotations(template, restarts_before)
+    return manifest
+
+
+JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+REWARD_JOB_BACKOFF_LIMIT = 1_000_000
+"""A reward pod that crashes restarts in place (restartPolicy OnFailure), as a Deployment's
+would: the pool lives as long as the trainer, whatever one evaluation did to a pod."""
+
+
+def rftjob_jobset(
+    spec: RFTJobSpec,
+    owner: Owner,
+    images: Images,
+    restarts_before: int = 0,
+    deadline_seconds: Optional[int] = None,
+) -> dict[str, Any]:
+    """A queued job's trainer and reward pool as one JobSet, created suspended with Kueue's queue
+    label: Kueue admits it as ONE workload (a pod set each for the trainer and the pool) against
+    the LocalQueue's quota, so neither half holds resources while the other waits. The trainer
+    Job starts once the pool is ready (`dependsOn`); the JobSet succeeds when the trainer does
+    (the pool's pods are then removed by JobSet) and fails when the trainer Job fails (its own
+    retries, counted by `backoffLimit`, come first). Children are `<job>-trainer-0` and
+    `<job>-reward-0` (JobSet's naming)."""
+    names = RFTJobNames(owner.name)
+    trainer_template = trainer_pod_template(spec, owner, images)
+    trainer = {
+        "name": JOBSET_TRAINER,
+        "replicas": 1,
+        "template": {
+            "metadata": {"labels": _labels(owner, "trainer")},
+            "spec": {**_trainer_job_spec(spec, trainer_template, restarts_before, deadline_seconds), "completionMode": "Indexed"},
+        },
     }
-    if spec.queue_name:
-        manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
-        job_spec["suspend"] = True
+    replicated = [trainer]
+    if not spec.reward_pool.url:
+        pool = spec.reward_pool.replicas
+        template = reward_pod_template(spec, owner, images)
+        template["spec"]["restartPolicy"] = "OnFailure"
+        replicated.insert(0, {
+            "name": JOBSET_REWARD,
+            "replicas": 1,
+            "template": {
+                "metadata": {"labels": _labels(owner, "reward-pool")},
+                "spec": {"parallelism": pool, "completions": pool, "backoffLimit": REWARD_JOB_BACKOFF_LIMIT,
+                         "completionMode": "Indexed", "template": template},
+            },
+        })
+        trainer["dependsOn"] = [{"name": JOBSET_REWARD, "status": "Ready"}]
+    manifest = _object(
+        JOBSET_API_VERSION,
+        "JobSet",
+        names.jobset,
+        owner,
+        "trainer",
+        spec={
+            "suspend": True,
+            "replicatedJobs": replicated,
+            # Every field JobSet's admission webhook would default is stated, so the JobSet means
+            # the same whether or not the webhook runs.
+            "network": {"enableDNSHostnames": False, "publishNotReadyAddresses": True},
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": [JOBSET_TRAINER]},
+            "failurePolicy": {"maxRestarts": 0, "restartStrategy": "Recreate"},
+            "startupPolicy": {"startupPolicyOrder": "AnyOrder"},
+        },
+    )
+    manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
+    manifest["metadata"]["annotations"] = _trainer_annotations(trainer_template, restarts_before)
     return manifest
 
 
 def reward_pool_children(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> list[dict[str, Any]]:
-    """The reward pool (none when `rewardPool.url` points at an existing one)."""
+    """The reward pool (none when `rewardPool.url` points at an existing one); a queued job's
+    pool pods come from its JobSet instead of a Deployment."""
     if spec.reward_pool.url:
         return []
-    return [
-        reward_service_account(owner),
-        reward_deployment(spec, owner, images, replicas),
-        reward_service(owner),
-        reward_network_policy(owner),
-    ]
+    pods = [] if spec.queue_name else [reward_deployment(spec, owner, images, replicas)]
+    return [reward_service_account(owner), *pods, reward_service(owner), reward_network_policy(owner)]
 
 
 def rftjob_children(spec: RFTJobSpec, owner: Owner, images: Images, generation: int, reward_replicas: int) -> list[dict[str, Any]]:

@@ -47,7 +47,7 @@ from kuberft_core.job_progress import PROGRESS_SUFFIX
 from kuberft_core.metrics import component_metrics
 from kuberft_core.probes import metrics_routes
 
-from .builders import ANNOTATION_HASH, LABEL_MANAGED_BY, LABEL_RFTJOB, LABEL_ROLE, LABEL_TURBO, MANAGED_BY, Images, RFTJobNames, content_hash
+from .builders import ANNOTATION_HASH, JOBSET_API_VERSION, LABEL_MANAGED_BY, LABEL_RFTJOB, LABEL_ROLE, LABEL_TURBO, MANAGED_BY, Images, RFTJobNames, content_hash
 from .conditions import parse_time
 from .kube import ApiError, Credentials, KubeClient
 from .leader import LeaderElector
@@ -68,6 +68,8 @@ CHILD_KINDS = (
     ("rbac.authorization.k8s.io", "v1", "roles", "Role"),
     ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
     ("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
+    # A queued job's trainer and reward pool (watched only where JobSet is installed).
+    ("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet"),
 )
 CHILD_EVENT_DELAY = 0.25
 _REFERENCED_KINDS = ("ServiceAccount", "Role", "ConfigMap")
@@ -83,20 +85,28 @@ def _age_seconds(obj: dict[str, Any], now: datetime) -> float:
     return (now - created).total_seconds() if created else 0.0
 PARENT_KINDS = {"RFTJob": "rftjobs", "TurboDeployment": "turbodeployments"}
 
-# What the operator's ServiceAccount needs (the Helm chart grants exactly this).
+# What the operator's ServiceAccount needs (the Helm chart grants exactly this), and nothing it
+# does not use: tests/operator/test_rbac_usage.py runs every path and compares the API server's
+# audit log of the account with these rules. Children are watched, created, applied (patch) and
+# deleted, never read one by one; the trainer Job is created once and never patched.
 RBAC_RULES = (
     {"apiGroups": [GROUP], "resources": ["rftjobs", "turbodeployments"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [GROUP], "resources": ["rftjobs/status", "turbodeployments/status"], "verbs": ["get", "patch"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services", "serviceaccounts"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": [GROUP], "resources": ["rftjobs/status", "turbodeployments/status"], "verbs": ["patch"]},
+    # `get` on configmaps only so the operator may grant it to the trainer (on its progress
+    # ConfigMap): the API server refuses a Role granting more than its creator holds.
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["services", "serviceaccounts"], "verbs": ["list", "watch", "create", "patch", "delete"]},
     # Checkpoint claims outlive the job's other children: never deleted.
-    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch", "list"]},
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "delete"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    # A queued job's trainer and reward pool, created once (so never patched).
+    {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": ["list", "watch", "create", "delete"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]},
     # Whether the LocalQueue a job names exists (a job waits for Kueue; a typo would wait forever).
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["localqueues"], "verbs": ["get"]},
@@ -134,9 +144,9 @@ def _slim(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     are most of an object's size) and only the spec and status fields it looks at."""
     meta = body.get("metadata") or {}
     slim: dict[str, Any] = {"metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta}}
-    if kind in ("Pod", "Job", "Deployment", "HorizontalPodAutoscaler"):
+    if kind in ("Pod", "Job", "JobSet", "Deployment", "HorizontalPodAutoscaler"):
         slim["status"] = body.get("status") or {}
-    if kind == "Job":
+    if kind in ("Job", "JobSet"):
         slim["spec"] = {"suspend": (body.get("spec") or {}).get("suspend")}
     elif kind == "Deployment":
         slim["spec"] = {"replicas": (body.get("spec") or {}).get("replicas")}
@@ -323,10 +333,18 @@ class Controller:
         uid = body["metadata"]["uid"]
         if kind == "RFTJob":
             names = RFTJobNames(name)
-            job = self._cached("Job", namespace, names.trainer, uid)
+            queue_name = (body.get("spec") or {}).get("queueName")
+            jobset = reward_job = None
+            if queue_name:  # the trainer and reward Jobs are the JobSet's
+                jobset = self._cached("JobSet", namespace, names.jobset, uid)
+                jobset_uid = (jobset or {}).get("metadata", {}).get("uid")
+                job = self._cached("Job", namespace, names.jobset_trainer, jobset_uid) if jobset_uid else None
+                reward_job = self._cached("Job", namespace, names.jobset_reward, jobset_uid) if jobset_uid else None
+            else:
+                job = self._cached("Job", namespace, names.trainer, uid)
             job_uid = (job or {}).get("metadata", {}).get("uid")
             pods = [b for k, b in self._owned(LABEL_RFTJOB, namespace, name, job_uid) if k == "Pod"] if job_uid else []
-            queue = await self._local_queue(namespace, ((body.get("spec") or {}).get("queueName")))
+            queue = await self._local_queue(namespace, queue_name)
             job_events: list[dict[str, Any]] = []
             if job is not None and not pods and not (job.get("spec") or {}).get("suspend") and _age_seconds(job, now) >= TRAINER_POD_GRACE_SECONDS:
                 job_events = await self._warning_events(namespace, job_uid)
@@ -335,6 +353,8 @@ class Controller:
                 config_map=self._cached("ConfigMap", namespace, names.config, uid),
                 progress=self._cached("ConfigMap", namespace, names.progress, uid),
                 reward_deployment=self._cached("Deployment", namespace, names.reward, uid),
+                jobset=jobset,
+                reward_job=reward_job,
                 trainer_job=job,
                 trainer_pods=pods,
                 trainer_job_events=job_events,
@@ -403,6 +423,9 @@ class Controller:
         if cached is not None and time.monotonic() - cached[1] < LOCAL_QUEUE_CACHE_SECONDS:
             return cached[0]
         answer = "no-kueue"
+        if not await self._served(JOBSET_API_VERSION):
+            self._queues[key] = ("no-jobset", time.monotonic())
+            return "no-jobset"
         for version in KUEUE_VERSIONS:
             try:
                 await self.client.request("GET", f"/apis/kueue.x-k8s.io/{version}/namespaces/{namespace}/localqueues/{name}")
@@ -421,6 +444,16 @@ class Controller:
                 return cached[0] if cached else "found"
         self._queues[key] = (answer, time.monotonic())
         return answer
+
+    async def _served(self, api_version: str) -> bool:
+        """Whether the API server serves an API group version (discovery, open to every user)."""
+        try:
+            await self.client.request("GET", f"/apis/{api_version}")
+            return True
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
 
     async def _warning_events(self, namespace: str, uid: Optional[str]) -> list[dict[str, Any]]:
         """The Warning events about one object (by uid): how a Job says its pod was refused."""
@@ -576,6 +609,9 @@ async def run(config: OperatorConfig) -> int:
         settings = kopf.OperatorSettings()
         settings.persistence.diffbase_storage = _NoDiffBase()
         settings.posting.enabled = False  # our Events are posted by the reconciler, one per transition
+        # Watched namespaces are exact names (or all) and the CRDs come with the chart: listing
+        # every namespace and CRD to match patterns would need grants we do not otherwise use.
+        settings.scanning.disabled = True
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         # Our handlers only queue keys, so there is nothing to gain from waiting for more events.

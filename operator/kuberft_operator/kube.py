@@ -35,6 +35,7 @@ PLURALS = {
     "Role": "roles",
     "RoleBinding": "rolebindings",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "JobSet": "jobsets",
     "Lease": "leases",
     "RFTJob": "rftjobs",
     "TurboDeployment": "turbodeployments",

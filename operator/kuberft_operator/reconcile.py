@@ -34,6 +34,7 @@ from .builders import (
     ANNOTATION_POD_TEMPLATE_HASH,
     ANNOTATION_RESTARTS_BEFORE,
     CONFIG_KEY,
+    JOBSET_API_VERSION,
     Images,
     Owner,
     RFTJobNames,
@@ -41,6 +42,7 @@ from .builders import (
     ingress_only_on,
     output_location,
     rftjob_children,
+    rftjob_jobset,
     serve_autoscaler,
     serve_config_map,
     serve_deployment,
@@ -116,7 +118,12 @@ class RFTJobObserved:
     progress: Optional[dict[str, Any]] = None
     """The trainer's progress ConfigMap (untrusted: only its checked values reach the status)."""
     reward_deployment: Optional[dict[str, Any]] = None
+    jobset: Optional[dict[str, Any]] = None
+    """A queued job's JobSet (trainer and reward pool in one Kueue workload)."""
+    reward_job: Optional[dict[str, Any]] = None
+    """A queued job's reward pool: the JobSet's reward Job."""
     trainer_job: Optional[dict[str, Any]] = None
+    """The trainer Job: the RFTJob's own, or its JobSet's for a queued job."""
     trainer_pods: list[dict[str, Any]] = field(default_factory=list)
     trainer_job_events: list[dict[str, Any]] = field(default_factory=list)
     local_queue: Optional[str] = None
@@ -254,6 +261,10 @@ def deployment_problem(deployment: Optional[dict[str, Any]]) -> Optional[str]:
 def _queue_problem(queue_name: Optional[str], found: Optional[str]) -> Optional[tuple[str, str]]:
     if not queue_name or found in (None, "found"):
         return None
+    if found == "no-jobset":
+        return ("JobSetNotInstalled", f"spec.queueName is {queue_name!r}: a queued job runs its trainer and reward pool as one JobSet, "
+                "which Kueue admits as one workload, but this cluster has no JobSet API (jobset.x-k8s.io/v1alpha2): install JobSet "
+                "(https://jobset.sigs.k8s.io), then restart the operator; or remove queueName")
     if found == "no-kueue":
         return ("KueueNotInstalled", f"spec.queueName is {queue_name!r}, but this cluster has no Kueue (no kueue.x-k8s.io LocalQueue API): "
                 "install Kueue or remove queueName")
@@ -361,9 +372,14 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         return _plan_finished(plan, conds, status, observed, effective, now)
 
     job = observed.trainer_job
-    job_annotations = (job or {}).get("metadata", {}).get("annotations") or {}
-    restarts_before = int(job_annotations.get(ANNOTATION_RESTARTS_BEFORE, 0)) if job else int(status.get("restarts") or 0)
-    failures = restarts_before + int(((job or {}).get("status") or {}).get("failed") or 0) if job else restarts_before
+    # What the operator creates for the trainer, and deletes to stop it: the trainer Job, or a
+    # queued job's JobSet (trainer and reward pool), which then carries the trainer annotations.
+    queued = bool(effective.queue_name)
+    holder = observed.jobset if queued else job
+    holder_ref = ChildRef(JOBSET_API_VERSION, "JobSet", names.jobset) if queued else ChildRef("batch/v1", "Job", names.trainer)
+    job_annotations = (holder or {}).get("metadata", {}).get("annotations") or {}
+    restarts_before = int(job_annotations.get(ANNOTATION_RESTARTS_BEFORE, 0)) if holder else int(status.get("restarts") or 0)
+    failures = restarts_before + int(((job or {}).get("status") or {}).get("failed") or 0) if holder else restarts_before
     job_true = _true_conditions(job)
     # Only the final conditions: with FailureTarget/SuccessCriteriaMet the counts are not final yet.
     job_failed = "Failed" in job_true
@@ -381,7 +397,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         remaining = deadline - (now - start).total_seconds()
         if remaining <= 0:
             outcome = ("Failed", "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds ({deadline}s)")
-            delete_trainer = job is not None
+            delete_trainer = holder is not None
         else:
             plan.requeue(remaining)
 
@@ -399,6 +415,9 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             if detail:
                 message += f"; last: {detail}"
             outcome = ("Failed", reason, message)
+    if outcome is None and queued and "Failed" in (jobset_true := _true_conditions(observed.jobset)):
+        # The trainer Job did not fail (that is reported above): something else in the JobSet did.
+        outcome = ("Failed", "JobSetFailed", f"JobSet {names.jobset} failed: {jobset_true['Failed'].get('message') or jobset_true['Failed'].get('reason')}")
 
     if outcome is not None:
         cond_type, reason, message = outcome
@@ -408,7 +427,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         if cond_type == "Succeeded" and adapter:
             plan.status["adapter"] = adapter
         if delete_trainer:
-            plan.delete.append(ChildRef("batch/v1", "Job", names.trainer))
+            plan.delete.append(holder_ref)
         plan.apply = rftjob_children(effective, owner, images, effective_generation, reward_replicas=0)
         if effective.ttl_seconds_after_finished is not None:
             plan.requeue(effective.ttl_seconds_after_finished)
@@ -419,7 +438,8 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     start_problem = trainer_start_problem(job, observed.trainer_pods, observed.trainer_job_events)
     # A trainer that cannot start until a person acts does not keep a reward pool busy; the pool
     # comes back when the trainer's pod starts (the trainer waits for it before its first step).
-    pool_parked = start_problem is not None and start_problem.needs_a_person
+    # (A queued job's pool is admitted with its trainer, as one workload: it is not parked.)
+    pool_parked = not queued and start_problem is not None and start_problem.needs_a_person
     pool_replicas = 0 if suspended or pool_parked else effective.reward_pool.replicas
     plan.apply = rftjob_children(effective, owner, images, effective_generation, pool_replicas)
     conds.set("Created", True, "ChildrenCreated", "job config, reward pool and trainer permissions created")
@@ -433,6 +453,11 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         conds.set("RewardPoolReady", False, "Suspended", "the reward pool is scaled to zero while the job is suspended")
     elif pool_parked:
         conds.set("RewardPoolReady", False, "WaitingForTrainer", "the reward pool is scaled to zero until the trainer can start")
+    elif queued:
+        want = effective.reward_pool.replicas
+        ready = int(((observed.reward_job or {}).get("status") or {}).get("ready") or 0)
+        pool_ready = ready >= want
+        conds.set("RewardPoolReady", pool_ready, "PodsReady" if pool_ready else "PodsNotReady", f"{min(ready, want)}/{want} reward pods ready")
     else:
         want = effective.reward_pool.replicas
         deployment = observed.reward_deployment or {}
@@ -453,8 +478,8 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             )
 
     if suspended:
-        if job is not None:
-            plan.delete.append(ChildRef("batch/v1", "Job", names.trainer))
+        if holder is not None:
+            plan.delete.append(holder_ref)
         location = output_location(effective, name)
         conds.set("Suspended", True, "Suspended", "the trainer is stopped; checkpoints are kept" + (f" in {location}" if location else ""))
         if conds.get("Running") is not None:
@@ -482,9 +507,15 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         plan.requeue(30)  # a queue created later is found again
         return _finish_status(plan, conds, status)
 
-    if job is None:
+    left = deadline if remaining is None else max(1, int(remaining))
+    if holder is None and queued:
+        plan.create.append(rftjob_jobset(effective, owner, images, restarts_before=restarts_before, deadline_seconds=left))
+        plan.status.setdefault("startTime", timestamp(now))
+        conds.set("Running", False, "WaitingForQueue", f"the JobSet {names.jobset} (trainer and reward pool) is created; it waits for admission by Kueue LocalQueue {effective.queue_name}")
+        plan.events.append(Event("Normal", "TrainerCreated", f"created the JobSet {names.jobset} (trainer and reward pool, one Kueue workload)" + (f" ({restarts_before} earlier restart(s) counted)" if restarts_before else "")))
+        return _finish_status(plan, conds, status)
+    if holder is None:
         if pool_ready:
-            left = deadline if remaining is None else max(1, int(remaining))
             plan.create.append(trainer_job(effective, owner, images, restarts_before=restarts_before, deadline_seconds=left))
             plan.status.setdefault("startTime", timestamp(now))
             conds.set("Running", False, "TrainerStarting", "the trainer Job is created; waiting for its pod")
@@ -495,15 +526,19 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
 
     if job_annotations.get(ANNOTATION_POD_TEMPLATE_HASH) != content_hash(trainer_pod_template(effective, owner, images)):
         # A Job's pod template cannot change: replace the Job; the new pod resumes from the checkpoint.
-        plan.delete.append(ChildRef("batch/v1", "Job", names.trainer))
+        plan.delete.append(holder_ref)
         conds.set("Running", False, "TrainerRestarting", "the trainer settings changed; the trainer restarts from the latest checkpoint")
         plan.events.append(Event("Normal", "TrainerUpdated", "the trainer settings changed; replacing the trainer Job"))
         return _finish_status(plan, conds, status)
 
+    if queued and (holder.get("spec") or {}).get("suspend"):
+        conds.set("Running", False, "WaitingForQueue", f"the JobSet {names.jobset} (trainer and reward pool) waits for admission by Kueue LocalQueue {effective.queue_name}")
+        return _finish_status(plan, conds, status)
+    if job is None:  # a queued job, admitted: JobSet starts the trainer Job once the pool is ready
+        conds.set("Running", False, "WaitingForRewardPool", "admitted by Kueue; the trainer starts once the reward pool is ready")
+        return _finish_status(plan, conds, status)
     job_status = job.get("status") or {}
-    if (job.get("spec") or {}).get("suspend"):
-        conds.set("Running", False, "WaitingForQueue", f"the trainer Job waits for admission by Kueue LocalQueue {effective.queue_name}")
-    elif int(job_status.get("active") or 0) >= 1 and any(
+    if int(job_status.get("active") or 0) >= 1 and any(
         (p.get("status") or {}).get("phase") == "Running" for p in observed.trainer_pods
     ):
         conds.set("Running", True, "TrainerRunning", "the trainer pod is running" + (f" (restart {plan.status['restarts']})" if plan.status["restarts"] else ""))

@@ -34,7 +34,17 @@ from typing import Any, Optional
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 BUILD_SCRIPT = HERE / "build.sh"
+JOBSET_BUILD_SCRIPT = HERE / "build-jobset.sh"
 STAGES = HERE / "kwok-stages.yaml"
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+"""
 
 # Fake nodes: CPU nodes for reward and serving pods, tainted GPU nodes for trainers.
 CPU_NODES = 2
@@ -46,11 +56,11 @@ class ControlPlaneError(RuntimeError):
     pass
 
 
-def build_binaries() -> Path:
+def build_binaries(script: Path = BUILD_SCRIPT) -> Path:
     """The directory of the built binaries, building them first if they are missing (cached)."""
-    result = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True)
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     if result.returncode != 0:
-        raise ControlPlaneError(f"tests/cluster/build.sh failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        raise ControlPlaneError(f"tests/cluster/{script.name} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
     return Path(result.stdout.strip().splitlines()[-1])
 
 
@@ -99,10 +109,12 @@ class ControlPlane:
     server: str = ""
     token: str = ""
     kubeconfig: Path = field(init=False)
+    audit_log: Path = field(init=False)
     processes: list[Process] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.kubeconfig = self.workdir / "kubeconfig"
+        self.audit_log = self.workdir / "audit.log"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,11 +135,11 @@ class ControlPlane:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str]) -> Process:
+    def _spawn(self, name: str, args: list[str], env: Optional[dict[str, str]] = None) -> Process:
         log = self.workdir / f"{name}.log"
         handle = log.open("wb")
         popen = subprocess.Popen(
-            args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
+            args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent, env=env,
         )
         handle.close()
         process = Process(name, popen, log)
@@ -145,6 +157,11 @@ class ControlPlane:
         self.token = secrets.token_hex(16)
         tokens = pki / "tokens.csv"
         tokens.write_text(f'{self.token},kuberft-admin,kuberft-admin,"system:masters"\n')
+
+        # What every ServiceAccount asks of the API server (verb, resource, user), one JSON line per
+        # request: tests compare what the operator's account used with what its RBAC grants.
+        audit_policy = self.workdir / "audit-policy.yaml"
+        audit_policy.write_text(AUDIT_POLICY)
 
         etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
         etcd = self._spawn(
@@ -186,6 +203,10 @@ class ControlPlane:
                 "--max-mutating-requests-inflight=1000",
                 "--enable-priority-and-fairness=false",
                 "--event-ttl=1h",
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-mode=batch",
+                "--audit-log-batch-max-wait=1s",
                 "--v=1",
             ],
         )
@@ -267,7 +288,49 @@ class ControlPlane:
                 process.popen.wait()
         self.processes.clear()
 
+    def start_jobset(self) -> None:
+        """The JobSet CRD and controller (sigs.k8s.io/jobset, built by build-jobset.sh), which a
+        queued RFTJob's trainer and reward pool run under. Its admission webhooks are not
+        registered: the operator states every field they would default."""
+        bin_dir = build_binaries(JOBSET_BUILD_SCRIPT)
+        self.kubectl("apply", "--server-side", "-f", str(bin_dir / "jobset-crd.yaml"))
+        self._wait_established("jobsets.jobset.x-k8s.io")
+        certs = self.workdir / "jobset-certs"  # its webhook server starts with the manager, so it needs a certificate
+        certs.mkdir(exist_ok=True)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=jobset-webhook",
+             "-keyout", str(certs / "tls.key"), "-out", str(certs / "tls.crt")],
+            check=True, capture_output=True,
+        )
+        health = free_port()
+        config = self.workdir / "jobset-config.yaml"
+        config.write_text(json.dumps({
+            "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
+            "kind": "Configuration",
+            "internalCertManagement": {"enable": False},
+            "leaderElection": {"leaderElect": False},
+            "webhook": {"port": free_port(), "host": "127.0.0.1", "certDir": str(certs)},
+            "clientConnection": {"qps": 200, "burst": 400},
+        }))
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
+        controller = self._spawn(
+            "jobset-controller",
+            [str(bin_dir / "jobset-controller"), f"--config={config}", "--metrics-bind-address=0", f"--health-probe-bind-address=127.0.0.1:{health}"],
+            env=env,
+        )
+        self._wait(controller, lambda: self._http_ok(f"http://127.0.0.1:{health}/readyz"), 60)
+
     # ------------------------------------------------------------------ helpers
+
+    def _wait_established(self, crd: str, timeout: float = 60) -> None:
+        """`kubectl wait` fails outright on a CRD that has no conditions yet; this waits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            conditions = (self.get_json("crd", crd).get("status") or {}).get("conditions") or []
+            if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                return
+            time.sleep(0.2)
+        raise ControlPlaneError(f"CRD {crd} was not Established within {timeout:.0f}s")
 
     def _http_ok(self, url: str, token: Optional[str] = None) -> bool:
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -321,6 +384,33 @@ class ControlPlane:
     def apply_objects(self, objects: list[dict[str, Any]], *args: str) -> None:
         """`kubectl apply` of several objects at once (as one v1 List)."""
         self.kubectl("apply", *args, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+
+    def service_account_kubeconfig(self, namespace: str, account: str, path: Path) -> Path:
+        """A kubeconfig holding a one-hour token of ServiceAccount `namespace/account`."""
+        token = self.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "kuberft-test", "cluster": {"server": self.server, "insecure-skip-tls-verify": True}}],
+            "users": [{"name": account, "user": {"token": token}}],
+            "contexts": [{"name": "kuberft-test", "context": {"cluster": "kuberft-test", "user": account, "namespace": namespace}}],
+            "current-context": "kuberft-test",
+        }
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def audit_events(self, username: str) -> list[dict[str, Any]]:
+        """The API server's audit events of one ServiceAccount user (`system:serviceaccount:NS:NAME`),
+        one per request: its last stage so far (a watch is only ResponseStarted until it ends).
+        The log is written in batches, at most a second apart."""
+        if not self.audit_log.exists():
+            return []
+        requests: dict[str, dict[str, Any]] = {}
+        for line in self.audit_log.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("user", {}).get("username") == username:
+                requests[event["auditID"]] = event
+        return list(requests.values())
 
     def get_json(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", "-o", "json", *args).stdout)

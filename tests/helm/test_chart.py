@@ -68,8 +68,6 @@ def test_chart_lints_cleanly(values):
 
 def test_default_install_creates_the_operator_its_rbac_metrics_service_and_dashboards(defaults):
     assert _kinds(defaults) == [
-        ("ClusterRole", "", "kuberft-discovery"),
-        ("ClusterRoleBinding", "", "kuberft-discovery"),
         ("ConfigMap", NAMESPACE, "kuberft-dashboard-operator"),
         ("ConfigMap", NAMESPACE, "kuberft-dashboard-reward-pool"),
         ("ConfigMap", NAMESPACE, "kuberft-dashboard-serving"),
@@ -227,13 +225,11 @@ def test_leader_election_may_touch_only_its_own_lease(defaults):
     assert {verb for *_, verb in grants} == set(lease_rule["verbs"])
 
 
-def test_discovery_role_is_read_only(cluster_wide, all_on):
-    assert normalized_rules(one(cluster_wide, "ClusterRole", "kuberft-discovery")["rules"]) == {
-        ("apiextensions.k8s.io", "customresourcedefinitions", "*", "list"),
-        ("apiextensions.k8s.io", "customresourcedefinitions", "*", "watch"),
-    }
-    # Watching named namespaces, kopf also follows their creation and deletion.
-    assert ("", "namespaces", "*", "watch") in normalized_rules(one(all_on, "ClusterRole", "kuberft-discovery")["rules"])
+def test_nothing_is_granted_cluster_wide_unless_asked(defaults, cluster_wide):
+    """kopf's namespace and CRD scanning is off (exact namespace names, CRDs read once at start),
+    so a namespaced install holds no ClusterRole at all."""
+    assert not [o for o in defaults if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    assert [o["metadata"]["name"] for o in cluster_wide if o["kind"] == "ClusterRole"] == ["kuberft"]
 
 
 def test_operator_holds_every_permission_of_the_trainer_role_it_grants(defaults):

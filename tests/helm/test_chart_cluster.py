@@ -210,23 +210,6 @@ def test_operator_may_grant_the_trainer_role_but_no_more(installed, tmp_path):
 # ------------------------------------------------------------------ the operator with only the chart's RBAC
 
 
-def _service_account_kubeconfig(cluster, namespace: str, account: str, path: Path) -> Path:
-    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "test", "cluster": {"server": cluster.server, "insecure-skip-tls-verify": True}}],
-                "users": [{"name": account, "user": {"token": token}}],
-                "contexts": [{"name": "test", "context": {"cluster": "test", "user": account, "namespace": namespace}}],
-                "current-context": "test",
-            }
-        )
-    )
-    return path
-
-
 def test_operator_reconciles_with_only_the_charts_namespaced_rbac(installed, tmp_path):
     """`kuberft operator`, with the arguments the chart gives it and the token of the chart's
     ServiceAccount, creates an RFTJob's children (including the trainer's Role) and writes
@@ -236,7 +219,7 @@ def test_operator_reconciles_with_only_the_charts_namespaced_rbac(installed, tmp
     args = [*container["args"], f"--metrics-port={free_port()}", "--identity=chart-test"]
     parsed = build_parser().parse_args(["operator", *args])
     assert parsed.namespaces == WATCHED and parsed.lease_namespace == FULL_NAMESPACE
-    kubeconfig = _service_account_kubeconfig(installed, FULL_NAMESPACE, "kuberft-operator", tmp_path / "sa.kubeconfig")
+    kubeconfig = installed.service_account_kubeconfig(FULL_NAMESPACE, "kuberft-operator", tmp_path / "sa.kubeconfig")
     env = dict(installed.env(), KUBECONFIG=str(kubeconfig), POD_NAMESPACE=FULL_NAMESPACE)
     log = tmp_path / "operator.log"
     with log.open("wb") as handle:

@@ -47,6 +47,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         for i in range(12)
     ]
     plane.apply_objects(volumes)
+    plane.start_jobset()  # queued RFTJobs run as JobSets
     yield plane
     plane.stop()
 
@@ -54,8 +55,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 class OperatorProcess:
     """`kuberft operator` run as its own process against the test cluster."""
 
-    def __init__(self, cluster: ControlPlane, log: Path, identity: str, lease_name: str, extra: tuple[str, ...] = ()):
+    def __init__(self, cluster: ControlPlane, log: Path, identity: str, lease_name: str, extra: tuple[str, ...] = (), kubeconfig: Optional[Path] = None):
         self.cluster = cluster
+        self.kubeconfig = kubeconfig  # whose credentials it uses: the cluster admin's by default
         self.log = log
         self.identity = identity
         self.lease_name = lease_name
@@ -75,10 +77,16 @@ class OperatorProcess:
                 "--image-registry", "registry.test/kuberft", "--image-tag", "e2e",
                 *self.extra,
             ],
-            stdout=handle, stderr=subprocess.STDOUT, env=self.cluster.env(), cwd=REPO, preexec_fn=die_with_parent,
+            stdout=handle, stderr=subprocess.STDOUT, env=self._env(), cwd=REPO, preexec_fn=die_with_parent,
         )
         handle.close()
         return self
+
+    def _env(self) -> dict[str, str]:
+        env = self.cluster.env()
+        if self.kubeconfig:
+            env["KUBECONFIG"] = str(self.kubeconfig)
+        return env
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
@@ -119,8 +127,8 @@ def start_operator(cluster: ControlPlane, tmp_path: Path):
     started: list[OperatorProcess] = []
     lease = f"kuberft-e2e-{uuid.uuid4().hex[:8]}"
 
-    def start(identity: str = "op-a", *extra: str) -> OperatorProcess:
-        process = OperatorProcess(cluster, tmp_path / f"operator-{identity}.log", identity, lease, extra).start()
+    def start(identity: str = "op-a", *extra: str, kubeconfig: Optional[Path] = None) -> OperatorProcess:
+        process = OperatorProcess(cluster, tmp_path / f"operator-{identity}.log", identity, lease, extra, kubeconfig).start()
         started.append(process)
         wait_for(lambda: process.healthy() or process.popen.poll() is not None, 30, f"operator {identity} to serve /healthz")
         if process.popen.poll() is not None:

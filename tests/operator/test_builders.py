@@ -17,10 +17,12 @@ from kuberft_operator.builders import (
     reward_deployment,
     reward_network_policy,
     rftjob_children,
+    rftjob_jobset,
     serve_autoscaler,
     serve_config_map,
     serve_deployment,
     trainer_job,
+    trainer_pod_template,
     trainer_role,
 )
 
@@ -133,13 +135,31 @@ def test_more_than_one_gpu_uses_torchrun():
     assert command[4:6] == ["kuberft", "train"]
 
 
-def test_queue_name_creates_the_job_suspended_with_the_kueue_label():
+def test_a_queued_job_is_one_suspended_jobset_holding_trainer_and_reward_pool():
     spec = _example_spec().model_copy(update={"queue_name": "gpu-queue"})
-    job = trainer_job(spec, OWNER, IMAGES, restarts_before=2)
-    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
-    assert job["spec"]["suspend"] is True
-    assert job["spec"]["backoffLimit"] == 1  # 3 allowed, 2 already used before a suspend
-    assert job["metadata"]["annotations"][ANNOTATION_RESTARTS_BEFORE] == "2"
+    jobset = rftjob_jobset(spec, OWNER, IMAGES, restarts_before=2)
+    assert jobset["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert jobset["spec"]["suspend"] is True
+    assert jobset["metadata"]["annotations"][ANNOTATION_RESTARTS_BEFORE] == "2"
+    reward, trainer = jobset["spec"]["replicatedJobs"]
+    pool = spec.reward_pool.replicas
+    assert (reward["name"], reward["template"]["spec"]["parallelism"], reward["template"]["spec"]["completions"]) == ("reward", pool, pool)
+    assert reward["template"]["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"  # a crashed evaluator restarts in place
+    assert reward["template"]["spec"]["template"]["metadata"]["labels"] == reward_deployment(spec, OWNER, IMAGES, pool)["spec"]["template"]["metadata"]["labels"]
+    assert trainer["dependsOn"] == [{"name": "reward", "status": "Ready"}]  # the trainer starts once the pool is ready
+    assert trainer["template"]["spec"]["backoffLimit"] == 1  # 3 allowed, 2 already used before a suspend
+    assert trainer["template"]["spec"]["template"] == trainer_pod_template(spec, OWNER, IMAGES)
+    assert jobset["spec"]["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["trainer"]}
+    assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 0  # the trainer Job's own retries are the budget
+    # The pool Deployment is not made for a queued job.
+    assert "Deployment" not in [c["kind"] for c in rftjob_children(spec, OWNER, IMAGES, 1, spec.reward_pool.replicas)]
+
+
+def test_a_queued_job_with_an_external_reward_pool_queues_only_its_trainer():
+    spec = _example_spec().model_copy(update={"queue_name": "gpu-queue"})
+    spec.reward_pool.url = "http://pool.example:8080"
+    [trainer] = rftjob_jobset(spec, OWNER, IMAGES)["spec"]["replicatedJobs"]
+    assert trainer["name"] == "trainer" and "dependsOn" not in trainer
 
 
 def test_trainer_role_allows_only_reading_and_patching_its_own_progress_config_map():

@@ -311,19 +311,33 @@ def test_ttl_after_finished_removes_children_but_keeps_the_job_and_its_outputs(c
     assert "ChildrenDeleted" in [e["reason"] for e in events(cluster, namespace, "brief")]
 
 
-def test_a_queue_name_hands_the_trainer_job_to_kueue(cluster, operator, namespace):
+def test_a_queued_job_is_one_jobset_kueue_admits_whole_and_jobset_runs_it_to_success(cluster, operator, namespace):
+    """The real JobSet controller runs here (no Kueue controller: the test admits the workload
+    the way Kueue does, by unsuspending the JobSet)."""
     kueue_local_queue(cluster, namespace, "gpu-queue")
-    apply(cluster, namespace, job_manifest("queued", queueName="gpu-queue"))
-    pool = wait_for(lambda: get(cluster, namespace, "deployment", "queued-reward"), 60, "the reward pool")
-    assert pool["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"  # the same quota
-    job = wait_for(lambda: get(cluster, namespace, "job", "queued-trainer"), 60, "the trainer Job")
-    assert job["spec"]["suspend"] is True
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-    wait_for(lambda: condition(cluster, namespace, "queued", "Running").get("reason") == "WaitingForQueue", 30, "WaitingForQueue")
-    # Kueue admits the workload by unsuspending the Job; the operator must not suspend it again.
-    cluster.kubectl("patch", "job", "queued-trainer", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
-    wait_phase(cluster, namespace, "queued", "Running")
-    assert get(cluster, namespace, "job", "queued-trainer")["spec"]["suspend"] is False
+    apply(cluster, namespace, job_manifest("queued", outcome="succeed", queueName="gpu-queue"))
+    jobset = wait_for(lambda: get(cluster, namespace, "jobset", "queued"), 60, "the JobSet")
+    assert jobset["spec"]["suspend"] is True and jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert [r["name"] for r in jobset["spec"]["replicatedJobs"]] == ["reward", "trainer"]  # one workload, two pod sets
+    assert owned_by(jobset, "RFTJob", "queued")
+    assert get(cluster, namespace, "deployment", "queued-reward") is None  # no pool outside the workload
+    waiting = wait_for(lambda: (c := condition(cluster, namespace, "queued", "Running")).get("reason") == "WaitingForQueue" and c, 30,
+                       f"WaitingForQueue (status: {status(cluster, namespace, 'queued')}; operator: {operator.tail()})")
+    assert "JobSet queued (trainer and reward pool)" in waiting["message"]
+    # Nothing runs before admission (JobSet makes its Jobs suspended).
+    assert (get(cluster, namespace, "job", "queued-reward-0") or {"spec": {"suspend": True}})["spec"]["suspend"] is True
+    assert not cluster.get_json("pods", "-n", namespace, "-l", "kuberft.io/rftjob=queued")["items"]
+
+    cluster.kubectl("patch", "jobset", "queued", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    pool = wait_for(lambda: get(cluster, namespace, "job", "queued-reward-0"), 60, "the reward pool's Job")
+    assert pool["spec"]["parallelism"] == 1
+    # The trainer starts once the pool is ready (dependsOn), then succeeds; JobSet removes the pool.
+    done = wait_phase(cluster, namespace, "queued", "Succeeded", timeout=120)
+    assert done["conditions"] and condition(cluster, namespace, "queued", "Succeeded")["reason"] == "TrainerSucceeded"
+    assert get(cluster, namespace, "job", "queued-trainer-0")["status"]["succeeded"] == 1
+    wait_for(lambda: get(cluster, namespace, "job", "queued-reward-0") is None, 60, "JobSet to remove the reward pool")
+    # The operator does not suspend the admitted JobSet again.
+    assert get(cluster, namespace, "jobset", "queued")["spec"]["suspend"] is False
 
 
 def test_changing_a_training_field_of_a_running_job_is_refused_with_a_condition(cluster, operator, namespace):

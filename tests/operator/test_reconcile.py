@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from kuberft_core.api import RFTJobSpec
-from kuberft_operator.builders import Images, Owner, reward_deployment, trainer_job
+from kuberft_operator.builders import Images, Owner, reward_deployment, rftjob_jobset, trainer_job
 from kuberft_operator.reconcile import RFTJobObserved, TurboObserved, parse_spec, plan_rftjob, plan_turbo, status_changes
 
 IMAGES = Images.for_version("registry.test/kuberft", "1.0.0")
@@ -321,13 +321,59 @@ def test_ttl_after_finished_deletes_children_but_keeps_the_checkpoint_claim():
     assert waiting.delete == [] and waiting.requeue_after == 30
 
 
-def test_kueue_holds_the_trainer_until_admission():
+def queued_jobset(spec, suspend=True, failed_condition=None):
+    jobset = rftjob_jobset(RFTJobSpec.model_validate(spec), Owner("RFTJob", "demo", "ns", "u1"), IMAGES)
+    jobset["metadata"]["uid"] = "jobset-uid"
+    jobset["spec"]["suspend"] = suspend
+    if failed_condition:
+        jobset["status"] = {"conditions": [{"type": "Failed", "status": "True", **failed_condition}]}
+    return jobset
+
+
+def test_a_queued_job_is_one_jobset_that_kueue_admits_whole():
     spec = dict(SPEC, queueName="gpus")
-    job = created_job(spec=spec)
-    job["spec"]["suspend"] = True
-    plan = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), reward_deployment=ready_pool(), trainer_job=job)
-    assert condition(plan, "Running")["reason"] == "WaitingForQueue"
-    assert plan.status["phase"] == "Pending"
+    plan = run(rftjob(spec=spec), local_queue="found")
+    [jobset] = plan.create
+    assert jobset["kind"] == "JobSet" and jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    assert jobset["spec"]["suspend"] is True
+    assert [r["name"] for r in jobset["spec"]["replicatedJobs"]] == ["reward", "trainer"]
+    # No reward Deployment outside the JobSet: the pool's pods are in the same workload.
+    assert not [c for c in plan.apply if c["kind"] == "Deployment"]
+    assert {c["kind"] for c in plan.apply} >= {"Service", "NetworkPolicy", "ServiceAccount"}
+    assert condition(plan, "Running")["reason"] == "WaitingForQueue" and plan.status["phase"] == "Pending"
+
+    waiting = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec))
+    assert not waiting.create and not waiting.delete
+    assert condition(waiting, "Running")["reason"] == "WaitingForQueue"
+    assert "JobSet demo" in condition(waiting, "Running")["message"]
+
+    admitted = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec, suspend=False))
+    assert condition(admitted, "Running")["reason"] == "WaitingForRewardPool"
+    assert condition(admitted, "RewardPoolReady")["status"] == "False"
+
+
+def test_a_queued_jobs_trainer_is_the_jobsets_and_its_failure_fails_the_job():
+    spec = dict(SPEC, queueName="gpus")
+    status = {"startTime": "2026-11-25T11:00:00Z"}
+    reward_job = {"metadata": {"name": "demo-reward-0", "uid": "r"}, "status": {"ready": 2}}
+    running_plan = run(rftjob(spec=spec, status=status), local_queue="found", jobset=queued_jobset(spec, suspend=False),
+                       reward_job=reward_job, trainer_job=created_job(active=1, spec=spec), trainer_pods=RUNNING_POD)
+    assert condition(running_plan, "Running")["reason"] == "TrainerRunning"
+    assert condition(running_plan, "RewardPoolReady")["reason"] == "PodsReady"
+    assert not running_plan.delete and not running_plan.create
+
+    done = run(rftjob(spec=spec, status=status), local_queue="found", jobset=queued_jobset(spec, suspend=False),
+               trainer_job=created_job(conditions=[("Complete", "", "")], spec=spec))
+    assert done.status["phase"] == "Succeeded"
+    pool = run(rftjob(spec=spec, status=status), local_queue="found",
+               jobset=queued_jobset(spec, suspend=False, failed_condition={"reason": "FailedJobs", "message": "jobset failed due to reward"}))
+    assert pool.status["phase"] == "Failed" and condition(pool, "Failed")["reason"] == "JobSetFailed"
+
+
+def test_suspending_a_queued_job_deletes_its_jobset():
+    spec = dict(SPEC, queueName="gpus", suspend=True)
+    plan = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec, suspend=False))
+    assert [(c.kind, c.name) for c in plan.delete] == [("JobSet", "demo")]
 
 
 def test_a_turbo_deployment_waits_for_its_rftjob_then_serves_its_adapter():
@@ -425,7 +471,7 @@ def test_a_trainer_job_without_a_pod_is_looked_at_again():
     assert condition(plan, "Running")["reason"] == "TrainerStarting" and plan.requeue_after is not None
 
 
-@pytest.mark.parametrize("found,reason", [("missing", "LocalQueueNotFound"), ("no-kueue", "KueueNotInstalled")])
+@pytest.mark.parametrize("found,reason", [("missing", "LocalQueueNotFound"), ("no-kueue", "KueueNotInstalled"), ("no-jobset", "JobSetNotInstalled")])
 def test_a_queue_kueue_cannot_admit_from_is_reported_and_nothing_is_started(found, reason):
     spec = dict(SPEC, queueName="gpus")
     plan = run(rftjob(spec=spec), reward_deployment=ready_pool(), local_queue=found)
@@ -433,9 +479,8 @@ def test_a_queue_kueue_cannot_admit_from_is_reported_and_nothing_is_started(foun
     assert running["reason"] == reason and "'gpus'" in running["message"]
     assert ("Warning", reason) in [(e.type, e.reason) for e in plan.events]
     assert not plan.create and plan.requeue_after == 30
-    assert applied(plan, "Deployment")["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
-    found_plan = run(rftjob(spec=spec), reward_deployment=ready_pool(), local_queue="found")
-    assert [c["kind"] for c in found_plan.create] == ["Job"]
+    found_plan = run(rftjob(spec=spec), local_queue="found")
+    assert [c["kind"] for c in found_plan.create] == ["JobSet"]
 
 
 def test_serve_pods_refused_by_admission_are_reported_at_once_not_after_the_progress_deadline():
