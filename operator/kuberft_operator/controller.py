@@ -147,7 +147,7 @@ def _slim(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     if kind in ("Pod", "Job", "JobSet", "Deployment", "HorizontalPodAutoscaler"):
         slim["status"] = body.get("status") or {}
     if kind in ("Job", "JobSet"):
-        slim["spec"] = {"suspend": (body.get("spec") or {}).get("suspend")}
+        slim["spec"] = {k: (body.get("spec") or {}).get(k) for k in ("suspend", "parallelism")}
     elif kind == "Deployment":
         slim["spec"] = {"replicas": (body.get("spec") or {}).get("replicas")}
     progress_report = kind == "ConfigMap" and str(meta.get("name", "")).endswith(PROGRESS_SUFFIX)
@@ -348,6 +348,10 @@ class Controller:
             job_events: list[dict[str, Any]] = []
             if job is not None and not pods and not (job.get("spec") or {}).get("suspend") and _age_seconds(job, now) >= TRAINER_POD_GRACE_SECONDS:
                 job_events = await self._warning_events(namespace, job_uid)
+            reward_job_events: list[dict[str, Any]] = []
+            if reward_job is not None and not (reward_job.get("spec") or {}).get("suspend") and _age_seconds(reward_job, now) >= TRAINER_POD_GRACE_SECONDS \
+                    and int((reward_job.get("status") or {}).get("ready") or 0) < int((reward_job.get("spec") or {}).get("parallelism") or 0):
+                reward_job_events = await self._warning_events(namespace, reward_job["metadata"].get("uid"))
             observed = RFTJobObserved(
                 body=body,
                 config_map=self._cached("ConfigMap", namespace, names.config, uid),
@@ -355,6 +359,7 @@ class Controller:
                 reward_deployment=self._cached("Deployment", namespace, names.reward, uid),
                 jobset=jobset,
                 reward_job=reward_job,
+                reward_job_events=reward_job_events,
                 trainer_job=job,
                 trainer_pods=pods,
                 trainer_job_events=job_events,

@@ -122,6 +122,8 @@ class RFTJobObserved:
     """A queued job's JobSet (trainer and reward pool in one Kueue workload)."""
     reward_job: Optional[dict[str, Any]] = None
     """A queued job's reward pool: the JobSet's reward Job."""
+    reward_job_events: list[dict[str, Any]] = field(default_factory=list)
+    """Warning events of that reward Job while its pods are not all ready (how a refused pod shows)."""
     trainer_job: Optional[dict[str, Any]] = None
     """The trainer Job: the RFTJob's own, or its JobSet's for a queued job."""
     trainer_pods: list[dict[str, Any]] = field(default_factory=list)
@@ -216,6 +218,14 @@ class StartProblem:
     job may bring one)."""
 
 
+def pod_refusal(job_events: list[dict[str, Any]]) -> Optional[str]:
+    """The latest reason a Job gave for not creating a pod (admission, quota), from its events."""
+    refused = [e for e in job_events if e.get("reason") == "FailedCreate"]
+    if not refused:
+        return None
+    return max(refused, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "").get("message", "").strip()
+
+
 def trainer_start_problem(job: Optional[dict[str, Any]], pods: list[dict[str, Any]], job_events: list[dict[str, Any]]) -> Optional[StartProblem]:
     """Why the trainer has not started, when the cluster says so: its pod refused (admission,
     quota: only the Job's events say it), unschedulable (a missing claim, no free GPU), or its
@@ -224,11 +234,8 @@ def trainer_start_problem(job: Optional[dict[str, Any]], pods: list[dict[str, An
         return None
     live = [p for p in pods if (p.get("status") or {}).get("phase") in (None, "Pending")]
     if not pods:
-        refused = [e for e in job_events if e.get("reason") == "FailedCreate"]
-        if refused:
-            latest = max(refused, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-            return StartProblem("TrainerPodRefused", f"the trainer Job cannot create its pod: {latest.get('message', '').strip()}", True)
-        return None
+        refused = pod_refusal(job_events)
+        return StartProblem("TrainerPodRefused", f"the trainer Job cannot create its pod: {refused}", True) if refused else None
     for pod in live:
         pod_name = pod["metadata"]["name"]
         status = pod.get("status") or {}
@@ -457,7 +464,15 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         want = effective.reward_pool.replicas
         ready = int(((observed.reward_job or {}).get("status") or {}).get("ready") or 0)
         pool_ready = ready >= want
-        conds.set("RewardPoolReady", pool_ready, "PodsReady" if pool_ready else "PodsNotReady", f"{min(ready, want)}/{want} reward pods ready")
+        refused = None if pool_ready else pod_refusal(observed.reward_job_events)
+        if refused:
+            message = f"{min(ready, want)}/{want} reward pods ready; the reward Job cannot create its pods: {refused}"
+            _warn_once(plan, previous_conditions, "RewardPoolReady", "RewardPodsCannotStart", message)
+            conds.set("RewardPoolReady", False, "RewardPodsCannotStart", message)
+        else:
+            conds.set("RewardPoolReady", pool_ready, "PodsReady" if pool_ready else "PodsNotReady", f"{min(ready, want)}/{want} reward pods ready")
+            if not pool_ready and observed.reward_job is not None:
+                plan.requeue(5)  # a refused pod changes nothing we watch: look at the Job's events again
     else:
         want = effective.reward_pool.replicas
         deployment = observed.reward_deployment or {}

@@ -83,3 +83,19 @@ def test_a_queue_that_does_not_exist_is_reported_instead_of_waiting_forever(clus
     assert "no LocalQueue 'gpu-qeueu'" in running["message"]
     assert any(e["type"] == "Warning" and e["reason"] == "LocalQueueNotFound" for e in events(cluster, namespace, "typo"))
     assert get(cluster, namespace, "job", "typo-trainer") is None
+
+
+def test_a_queued_jobs_reward_pods_refused_by_quota_are_reported_within_seconds(cluster, operator, namespace):
+    """A queued job's pool is a Job of its JobSet (run by the real JobSet controller here): a
+    refused pod shows only in that Job's events, and the RFTJob says so."""
+    kueue_local_queue(cluster, namespace, "gpu-queue")
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "little-cpu"}, "spec": {"hard": {"requests.cpu": "100m"}}}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(quota))
+    apply(cluster, namespace, job_manifest("starved", queueName="gpu-queue"))
+    wait_for(lambda: get(cluster, namespace, "jobset", "starved"), 60, "the JobSet")
+    cluster.kubectl("patch", "jobset", "starved", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')  # admitted
+    pool = wait_for(lambda: (c := condition(cluster, namespace, "starved", "RewardPoolReady")).get("reason") == "RewardPodsCannotStart" and c,
+                    60, "RewardPodsCannotStart on the RFTJob")
+    assert "exceeded quota: little-cpu" in pool["message"]
+    assert any(e["type"] == "Warning" and e["reason"] == "RewardPodsCannotStart" for e in events(cluster, namespace, "starved"))
+    assert condition(cluster, namespace, "starved", "Running")["reason"] == "WaitingForRewardPool"

@@ -370,6 +370,21 @@ def test_a_queued_jobs_trainer_is_the_jobsets_and_its_failure_fails_the_job():
     assert pool.status["phase"] == "Failed" and condition(pool, "Failed")["reason"] == "JobSetFailed"
 
 
+def test_a_queued_jobs_reward_pods_refused_by_admission_are_reported():
+    spec = dict(SPEC, queueName="gpus")
+    reward_job = {"metadata": {"name": "demo-reward-0", "uid": "r"}, "spec": {"parallelism": 2}, "status": {"ready": 0}}
+    refusal = {"reason": "FailedCreate", "type": "Warning", "lastTimestamp": "2026-11-25T11:59:00Z",
+               "message": 'Error creating: pods "demo-reward-0-0" is forbidden: violates PodSecurity "restricted:latest"'}
+    plan = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec, suspend=False),
+               reward_job=reward_job, reward_job_events=[refusal])
+    pool = condition(plan, "RewardPoolReady")
+    assert pool["reason"] == "RewardPodsCannotStart" and "violates PodSecurity" in pool["message"]
+    assert ("Warning", "RewardPodsCannotStart") in [(e.type, e.reason) for e in plan.events]
+    starting = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec, suspend=False),
+                   reward_job=reward_job)
+    assert condition(starting, "RewardPoolReady")["reason"] == "PodsNotReady" and starting.requeue_after == 5
+
+
 def test_suspending_a_queued_job_deletes_its_jobset():
     spec = dict(SPEC, queueName="gpus", suspend=True)
     plan = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec, suspend=False))
