@@ -36,6 +36,16 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: floa
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     plane = ControlPlane.start(tmp_path_factory.mktemp("cluster"))
+    try:
+        _prepare(plane)
+    except BaseException:
+        plane.stop()
+        raise
+    yield plane
+    plane.stop()
+
+
+def _prepare(plane: ControlPlane) -> None:
     # Volumes for checkpoint claims (no provisioner in the test cluster): claims bind to these.
     volumes = [
         {
@@ -48,8 +58,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     ]
     plane.apply_objects(volumes)
     plane.start_jobset()  # queued RFTJobs run as JobSets
-    yield plane
-    plane.stop()
 
 
 class OperatorProcess:
