@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .controller import OperatorConfig
 
 DESCRIPTION = """\
 Run the kuberft operator against the cluster of the current kubeconfig (or, inside a pod, its
@@ -17,7 +21,8 @@ For each TurboDeployment it runs `kuberft serve` pods behind a Service (and an H
 
 Several replicas may run: they elect a leader through a Lease and only the leader reconciles;
 the others stand by and take over when its lease runs out (or at once when it shuts down).
-/metrics and /healthz are served on --metrics-port.
+/metrics and /healthz are served on --metrics-port. Without credentials, an API server that
+answers, or the RBAC it needs, it exits at once (status 1) with one line that says which.
 """
 
 EPILOG = """\
@@ -97,4 +102,58 @@ def _operator(args: argparse.Namespace) -> int:
     )
     if args.identity:
         config.identity = args.identity
+    problem = asyncio.run(_start_problem(config))
+    if problem:
+        raise SystemExit(f"kuberft operator: {problem}")
     return asyncio.run(run(config))
+
+
+RBAC_HINT = (
+    "The operator needs the RBAC its Helm chart grants: a Role in each watched namespace (watchNamespaces), "
+    "or a ClusterRole with watchAllNamespaces=true."
+)
+
+
+async def _start_problem(config: OperatorConfig) -> str | None:
+    """Why the operator cannot start, in one sentence, or None. Asked once with the operator's own
+    first requests (list RFTJobs and TurboDeployments where it watches, read its Lease), so that
+    missing credentials, an unreachable API server or missing RBAC end the process with that
+    sentence (exit status 1), not with a traceback or a replica standing by forever on a Lease
+    it may not read."""
+    import asyncio
+
+    import aiohttp
+    import kopf
+    from kuberft_core.api import API_VERSION
+
+    from .controller import connection_info
+    from .kube import ApiError, Credentials, KubeClient, resource_path
+
+    try:
+        credentials = Credentials.from_connection_info(connection_info())
+    except kopf.LoginError as error:
+        return f"cannot log in to Kubernetes: {error}"
+    client = KubeClient(credentials, max_connections=2)
+    try:
+        for namespace in config.namespaces or (None,):
+            for kind in ("RFTJob", "TurboDeployment"):
+                await client.request("GET", resource_path(API_VERSION, kind, namespace), params={"limit": "1"})
+        if config.leader_election:
+            await client.get("coordination.k8s.io/v1", "Lease", config.lease_namespace, config.lease_name)
+    except ApiError as error:
+        if error.status == 401:
+            return f"the Kubernetes API server at {credentials.server} rejects the operator's credentials ({error})"
+        if error.status == 403:
+            return f"the Kubernetes API server at {credentials.server} refuses the operator's requests ({error}). {RBAC_HINT}"
+        if error.status == 404:
+            # kopf reads which resources are served once, at start (it does not follow CRDs: that
+            # would need a cluster-wide grant), so starting before the CRDs would watch nothing.
+            return (f"the Kubernetes API server at {credentials.server} does not serve {API_VERSION} RFTJobs and TurboDeployments "
+                    "(the CRDs are not installed): install them (the Helm chart does with crds.install=true; or "
+                    "`kubectl apply --server-side -f crds/`), then start the operator")
+        return None  # anything else is the controller's to report and retry
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
+        return f"cannot reach the Kubernetes API server at {credentials.server} ({error or type(error).__name__})"
+    finally:
+        await client.close()
+    return None
