@@ -44,22 +44,17 @@ test-all: test test-slow
 crds: setup
 	$(BIN)/kuberft crds --output-dir crds
 
-# The four container images, tagged as the Helm chart expects (<registry>/<name>:<version>);
-# needs a Docker engine (or DOCKER=podman). The build context is the repository root.
+# The four container images, tagged as the Helm chart expects (<registry>/<name>:<version>), with
+# Docker or podman (DOCKER=...; default: docker if its daemon answers, else podman). The build
+# context is the repository root. `make images IMAGE_BUILD_FLAGS=--local-base` builds without any
+# registry, on a Debian base made with mmdebstrap (scripts/install-tools.sh images installs podman).
 IMAGE_REGISTRY ?= ghcr.io/kuberft
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-DOCKER ?= docker
-IMAGE_DOCKERFILES := operator=operator/Dockerfile trainer=trainer_image/Dockerfile reward=reward_image/Dockerfile serve=serve_image/Dockerfile
+DOCKER ?=
+IMAGE_BUILD_FLAGS ?=
 
 images:
-	@$(DOCKER) info >/dev/null 2>&1 || { echo "make images: no container engine answers '$(DOCKER) info'; start Docker or set DOCKER=podman" >&2; exit 1; }
-	@for image in $(IMAGE_DOCKERFILES); do \
-	  test -f "$${image#*=}" || { echo "make images: $${image#*=} is missing (image $${image%%=*})" >&2; exit 1; }; \
-	done
-	@set -e; for image in $(IMAGE_DOCKERFILES); do \
-	  echo "make images: $(IMAGE_REGISTRY)/$${image%%=*}:$(IMAGE_TAG) from $${image#*=}"; \
-	  $(DOCKER) build -f "$${image#*=}" -t "$(IMAGE_REGISTRY)/$${image%%=*}:$(IMAGE_TAG)" .; \
-	done
+	@IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) DOCKER=$(DOCKER) scripts/build-images.sh $(IMAGE_BUILD_FLAGS)
 
 clean:
 	rm -rf $(VENV) .tools

