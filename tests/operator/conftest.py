@@ -4,7 +4,6 @@ operator as a real `kuberft operator` process, and a fresh namespace per test.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
