@@ -460,26 +460,19 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         conds.set("RewardPoolReady", False, "Suspended", "the reward pool is scaled to zero while the job is suspended")
     elif pool_parked:
         conds.set("RewardPoolReady", False, "WaitingForTrainer", "the reward pool is scaled to zero until the trainer can start")
-    elif queued:
-        want = effective.reward_pool.replicas
-        ready = int(((observed.reward_job or {}).get("status") or {}).get("ready") or 0)
-        pool_ready = ready >= want
-        refused = None if pool_ready else pod_refusal(observed.reward_job_events)
-        if refused:
-            message = f"{min(ready, want)}/{want} reward pods ready; the reward Job cannot create its pods: {refused}"
-            _warn_once(plan, previous_conditions, "RewardPoolReady", "RewardPodsCannotStart", message)
-            conds.set("RewardPoolReady", False, "RewardPodsCannotStart", message)
-        else:
-            conds.set("RewardPoolReady", pool_ready, "PodsReady" if pool_ready else "PodsNotReady", f"{min(ready, want)}/{want} reward pods ready")
-            if not pool_ready and observed.reward_job is not None:
-                plan.requeue(5)  # a refused pod changes nothing we watch: look at the Job's events again
     else:
         want = effective.reward_pool.replicas
-        deployment = observed.reward_deployment or {}
-        ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
-        scaled = (deployment.get("spec") or {}).get("replicas") == want
-        pool_ready = scaled and ready >= want
-        problem = None if pool_ready else deployment_problem(observed.reward_deployment)
+        if queued:  # the pool is the JobSet's reward Job; a refused pod shows only in its events
+            ready = int(((observed.reward_job or {}).get("status") or {}).get("ready") or 0)
+            pool_ready = ready >= want
+            refused = None if pool_ready else pod_refusal(observed.reward_job_events)
+            problem = f"the reward Job cannot create its pods: {refused}" if refused else None
+        else:
+            deployment = observed.reward_deployment or {}
+            ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+            scaled = (deployment.get("spec") or {}).get("replicas") == want
+            pool_ready = scaled and ready >= want
+            problem = None if pool_ready else deployment_problem(observed.reward_deployment)
         if problem:
             message = f"{min(ready, want)}/{want} reward pods ready; {problem}"
             _warn_once(plan, previous_conditions, "RewardPoolReady", "RewardPodsCannotStart", message)
@@ -491,6 +484,8 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
                 "PodsReady" if pool_ready else "PodsNotReady",
                 f"{min(ready, want)}/{want} reward pods ready",
             )
+            if queued and not pool_ready and observed.reward_job is not None:
+                plan.requeue(5)  # a refused pod changes nothing we watch: look at the Job's events again
 
     if suspended:
         if holder is not None:
