@@ -10,7 +10,7 @@ from kuberft_trainer.checkpoint import complete_checkpoints, latest_checkpoint, 
 
 
 class FakeAdapter:
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, state_dict=None):
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text("{}")
 

@@ -25,6 +25,10 @@ def policy(tiny_model):
     return model.eval(), tokenizer, prompts
 
 
+def seeded(count, seed):
+    return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(count)]
+
+
 def test_greedy_completions_equal_hugging_face_generate_with_left_padding(policy):
     model, tokenizer, prompts = policy
     ours = generate(model, prompts, num_generations=1, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
@@ -38,7 +42,7 @@ def test_greedy_completions_equal_hugging_face_generate_with_left_padding(policy
 def test_sampled_rows_are_grouped_by_prompt_and_their_logprobs_match_a_forward_of_each_alone(policy):
     model, tokenizer, prompts = policy
     rollout = generate(model, prompts, num_generations=4, max_new_tokens=10, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+                       pad_token_id=tokenizer.pad_token_id, generators=seeded(3, 0))
     assert rollout.completion_ids.shape[0] == 12
     logprobs = sequence_logprobs(model, rollout)
     for row in range(12):
@@ -54,7 +58,7 @@ def test_sampled_rows_are_grouped_by_prompt_and_their_logprobs_match_a_forward_o
 def test_the_shared_prompt_forward_gives_the_same_logprobs_and_gradients(policy):
     model, tokenizer, prompts = policy
     rollout = generate(model, prompts, num_generations=4, max_new_tokens=10, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(1))
+                       pad_token_id=tokenizer.pad_token_id, generators=seeded(3, 1))
     trainable = [p for p in model.parameters() if p.requires_grad]
     mask = rollout.completion_mask.bool()
     full = sequence_logprobs(model, rollout, temperature=0.7)
@@ -69,6 +73,22 @@ def test_the_shared_prompt_forward_gives_the_same_logprobs_and_gradients(policy)
 def test_top_p_samples_only_from_the_smallest_set_reaching_the_mass():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     generator = torch.Generator().manual_seed(0)
-    drawn = {sample_next(logits, 1.0, 0.8, generator).item() for _ in range(200)}
+    drawn = {sample_next(logits, 1.0, 0.8, [generator]).item() for _ in range(200)}
     assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.8
     assert sample_next(logits, 0.0, 1.0, None).item() == 0  # temperature 0 is greedy
+
+
+def test_a_prompts_samples_do_not_depend_on_the_prompts_batched_with_it(policy):
+    """Each prompt draws from its own generator, so splitting a step's prompts over processes
+    (or batching them differently) draws the same completions."""
+    model, tokenizer, prompts = policy
+    options = dict(num_generations=3, max_new_tokens=10, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    together = generate(model, prompts, generators=seeded(3, 5), **options)
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], generators=[seeded(3, 5)[i]], **options)
+        rows = together.completion_ids[3 * i:3 * i + 3]
+        width = alone.completion_ids.shape[1]
+        assert rows[:, :width].tolist() == alone.completion_ids.tolist()
+        assert (rows[:, width:] == tokenizer.pad_token_id).all()
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(model, prompts, generators=seeded(2, 5), **options)

@@ -6,7 +6,8 @@ leaves a half-written checkpoint that looks like the latest: folders without the
 or without `state.json` are ignored and cleaned up.
 
 Contents: `adapter/` (peft format: loadable by `PeftModel.from_pretrained` and by servers),
-`training_state.pt` (optimizer, scheduler, RNG states, data position, counters) and
+`training_state.pt` (optimizer state keyed by parameter name, scheduler, RNG states, data
+position, counters: the same whatever the number of processes and the sharding) and
 `state.json` (step and a human-readable summary).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -47,15 +49,17 @@ def latest_checkpoint(output_dir: Path) -> Optional[tuple[int, Path]]:
     return found[-1] if found else None
 
 
-def save_checkpoint(output_dir: Path, step: int, model, training_state: dict[str, Any], summary: dict[str, Any], keep_last: int) -> Path:
-    """Write the checkpoint of `step` atomically and keep only the newest `keep_last`."""
+def save_checkpoint(output_dir: Path, step: int, model, training_state: dict[str, Any], summary: dict[str, Any], keep_last: int,
+                    adapter_state: Optional[dict[str, Any]] = None) -> Path:
+    """Write the checkpoint of `step` atomically and keep only the newest `keep_last`;
+    `adapter_state`: the LoRA weights in full, when the model holds only a shard of them."""
     root = output_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(output_dir, step)
     scratch = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
-    model.save_pretrained(scratch / "adapter")
+    model.save_pretrained(scratch / "adapter", state_dict=adapter_state)
     torch.save(training_state, scratch / "training_state.pt")
     (scratch / "state.json").write_text(json.dumps({"step": step, **summary}, indent=2, sort_keys=True))
     _fsync_tree(scratch)
@@ -70,6 +74,33 @@ def save_checkpoint(output_dir: Path, step: int, model, training_state: dict[str
     for leftover in root.glob(".*-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random streams (Python, torch, CUDA, numpy)."""
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    try:
+        import numpy
+
+        state["numpy"] = numpy.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        numpy.random.set_state(state["numpy"])
 
 
 def load_training_state(path: Path) -> dict[str, Any]:

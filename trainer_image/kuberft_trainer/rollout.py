@@ -2,9 +2,12 @@
 
 `generate` samples `num_generations` completions per prompt with the KV cache: the prompts are
 prefilled once (not once per completion), the cache is repeated G times, then one decode loop
-runs the whole batch, sampling with temperature and top-p from the trainer's own
-`torch.Generator` (so a resumed run draws the same samples). Rows that ended stay in the
-batch with pad tokens; the loop stops when every row has ended or at the length limit.
+runs the whole batch, sampling with temperature and top-p. Each prompt draws from its own
+`torch.Generator` (the trainer seeds it from the job's seed, the step and the prompt's place in
+the step), so a prompt's completions do not depend on which other prompts share its batch: a
+resumed run, and a run split over any number of processes, draw the same samples. Rows that
+ended stay in the batch with pad tokens; the loop stops when every row has ended or at the
+length limit.
 
 `sequence_logprobs` computes per-token log-probabilities of the completions under the model
 (for the loss, the stored old policy and the reference), one row chunk of logits at a time.
@@ -20,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -45,6 +48,19 @@ class Rollout:
     def select(self, rows) -> "Rollout":
         return Rollout(*(t[rows] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask, self.truncated)))
 
+    def padded_to(self, width: int, pad_token_id: int) -> "Rollout":
+        """The same rollout with its completions right-padded to `width` tokens."""
+        extra = width - self.completion_ids.shape[1]
+        if extra <= 0:
+            return self
+        return Rollout(
+            self.prompt_ids,
+            self.prompt_mask,
+            torch.nn.functional.pad(self.completion_ids, (0, extra), value=pad_token_id),
+            torch.nn.functional.pad(self.completion_mask, (0, extra), value=0),
+            self.truncated,
+        )
+
 
 def left_pad(token_lists: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(t) for t in token_lists)
@@ -62,11 +78,17 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One token per row from (N, V) logits; temperature 0 is greedy."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """One token per row from (N, V) logits; temperature 0 is greedy. With `generators`, the
+    rows are len(generators) contiguous groups and each group draws from its own generator."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(warp(logits.float(), temperature, top_p), 1, generator=generator).squeeze(-1)
+    probabilities = warp(logits.float(), temperature, top_p)
+    if not generators:
+        return torch.multinomial(probabilities, 1).squeeze(-1)
+    groups = probabilities.view(len(generators), -1, probabilities.shape[-1])
+    return torch.cat([torch.multinomial(group, 1, generator=generator).squeeze(-1) for group, generator in zip(groups, generators)])
 
 
 def _cache_argument(model, cache) -> dict:
@@ -88,9 +110,12 @@ def generate(
     pad_token_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generators: Optional[Sequence[torch.Generator]] = None,
 ) -> Rollout:
-    """Sample `num_generations` completions for each tokenized prompt (see the module docstring)."""
+    """Sample `num_generations` completions for each tokenized prompt (see the module docstring);
+    `generators`: one per prompt (default: torch's global generator)."""
+    if generators is not None and len(generators) != len(prompts):
+        raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts: give one per prompt")
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -119,7 +144,7 @@ def generate(
     steps = 0
     for t in range(max_new_tokens):
         was_finished = finished
-        token = sample_next(logits, temperature, top_p, generator)
+        token = sample_next(logits, temperature, top_p, generators)
         token = torch.where(was_finished, torch.full_like(token, pad_token_id), token)
         tokens[:, t] = token
         steps = t + 1
@@ -237,21 +262,20 @@ class VllmGenerator:
         self._version = 0
 
     def generate(self, peft_model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
-                 eos_token_id: int, pad_token_id: int, temperature: float, top_p: float, seed: int) -> Rollout:
+                 eos_token_id: int, pad_token_id: int, temperature: float, top_p: float,
+                 seeds: Optional[list[int]] = None) -> Rollout:
+        """Like `generate`; `seeds`: one per prompt (None: greedy, or vLLM's own seed)."""
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
         self._version += 1
         adapter_dir = Path(self._scratch.name) / f"v{self._version}"
         peft_model.save_pretrained(adapter_dir)
-        params = SamplingParams(
-            n=num_generations,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            seed=seed,
-            stop_token_ids=[eos_token_id],
-        )
+        params = [
+            SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                           seed=seed, stop_token_ids=[eos_token_id])
+            for seed in (seeds or [None] * len(prompts))
+        ]
         requests = [{"prompt_token_ids": p} for p in prompts]
         outputs = self.llm.generate(requests, params, lora_request=LoRARequest(f"policy-{self._version}", self._version, str(adapter_dir)), use_tqdm=False)
         shutil.rmtree(Path(self._scratch.name) / f"v{self._version - 1}", ignore_errors=True)
