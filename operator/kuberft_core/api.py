@@ -189,6 +189,25 @@ class PodPlacement(ApiModel):
     """Extra environment variables."""
 
 
+class TrainerSpec(PodPlacement):
+    """The trainer's pods, and how training is spread over their GPUs."""
+
+    nodes: int = Field(default=1, ge=1, le=1024)
+    """Trainer pods, one per node, each running one process per GPU it asks for
+    (`resources.limits["nvidia.com/gpu"]`). More than one runs as a JobSet (JobSet must be
+    installed): the pods start together, meet at pod 0 (torchrun's c10d rendezvous) and, when any
+    of them fails, all restart together from the latest checkpoint (counted against backoffLimit).
+    Checkpoints must then be on a volume every node can mount (`checkpoint.volumeClaimName`, ReadWriteMany)."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """`none`: every process holds the whole model (data parallel, LoRA gradients summed).
+    `fsdp`: the base model and the LoRA weights are sharded over all processes (FSDP2, one shard
+    group per decoder layer), for a model that does not fit one GPU. `kuberft run --nproc N` runs
+    either on one machine."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    less memory for about a third more compute."""
+
+
 class Condition(ApiModel):
     """A status condition in the shape of metav1.Condition."""
 
@@ -458,8 +477,8 @@ class RFTJobSpec(ApiModel):
     """GRPO algorithm settings."""
     reward_pool: RewardPoolSpec = nested(RewardPoolSpec)
     """Reward evaluator pool."""
-    trainer: PodPlacement = nested(PodPlacement)
-    """Image, resources (GPUs) and scheduling of the trainer pod."""
+    trainer: TrainerSpec = nested(TrainerSpec)
+    """Image, resources (GPUs), scheduling, nodes and sharding of the trainer."""
     checkpoint: CheckpointSpec = nested(CheckpointSpec)
     """Checkpointing and output."""
     suspend: bool = False
