@@ -5,7 +5,6 @@ treats reward-pool failures as unscorable, never as zero."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -83,28 +82,109 @@ def test_metric_lines_after_the_checkpoint_are_replaced_on_resume(tiny_model, tm
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"lossType": "grpo", "scaleRewards": "group"},
-        {"lossType": "bnpo", "scaleRewards": "batch", "microBatchSize": 8},
-        {"lossType": "dr_grpo", "scaleRewards": "none"},
-        {"lossType": "dapo", "epsilonHigh": 0.28, "numIterations": 2, "beta": 0.1, "microBatchSize": 12},
-        {"maskTruncatedCompletions": True, "topP": 0.9, "temperature": 0.7},
-    ],
-    ids=["grpo", "bnpo-microbatch", "dr_grpo", "dapo-iterations-kl", "mask-truncated"],
-)
-def test_every_loss_option_trains(tiny_model, tmp_path, options):
-    with Trainer(toy_spec(tiny_model, steps=2, **options), tmp_path, ToyRewardBackend()) as trainer:
+class Recorder:
+    """Wraps the trainer's GRPO functions and records what each call received: the loss
+    options' mathematics is tested in test_grpo.py; these tests check that every option reaches
+    it and changes what it should in a run."""
+
+    def __init__(self, monkeypatch):
+        import kuberft_trainer.rollout as rollout
+        import kuberft_trainer.train as train
+
+        self.losses, self.advantages, self.samples, self.logprob_temperatures = [], [], [], []
+
+        def loss(logprobs, old_logprobs, advantages, mask, **options):
+            self.losses.append({"logprobs": logprobs.detach().clone(), "old": old_logprobs.detach().clone(),
+                                "mask": mask.clone(), **options})
+            return grpo.policy_loss(logprobs, old_logprobs, advantages, mask, **options)
+
+        def advantages(rewards, num_generations, scale):
+            self.advantages.append(scale)
+            return grpo.group_advantages(rewards, num_generations, scale)
+
+        def sample(logits, temperature, top_p, generators=None):
+            self.samples.append((temperature, top_p))
+            return sample_next(logits, temperature, top_p, generators)
+
+        def logprobs(model, rollout_, *, temperature=1.0, **kwargs):
+            self.logprob_temperatures.append(temperature)
+            return sequence_logprobs(model, rollout_, temperature=temperature, **kwargs)
+
+        from kuberft_trainer import grpo
+        from kuberft_trainer.rollout import sample_next, sequence_logprobs
+
+        monkeypatch.setattr(train, "policy_loss", loss)
+        monkeypatch.setattr(train, "group_advantages", advantages)
+        monkeypatch.setattr(train, "sequence_logprobs", logprobs)
+        monkeypatch.setattr(rollout, "sample_next", sample)
+
+
+def run_with(tiny_model, tmp_path, monkeypatch, steps=1, dtype="auto", **options):
+    recorder = Recorder(monkeypatch)
+    spec = toy_spec(tiny_model, steps=steps, **options)
+    spec.model.dtype = dtype
+    with Trainer(spec, tmp_path, ToyRewardBackend()) as trainer:
         result = trainer.run()
-    last = result.last_metrics
-    assert result.step == 2 and math.isfinite(last.loss) and last.grad_norm >= 0
-    if options.get("beta"):
-        assert last.kl > 0  # the adapter moved away from the base model in the first update
-    if options.get("numIterations"):
-        assert last.clip_ratio >= 0  # the second pass sees ratios != 1
-    if options.get("maskTruncatedCompletions"):
-        assert 0 <= last.truncated_fraction <= 1
+    return recorder, result
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_loss_type_and_reward_scaling_reach_the_loss(tiny_model, tmp_path, monkeypatch, loss_type, scale):
+    recorder, _ = run_with(tiny_model, tmp_path, monkeypatch, lossType=loss_type, scaleRewards=scale, epsilonHigh=0.28)
+    assert recorder.advantages == [scale]
+    (call,) = recorder.losses
+    assert call["loss_type"] == loss_type and call["epsilon_high"] == 0.28 and call["epsilon_low"] == 0.2
+    assert call["max_completion_length"] == 8 and call["step_sequences"] == 32
+
+
+def test_micro_batches_split_the_step_and_leave_the_update_unchanged(tiny_model, tmp_path, monkeypatch):
+    # float64: Adam's first steps move every weight by about the learning rate whatever the size of
+    # its gradient, so float32 rounding in a near-zero gradient would show in the adapter.
+    whole, _ = run_with(tiny_model, tmp_path / "whole", monkeypatch, steps=2, dtype="float64")
+    split, _ = run_with(tiny_model, tmp_path / "split", monkeypatch, steps=2, dtype="float64", microBatchSize=8)
+    assert len(whole.losses) == 2 and len(split.losses) == 8  # 32 completions a step, 8 per micro-batch
+    assert all(c["logprobs"].shape[0] == 8 and c["step_sequences"] == 32 for c in split.losses)
+    a, b = adapter_weights(tmp_path / "whole" / "adapter"), adapter_weights(tmp_path / "split" / "adapter")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12) for k in a)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it did train
+
+
+def test_more_iterations_reuse_the_rollout_against_stored_old_logprobs(tiny_model, tmp_path, monkeypatch):
+    recorder, result = run_with(tiny_model, tmp_path, monkeypatch, numIterations=3, learningRate=5e-2)
+    first, second, third = recorder.losses  # three updates on one rollout
+    assert torch.equal(first["logprobs"], first["old"])  # the first pass is on-policy
+    assert torch.equal(second["old"], first["old"]) and torch.equal(third["old"], first["old"])
+    mask = first["mask"].bool()
+    assert (second["logprobs"][mask] - second["old"][mask]).abs().max() > 1e-4  # the policy moved: ratios != 1
+    assert result.last_metrics.clip_ratio > 0  # and lr 5e-2 moves it past the clip range on some tokens
+
+
+def test_beta_adds_the_kl_to_the_base_model_and_zero_leaves_it_out(tiny_model, tmp_path, monkeypatch):
+    with_kl, result = run_with(tiny_model, tmp_path / "kl", monkeypatch, steps=2, beta=0.1)
+    assert all(c["beta"] == 0.1 and c["ref_logprobs"] is not None for c in with_kl.losses)
+    assert result.history[0].kl == 0 and result.history[1].kl > 0  # the adapter starts as the base model
+    without, result = run_with(tiny_model, tmp_path / "none", monkeypatch, steps=2)
+    assert all(c["beta"] == 0.0 and c["ref_logprobs"] is None for c in without.losses)
+    assert result.last_metrics.kl == 0
+
+
+def test_masking_truncated_completions_drops_them_from_the_loss(tiny_model, tmp_path, monkeypatch):
+    # maxCompletionLength 16: some completions end, the others are cut at the limit.
+    recorder, result = run_with(tiny_model, tmp_path, monkeypatch, steps=2, maxCompletionLength=16, maskTruncatedCompletions=True)
+    assert 0 < result.history[0].truncated_fraction <= 1
+    for call in recorder.losses:
+        lengths = call["mask"].sum(dim=1)
+        assert (lengths == 0).any()  # the truncated rows carry no weight
+    unmasked, _ = run_with(tiny_model, tmp_path / "kept", monkeypatch, steps=1, maxCompletionLength=16)
+    assert (unmasked.losses[0]["mask"].sum(dim=1) > 0).all()
+
+
+def test_temperature_and_top_p_shape_sampling_and_the_scored_logprobs(tiny_model, tmp_path, monkeypatch):
+    recorder, _ = run_with(tiny_model, tmp_path, monkeypatch, temperature=0.7, topP=0.9)
+    training, evaluation = recorder.samples[:8], recorder.samples[8:]  # 8 tokens sampled, then the greedy eval
+    assert set(training) == {(0.7, 0.9)} and {temperature for temperature, _ in evaluation} == {0.0}
+    assert set(recorder.logprob_temperatures) == {0.7}  # log-probs of the distribution sampled from
 
 
 class FlakyBackend:

@@ -76,8 +76,9 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(model) -> None:
-    """FSDP2 over all processes: one shard group per decoder layer, the rest in the root's."""
+def shard_model(model) -> int:
+    """FSDP2 over all processes: one shard group per decoder layer, the rest in the root's.
+    Returns the number of groups."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dtypes = {p.dtype for p in model.parameters()}
@@ -90,6 +91,7 @@ def shard_model(model) -> None:
         fully_shard(group, mp_policy=policy)
         # The loss is normalised over the whole step (all processes) already: sum the gradients.
         group.set_gradient_divide_factor(1.0)
+    return len(groups)
 
 
 def is_sharded(model) -> bool:

@@ -165,7 +165,8 @@ class Trainer:
         if latest is not None:  # the adapter's weights, before they are sharded
             self._load_adapter(latest[1])
         if spec.trainer.sharding == "fsdp" and self.dist.enabled:
-            shard_model(self.model)
+            groups = shard_model(self.model)
+            log.info("model sharded over %d processes (FSDP2, %d shard groups)", self.dist.world, groups)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.grpo.learning_rate, weight_decay=self.grpo.weight_decay)
         total_updates = self.grpo.steps * self.grpo.num_iterations
