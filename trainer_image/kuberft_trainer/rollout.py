@@ -174,10 +174,11 @@ def generate(
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, row_chunk: int) -> torch.Tensor:
     """log softmax(logits / temperature) at `targets`, a few rows at a time (never the whole
-    (N, T, V) tensor in float32 at once)."""
+    (N, T, V) tensor in float32 at once); in float32, or float64 for a float64 model."""
     chunks = []
+    precision = torch.promote_types(logits.dtype, torch.float32)
     for start in range(0, logits.shape[0], row_chunk):
-        part = logits[start:start + row_chunk].float()
+        part = logits[start:start + row_chunk].to(precision)
         if temperature != 1.0:
             part = part / temperature
         chunk_targets = targets[start:start + row_chunk]
