@@ -33,6 +33,8 @@ ANNOTATION_CONFIG_HASH = "kuberft.io/config-hash"
 
 REWARD_PORT = 8080
 TRAINER_METRICS_PORT = 8080
+TRAINER_RENDEZVOUS_PORT = 29500
+"""Where pod 0 of a multi-node trainer serves torchrun's rendezvous store (torch's default)."""
 GPU_RESOURCE = "nvidia.com/gpu"
 # The user each image runs as (USER in its Dockerfile). The pods state it too: the kubelet can
 # then verify runAsNonRoot before starting the container, and fsGroup makes volumes writable.
@@ -147,7 +149,14 @@ def gpu_count(placement: PodPlacement) -> int:
 
 
 JOBSET_TRAINER, JOBSET_REWARD = "trainer", "reward"
-"""The replicated jobs of a queued job's JobSet."""
+"""The replicated jobs of a job's JobSet."""
+
+
+def runs_as_jobset(spec: RFTJobSpec) -> bool:
+    """Whether the trainer and the reward pool run as one JobSet `<job>`: for a queued job (Kueue
+    admits them as one workload) and for a multi-node trainer (its pods start, fail and restart
+    together). Any other job runs as a trainer Job and a reward Deployment."""
+    return bool(spec.queue_name) or spec.trainer.nodes > 1
 
 
 class RFTJobNames:
@@ -157,10 +166,14 @@ class RFTJobNames:
         self.config = f"{job_name}-config"
         self.reward = f"{job_name}-reward"
         self.trainer = f"{job_name}-trainer"
-        # A queued job: one JobSet, whose Jobs JobSet names <jobset>-<replicated job>-<index>.
+        # A JobSet job: one JobSet, whose Jobs JobSet names <jobset>-<replicated job>-<index>.
         self.jobset = job_name
         self.jobset_trainer = f"{job_name}-{JOBSET_TRAINER}-0"
         self.jobset_reward = f"{job_name}-{JOBSET_REWARD}-0"
+        # A multi-node trainer's pods are <jobset_trainer>-<index>.<trainer_subdomain>, a headless
+        # Service JobSet creates (not `<job>`, JobSet's default: that may be a TurboDeployment's Service).
+        self.trainer_subdomain = self.trainer
+        self.rendezvous_host = f"{self.jobset_trainer}-0.{self.trainer_subdomain}"
         self.checkpoints = f"{job_name}-checkpoints"
         self.progress = progress_config_map_name(job_name)
 
@@ -184,16 +197,18 @@ def job_config_map(spec: RFTJobSpec, owner: Owner, generation: int) -> dict[str,
 
 
 def checkpoint_claim(spec: RFTJobSpec, owner: Owner) -> Optional[dict[str, Any]]:
-    """A PersistentVolumeClaim for checkpoints when `checkpoint.storageSize` asks the operator for one."""
+    """A PersistentVolumeClaim for checkpoints when `checkpoint.storageSize` asks the operator for
+    one; ReadWriteMany for a multi-node trainer, whose pods on several nodes share one folder."""
     if spec.checkpoint.storage_size is None:
         return None
+    access = "ReadWriteMany" if spec.trainer.nodes > 1 else "ReadWriteOnce"
     return _object(
         "v1",
         "PersistentVolumeClaim",
         RFTJobNames(owner.name).checkpoints,
         owner,
         "checkpoints",
-        spec={"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": str(spec.checkpoint.storage_size)}}},
+        spec={"accessModes": [access], "resources": {"requests": {"storage": str(spec.checkpoint.storage_size)}}},
     )
 
 
@@ -294,7 +309,7 @@ def reward_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict[
 
 
 def reward_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> dict[str, Any]:
-    """The reward pool of a job without a queue (a queued job's pool is part of its JobSet)."""
+    """The reward pool of a job that does not `runs_as_jobset` (a JobSet job's pool is part of its JobSet)."""
     role = "reward-pool"
     return _object(
         "apps/v1",
@@ -369,6 +384,15 @@ def ingress_only_on(name: str, owner: Owner, role: str, port: int) -> dict[str, 
     )
 
 
+def trainer_network_policy(spec: RFTJobSpec, owner: Owner) -> dict[str, Any]:
+    """Connections to the trainer pods on their metrics port; the pods of a multi-node trainer
+    also accept each other on every port (the rendezvous store, and NCCL's ephemeral ports)."""
+    policy = ingress_only_on(RFTJobNames(owner.name).trainer, owner, "trainer", TRAINER_METRICS_PORT)
+    if spec.trainer.nodes > 1:
+        policy["spec"]["ingress"].append({"from": [{"podSelector": {"matchLabels": _selector(owner, "trainer")}}]})
+    return policy
+
+
 def trainer_service_account(owner: Owner) -> dict[str, Any]:
     return _object("v1", "ServiceAccount", RFTJobNames(owner.name).trainer, owner, "trainer")
 
@@ -411,6 +435,15 @@ def trainer_command(spec: RFTJobSpec, owner: Owner) -> list[str]:
     url = spec.reward_pool.url or reward_url(owner.name, owner.namespace)
     train = ["kuberft", "train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--output", f"{CHECKPOINT_DIR}/{owner.name}", "--reward-url", url]
     gpus = gpu_count(spec.trainer)
+    nodes = spec.trainer.nodes
+    if nodes > 1:
+        # Static rendezvous: the pod of completion index 0 hosts the store because its index says
+        # so. (c10d decides it by comparing the endpoint's DNS answer with the pod's own address,
+        # and pod 0 may start before the headless Service lists it.) The Job controller sets
+        # JOB_COMPLETION_INDEX in each pod; the kubelet expands $(...) in a command.
+        return ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={max(gpus, 1)}", "--node-rank=$(JOB_COMPLETION_INDEX)",
+                "--rdzv-backend=static", f"--rdzv-endpoint={RFTJobNames(owner.name).rendezvous_host}:{TRAINER_RENDEZVOUS_PORT}",
+                "--no-python", *train]
     if gpus > 1:
         return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python", *train]
     return train
@@ -421,12 +454,15 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
     role = "trainer"
     claim = checkpoint_claim_name(spec, owner.name)
     checkpoints = {"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}}
+    # `kuberft train` serves /metrics here (a PodMonitor scrapes declared ports only).
+    ports = [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"}]
+    if spec.trainer.nodes > 1:
+        ports.append({"name": "rendezvous", "containerPort": TRAINER_RENDEZVOUS_PORT, "protocol": "TCP"})
     container = {
         "name": "trainer",
         "image": spec.trainer.image or images.trainer,
         "command": trainer_command(spec, owner),
-        # `kuberft train` serves /metrics here (a PodMonitor scrapes declared ports only).
-        "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"}],
+        "ports": ports,
         "env": [
             {"name": "KUBERFT_JOB_NAME", "value": owner.name},
             {"name": "KUBERFT_JOB_NAMESPACE", "value": owner.namespace},
@@ -471,11 +507,11 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
     }
 
 
-def _trainer_job_spec(spec: RFTJobSpec, template: dict[str, Any], restarts_before: int, deadline_seconds: Optional[int]) -> dict[str, Any]:
+def _trainer_job_spec(template: dict[str, Any], backoff_limit: int, deadline_seconds: Optional[int], pods: int = 1) -> dict[str, Any]:
     job_spec: dict[str, Any] = {
-        "backoffLimit": max(0, spec.backoff_limit - restarts_before),
-        "completions": 1,
-        "parallelism": 1,
+        "backoffLimit": backoff_limit,
+        "completions": pods,
+        "parallelism": pods,
         "template": template,
     }
     if deadline_seconds is not None:
@@ -494,12 +530,12 @@ def trainer_job(
     restarts_before: int = 0,
     deadline_seconds: Optional[int] = None,
 ) -> dict[str, Any]:
-    """The trainer Job of a job without a queue. Retries are the Job's own (each new pod resumes
+    """The trainer Job of a job that does not `runs_as_jobset`. Retries are the Job's own (each new pod resumes
     from the latest checkpoint); `restarts_before` counts failures of earlier Jobs of this RFTJob
     (before a suspend), so the whole RFTJob never exceeds `backoffLimit`."""
     template = trainer_pod_template(spec, owner, images)
     manifest = _object("batch/v1", "Job", RFTJobNames(owner.name).trainer, owner, "trainer",
-                       spec=_trainer_job_spec(spec, template, restarts_before, deadline_seconds))
+                       spec=_trainer_job_spec(template, max(0, spec.backoff_limit - restarts_before), deadline_seconds))
     manifest["metadata"]["annotations"] = _trainer_annotations(template, restarts_before)
     return manifest
 
@@ -517,21 +553,24 @@ def rftjob_jobset(
     restarts_before: int = 0,
     deadline_seconds: Optional[int] = None,
 ) -> dict[str, Any]:
-    """A queued job's trainer and reward pool as one JobSet, created suspended with Kueue's queue
-    label: Kueue admits it as ONE workload (a pod set each for the trainer and the pool) against
-    the LocalQueue's quota, so neither half holds resources while the other waits. The trainer
-    Job starts once the pool is ready (`dependsOn`); the JobSet succeeds when the trainer does
-    (the pool's pods are then removed by JobSet) and fails when the trainer Job fails (its own
-    retries, counted by `backoffLimit`, come first). Children are `<job>-trainer-0` and
+    """The trainer and reward pool of a job that `runs_as_jobset`, as one JobSet. A queued one is
+    created suspended with Kueue's queue label: Kueue admits it as ONE workload (a pod set each
+    for the trainer and the pool) against the LocalQueue's quota, so neither half holds
+    resources while the other waits. The trainer Job (one pod per node, `trainer.nodes`) starts
+    once the pool is ready (`dependsOn`); the JobSet succeeds when the trainer does (the pool's
+    pods are then removed by JobSet). Any trainer pod's failure fails the trainer Job, and JobSet
+    restarts the whole set (every pod anew; the trainer resumes from its latest checkpoint) until
+    `backoffLimit` restarts are spent, then fails. Children are `<job>-trainer-0` and
     `<job>-reward-0` (JobSet's naming)."""
     names = RFTJobNames(owner.name)
+    nodes = spec.trainer.nodes
     trainer_template = trainer_pod_template(spec, owner, images)
     trainer = {
         "name": JOBSET_TRAINER,
         "replicas": 1,
         "template": {
             "metadata": {"labels": _labels(owner, "trainer")},
-            "spec": {**_trainer_job_spec(spec, trainer_template, restarts_before, deadline_seconds), "completionMode": "Indexed"},
+            "spec": {**_trainer_job_spec(trainer_template, 0, deadline_seconds, pods=nodes), "completionMode": "Indexed"},
         },
     }
     replicated = [trainer]
@@ -556,27 +595,35 @@ def rftjob_jobset(
         owner,
         "trainer",
         spec={
-            "suspend": True,
+            "suspend": bool(spec.queue_name),
             "replicatedJobs": replicated,
             # Every field JobSet's admission webhook would default is stated, so the JobSet means
             # the same whether or not the webhook runs.
-            "network": {"enableDNSHostnames": False, "publishNotReadyAddresses": True},
+            "network": {"enableDNSHostnames": nodes > 1, "subdomain": names.trainer_subdomain, "publishNotReadyAddresses": True},
             "successPolicy": {"operator": "All", "targetReplicatedJobs": [JOBSET_TRAINER]},
-            "failurePolicy": {"maxRestarts": 0, "restartStrategy": "Recreate"},
+            "failurePolicy": {"maxRestarts": max(0, spec.backoff_limit - restarts_before), "restartStrategy": "Recreate"},
             "startupPolicy": {"startupPolicyOrder": "AnyOrder"},
         },
     )
-    manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
+    if spec.queue_name:
+        manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
     manifest["metadata"]["annotations"] = _trainer_annotations(trainer_template, restarts_before)
     return manifest
 
 
+def longest_jobset_pod_name(spec: RFTJobSpec, job_name: str) -> str:
+    """The longest pod name JobSet generates for a job's JobSet (`<job>-<replicated job>-0-<index>`
+    and 5 random characters): its webhook refuses a JobSet whose pod names would not be DNS labels."""
+    pods = [(JOBSET_TRAINER, spec.trainer.nodes)] + ([] if spec.reward_pool.url else [(JOBSET_REWARD, spec.reward_pool.replicas)])
+    return max((f"{job_name}-{replicated}-0-{count - 1}-xxxxx" for replicated, count in pods), key=len)
+
+
 def reward_pool_children(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> list[dict[str, Any]]:
-    """The reward pool (none when `rewardPool.url` points at an existing one); a queued job's
+    """The reward pool (none when `rewardPool.url` points at an existing one); a JobSet job's
     pool pods come from its JobSet instead of a Deployment."""
     if spec.reward_pool.url:
         return []
-    pods = [] if spec.queue_name else [reward_deployment(spec, owner, images, replicas)]
+    pods = [] if runs_as_jobset(spec) else [reward_deployment(spec, owner, images, replicas)]
     return [reward_service_account(owner), *pods, reward_service(owner), reward_network_policy(owner)]
 
 
@@ -589,7 +636,7 @@ def rftjob_children(spec: RFTJobSpec, owner: Owner, images: Images, generation: 
         children.append(claim)
     children += reward_pool_children(spec, owner, images, reward_replicas)
     children += [progress_config_map(owner), trainer_service_account(owner), trainer_role(owner), trainer_role_binding(owner),
-                 ingress_only_on(RFTJobNames(owner.name).trainer, owner, "trainer", TRAINER_METRICS_PORT)]
+                 trainer_network_policy(spec, owner)]
     return children
 
 

@@ -39,19 +39,32 @@ from typing import Any, Optional
 
 import kopf
 from aiohttp import web
+from pydantic import ValidationError
 
-from kuberft_core.api import API_VERSION, GROUP, VERSION
+from kuberft_core.api import API_VERSION, GROUP, VERSION, RFTJobSpec
 from kuberft_core.job_progress import FIELDS as PROGRESS_FIELDS
 from kuberft_core.job_progress import MAX_VALUE_CHARS as PROGRESS_MAX_CHARS
 from kuberft_core.job_progress import PROGRESS_SUFFIX
 from kuberft_core.metrics import component_metrics
 from kuberft_core.probes import metrics_routes
 
-from .builders import ANNOTATION_HASH, JOBSET_API_VERSION, LABEL_MANAGED_BY, LABEL_RFTJOB, LABEL_ROLE, LABEL_TURBO, MANAGED_BY, Images, RFTJobNames, content_hash
+from .builders import (
+    ANNOTATION_HASH,
+    JOBSET_API_VERSION,
+    LABEL_MANAGED_BY,
+    LABEL_RFTJOB,
+    LABEL_ROLE,
+    LABEL_TURBO,
+    MANAGED_BY,
+    Images,
+    RFTJobNames,
+    content_hash,
+    runs_as_jobset,
+)
 from .conditions import parse_time
 from .kube import ApiError, Credentials, KubeClient
 from .leader import LeaderElector
-from .reconcile import ChildRef, Plan, RFTJobObserved, TurboObserved, plan_rftjob, plan_turbo, status_changes
+from .reconcile import ChildRef, Plan, RFTJobObserved, TurboObserved, parse_spec, plan_rftjob, plan_turbo, status_changes
 from .workqueue import WorkQueue
 
 log = logging.getLogger("kuberft.operator")
@@ -68,7 +81,7 @@ CHILD_KINDS = (
     ("rbac.authorization.k8s.io", "v1", "roles", "Role"),
     ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
     ("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
-    # A queued job's trainer and reward pool (watched only where JobSet is installed).
+    # A queued or multi-node job's trainer and reward pool (watched only where JobSet is installed).
     ("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet"),
 )
 CHILD_EVENT_DELAY = 0.25
@@ -105,7 +118,7 @@ RBAC_RULES = (
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch", "create", "patch", "delete"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["list", "watch", "create", "patch", "delete"]},
     {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["list", "watch", "create", "patch", "delete"]},
-    # A queued job's trainer and reward pool, created once (so never patched).
+    # A queued or multi-node job's trainer and reward pool, created once (so never patched).
     {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": ["list", "watch", "create", "delete"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]},
     # Whether the LocalQueue a job names exists (a job waits for Kueue; a typo would wait forever).
@@ -132,6 +145,14 @@ class OperatorConfig:
     lease_seconds: float = 15.0
     renew_seconds: float = 5.0
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+
+def _spec_or_none(body: dict[str, Any]) -> Optional[RFTJobSpec]:
+    """An RFTJob's spec, or None when it is invalid (the plan reports that)."""
+    try:
+        return parse_spec(RFTJobSpec, body.get("spec") or {})
+    except ValidationError:
+        return None
 
 
 def _key_of(kind: str, body: dict[str, Any]) -> Key:
@@ -333,18 +354,20 @@ class Controller:
         uid = body["metadata"]["uid"]
         if kind == "RFTJob":
             names = RFTJobNames(name)
-            queue_name = (body.get("spec") or {}).get("queueName")
-            jobset = reward_job = None
-            if queue_name:  # the trainer and reward Jobs are the JobSet's
-                jobset = self._cached("JobSet", namespace, names.jobset, uid)
-                jobset_uid = (jobset or {}).get("metadata", {}).get("uid")
-                job = self._cached("Job", namespace, names.jobset_trainer, jobset_uid) if jobset_uid else None
-                reward_job = self._cached("Job", namespace, names.jobset_reward, jobset_uid) if jobset_uid else None
+            # What exists decides where the trainer Job is (a started job keeps its kind of children);
+            # the spec decides what the cluster must offer before one is created.
+            jobset = self._cached("JobSet", namespace, names.jobset, uid)
+            reward_job = None
+            if jobset is not None:  # the trainer and reward Jobs are the JobSet's
+                jobset_uid = jobset["metadata"].get("uid")
+                job = self._cached("Job", namespace, names.jobset_trainer, jobset_uid)
+                reward_job = self._cached("Job", namespace, names.jobset_reward, jobset_uid)
             else:
                 job = self._cached("Job", namespace, names.trainer, uid)
             job_uid = (job or {}).get("metadata", {}).get("uid")
             pods = [b for k, b in self._owned(LABEL_RFTJOB, namespace, name, job_uid) if k == "Pod"] if job_uid else []
-            queue = await self._local_queue(namespace, queue_name)
+            spec = _spec_or_none(body)
+            queue = await self._local_queue(namespace, spec.queue_name) if spec is not None and runs_as_jobset(spec) else None
             job_events: list[dict[str, Any]] = []
             if job is not None and not pods and not (job.get("spec") or {}).get("suspend") and _age_seconds(job, now) >= TRAINER_POD_GRACE_SECONDS:
                 job_events = await self._warning_events(namespace, job_uid)
@@ -418,12 +441,11 @@ class Controller:
             self._event_tasks.add(task)
             task.add_done_callback(self._event_tasks.discard)
 
-    async def _local_queue(self, namespace: str, name: Optional[str]) -> Optional[str]:
-        """`found`, `missing` or `no-kueue` for the LocalQueue a job names (None without one);
+    async def _local_queue(self, namespace: str, name: Optional[str]) -> str:
+        """For a job that runs as a JobSet: `no-jobset` when the cluster has no JobSet API, else
+        `found`, `missing` or `no-kueue` for the LocalQueue it names (`found` without one);
         cached a while, as a queue is created once and every reconcile of the job asks."""
-        if not name:
-            return None
-        key = (namespace, name)
+        key = (namespace, name or "")
         cached = self._queues.get(key)
         if cached is not None and time.monotonic() - cached[1] < LOCAL_QUEUE_CACHE_SECONDS:
             return cached[0]
@@ -431,6 +453,9 @@ class Controller:
         if not await self._served(JOBSET_API_VERSION):
             self._queues[key] = ("no-jobset", time.monotonic())
             return "no-jobset"
+        if not name:  # a multi-node job without a queue needs JobSet only
+            self._queues[key] = ("found", time.monotonic())
+            return "found"
         for version in KUEUE_VERSIONS:
             try:
                 await self.client.request("GET", f"/apis/kueue.x-k8s.io/{version}/namespaces/{namespace}/localqueues/{name}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Optional, TypeVar, cast
@@ -38,11 +39,14 @@ from .builders import (
     Images,
     Owner,
     RFTJobNames,
+    checkpoint_claim_name,
     content_hash,
     ingress_only_on,
+    longest_jobset_pod_name,
     output_location,
     rftjob_children,
     rftjob_jobset,
+    runs_as_jobset,
     serve_autoscaler,
     serve_config_map,
     serve_deployment,
@@ -119,20 +123,21 @@ class RFTJobObserved:
     """The trainer's progress ConfigMap (untrusted: only its checked values reach the status)."""
     reward_deployment: Optional[dict[str, Any]] = None
     jobset: Optional[dict[str, Any]] = None
-    """A queued job's JobSet (trainer and reward pool in one Kueue workload)."""
+    """The JobSet of a job that `runs_as_jobset` (trainer and reward pool)."""
     reward_job: Optional[dict[str, Any]] = None
-    """A queued job's reward pool: the JobSet's reward Job."""
+    """A JobSet job's reward pool: the JobSet's reward Job."""
     reward_job_events: list[dict[str, Any]] = field(default_factory=list)
     """Warning events of that reward Job while its pods are not all ready (how a refused pod shows)."""
     trainer_job: Optional[dict[str, Any]] = None
-    """The trainer Job: the RFTJob's own, or its JobSet's for a queued job."""
+    """The trainer Job: the RFTJob's own, or its JobSet's."""
     trainer_pods: list[dict[str, Any]] = field(default_factory=list)
     trainer_job_events: list[dict[str, Any]] = field(default_factory=list)
-    local_queue: Optional[str] = None
-    """For a job with `queueName`: `found`, `missing` (no such LocalQueue in the namespace) or
-    `no-kueue` (the cluster has no Kueue API)."""
     """Warning events of a trainer Job that has no pod (the controller lists them only then):
     a Job whose pod is refused (admission, quota) says why only there."""
+    local_queue: Optional[str] = None
+    """For a job that runs as a JobSet: `no-jobset` (the cluster has no JobSet API), else `found`;
+    with `queueName` also `missing` (no such LocalQueue in the namespace) or `no-kueue` (the
+    cluster has no Kueue API)."""
     children: list[ChildRef] = field(default_factory=list)
     """Every child that exists now (used when the TTL deletes them)."""
 
@@ -169,6 +174,11 @@ def immutable_changes(accepted: dict[str, Any], requested: dict[str, Any]) -> li
     new_url = (requested.get("rewardPool") or {}).get("url")
     if old_url != new_url:
         paths.append("spec.rewardPool.url")
+    # A started job keeps the kind of children it runs as (trainer Job and reward Deployment, or a
+    # JobSet): more than one trainer node needs a JobSet. Between 2 and more nodes is a change of
+    # the JobSet, which is replaced like any other trainer change.
+    if "spec.queueName" not in paths and runs_as_jobset(parse_spec(RFTJobSpec, accepted)) != runs_as_jobset(parse_spec(RFTJobSpec, requested)):
+        paths.append("spec.trainer.nodes")
     return paths
 
 
@@ -265,9 +275,15 @@ def deployment_problem(deployment: Optional[dict[str, Any]]) -> Optional[str]:
     return None
 
 
-def _queue_problem(queue_name: Optional[str], found: Optional[str]) -> Optional[tuple[str, str]]:
-    if not queue_name or found in (None, "found"):
+def _jobset_problem(spec: RFTJobSpec, found: Optional[str]) -> Optional[tuple[str, str]]:
+    """Why the cluster cannot run a JobSet job (reason, message): no JobSet, no Kueue, no such LocalQueue."""
+    queue_name = spec.queue_name
+    if found in (None, "found"):
         return None
+    if found == "no-jobset" and not queue_name:
+        return ("JobSetNotInstalled", f"spec.trainer.nodes is {spec.trainer.nodes}: a multi-node trainer runs as a JobSet (its pods "
+                "start and restart together), but this cluster has no JobSet API (jobset.x-k8s.io/v1alpha2): install JobSet "
+                "(https://jobset.sigs.k8s.io), then restart the operator; or set trainer.nodes to 1")
     if found == "no-jobset":
         return ("JobSetNotInstalled", f"spec.queueName is {queue_name!r}: a queued job runs its trainer and reward pool as one JobSet, "
                 "which Kueue admits as one workload, but this cluster has no JobSet API (jobset.x-k8s.io/v1alpha2): install JobSet "
@@ -277,6 +293,27 @@ def _queue_problem(queue_name: Optional[str], found: Optional[str]) -> Optional[
                 "install Kueue or remove queueName")
     return ("LocalQueueNotFound", f"spec.queueName is {queue_name!r}, but there is no LocalQueue {queue_name!r} in this namespace: "
             "Kueue would never admit the job")
+
+
+_DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _spec_problem(spec: RFTJobSpec, name: str) -> Optional[tuple[str, str]]:
+    """Why the trainer cannot be created from this spec (reason, message), for what the schema
+    cannot check: a multi-node trainer needs a checkpoint volume every node mounts, and a JobSet
+    job's name must leave JobSet's pod names DNS labels."""
+    nodes = spec.trainer.nodes
+    if nodes > 1 and checkpoint_claim_name(spec, name) is None:
+        return ("CheckpointVolumeRequired", f"spec.trainer.nodes is {nodes}, but the job has no checkpoint volume: each pod would "
+                "checkpoint into its own emptyDir, so a restart would start over and the adapter would be lost with the pods. Set "
+                "checkpoint.storageSize (the operator creates a ReadWriteMany claim) or checkpoint.volumeClaimName (a ReadWriteMany "
+                "claim every node can mount)")
+    longest = longest_jobset_pod_name(spec, name)
+    if runs_as_jobset(spec) and not _DNS_LABEL.fullmatch(longest):
+        return ("InvalidJobSetName", f"metadata.name {name!r}: this job runs as a JobSet, which names its pods up to {longest!r}; "
+                "a pod name must be a DNS label (at most 63 characters: lower-case letters, digits and '-', starting with a letter): "
+                "use a shorter name")
+    return None
 
 
 def _warn_once(plan: Plan, previous: list[dict[str, Any]], type_: str, reason: str, message: str) -> None:
@@ -379,19 +416,26 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         return _plan_finished(plan, conds, status, observed, effective, now)
 
     job = observed.trainer_job
-    # What the operator creates for the trainer, and deletes to stop it: the trainer Job, or a
-    # queued job's JobSet (trainer and reward pool), which then carries the trainer annotations.
-    queued = bool(effective.queue_name)
-    holder = observed.jobset if queued else job
-    holder_ref = ChildRef(JOBSET_API_VERSION, "JobSet", names.jobset) if queued else ChildRef("batch/v1", "Job", names.trainer)
+    # What the operator creates for the trainer, and deletes to stop it: the trainer Job, or the
+    # JobSet (trainer and reward pool), which then carries the trainer annotations.
+    jobset = runs_as_jobset(effective)
+    holder = observed.jobset if jobset else job
+    holder_ref = ChildRef(JOBSET_API_VERSION, "JobSet", names.jobset) if jobset else ChildRef("batch/v1", "Job", names.trainer)
     job_annotations = (holder or {}).get("metadata", {}).get("annotations") or {}
     restarts_before = int(job_annotations.get(ANNOTATION_RESTARTS_BEFORE, 0)) if holder else int(status.get("restarts") or 0)
-    failures = restarts_before + int(((job or {}).get("status") or {}).get("failed") or 0) if holder else restarts_before
     job_true = _true_conditions(job)
+    jobset_true = _true_conditions(observed.jobset) if jobset else {}
     # Only the final conditions: with FailureTarget/SuccessCriteriaMet the counts are not final yet.
-    job_failed = "Failed" in job_true
-    # Every failure but a final one was followed by a restart from the latest checkpoint.
-    restarts = failures - 1 if job_failed and failures > 0 else failures
+    if jobset:
+        # A failed trainer Job is final only once JobSet has no restart left for it (JobSet Failed).
+        restarts = restarts_before + int(((holder or {}).get("status") or {}).get("restarts") or 0)
+        job_failed = "Failed" in job_true and "Failed" in jobset_true
+        failures = restarts + int(job_failed)
+    else:
+        failures = restarts_before + int(((job or {}).get("status") or {}).get("failed") or 0) if holder else restarts_before
+        job_failed = "Failed" in job_true
+        # Every failure but a final one was followed by a restart from the latest checkpoint.
+        restarts = failures - 1 if job_failed and failures > 0 else failures
     previous_restarts = int(status.get("restarts") or 0)
     plan.status["restarts"] = max(restarts, previous_restarts)
 
@@ -422,7 +466,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             if detail:
                 message += f"; last: {detail}"
             outcome = ("Failed", reason, message)
-    if outcome is None and queued and "Failed" in (jobset_true := _true_conditions(observed.jobset)):
+    if outcome is None and "Failed" in jobset_true:
         # The trainer Job did not fail (that is reported above): something else in the JobSet did.
         outcome = ("Failed", "JobSetFailed", f"JobSet {names.jobset} failed: {jobset_true['Failed'].get('message') or jobset_true['Failed'].get('reason')}")
 
@@ -445,8 +489,8 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     start_problem = trainer_start_problem(job, observed.trainer_pods, observed.trainer_job_events)
     # A trainer that cannot start until a person acts does not keep a reward pool busy; the pool
     # comes back when the trainer's pod starts (the trainer waits for it before its first step).
-    # (A queued job's pool is admitted with its trainer, as one workload: it is not parked.)
-    pool_parked = not queued and start_problem is not None and start_problem.needs_a_person
+    # (A JobSet job's pool is part of the JobSet, admitted and restarted with the trainer: it is not parked.)
+    pool_parked = not jobset and start_problem is not None and start_problem.needs_a_person
     pool_replicas = 0 if suspended or pool_parked else effective.reward_pool.replicas
     plan.apply = rftjob_children(effective, owner, images, effective_generation, pool_replicas)
     conds.set("Created", True, "ChildrenCreated", "job config, reward pool and trainer permissions created")
@@ -462,7 +506,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         conds.set("RewardPoolReady", False, "WaitingForTrainer", "the reward pool is scaled to zero until the trainer can start")
     else:
         want = effective.reward_pool.replicas
-        if queued:  # the pool is the JobSet's reward Job; a refused pod shows only in its events
+        if jobset:  # the pool is the JobSet's reward Job; a refused pod shows only in its events
             ready = int(((observed.reward_job or {}).get("status") or {}).get("ready") or 0)
             pool_ready = ready >= want
             refused = None if pool_ready else pod_refusal(observed.reward_job_events)
@@ -484,7 +528,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
                 "PodsReady" if pool_ready else "PodsNotReady",
                 f"{min(ready, want)}/{want} reward pods ready",
             )
-            if queued and not pool_ready and observed.reward_job is not None:
+            if jobset and not pool_ready and observed.reward_job is not None:
                 plan.requeue(5)  # a refused pod changes nothing we watch: look at the Job's events again
 
     if suspended:
@@ -500,7 +544,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         conds.set("Suspended", False, "Resumed", "training resumes from the latest checkpoint")
 
     if plan.status["restarts"] > previous_restarts:
-        detail = pod_failure(observed.trainer_pods) or "the trainer pod failed"
+        detail = pod_failure(observed.trainer_pods) or ("a trainer pod failed" if effective.trainer.nodes > 1 else "the trainer pod failed")
         plan.events.append(
             Event(
                 "Warning",
@@ -509,20 +553,28 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             )
         )
 
-    queue = _queue_problem(effective.queue_name, observed.local_queue)
-    if queue is not None:
-        reason, message = queue
-        _warn_once(plan, previous_conditions, "Running", reason, message)
-        conds.set("Running", False, reason, message)
-        plan.requeue(30)  # a queue created later is found again
-        return _finish_status(plan, conds, status)
+    if holder is None:  # what the spec and the cluster must offer before the trainer is created
+        cluster_problem = _jobset_problem(effective, observed.local_queue) if jobset else None
+        problem = _spec_problem(effective, name) or cluster_problem
+        if problem is not None:
+            reason, message = problem
+            _warn_once(plan, previous_conditions, "Running", reason, message)
+            conds.set("Running", False, reason, message)
+            if cluster_problem:
+                plan.requeue(30)  # a queue or JobSet installed later is found again
+            return _finish_status(plan, conds, status)
 
     left = deadline if remaining is None else max(1, int(remaining))
-    if holder is None and queued:
+    if holder is None and jobset:
         plan.create.append(rftjob_jobset(effective, owner, images, restarts_before=restarts_before, deadline_seconds=left))
         plan.status.setdefault("startTime", timestamp(now))
-        conds.set("Running", False, "WaitingForQueue", f"the JobSet {names.jobset} (trainer and reward pool) is created; it waits for admission by Kueue LocalQueue {effective.queue_name}")
-        plan.events.append(Event("Normal", "TrainerCreated", f"created the JobSet {names.jobset} (trainer and reward pool, one Kueue workload)" + (f" ({restarts_before} earlier restart(s) counted)" if restarts_before else "")))
+        counted = f" ({restarts_before} earlier restart(s) counted)" if restarts_before else ""
+        if effective.queue_name:
+            conds.set("Running", False, "WaitingForQueue", f"the JobSet {names.jobset} (trainer and reward pool) is created; it waits for admission by Kueue LocalQueue {effective.queue_name}")
+            plan.events.append(Event("Normal", "TrainerCreated", f"created the JobSet {names.jobset} (trainer and reward pool, one Kueue workload){counted}"))
+        else:
+            conds.set("Running", False, "WaitingForRewardPool", f"the JobSet {names.jobset} (trainer and reward pool) is created; the trainer starts once the reward pool is ready")
+            plan.events.append(Event("Normal", "TrainerCreated", f"created the JobSet {names.jobset} (trainer on {effective.trainer.nodes} nodes and reward pool){counted}"))
         return _finish_status(plan, conds, status)
     if holder is None:
         if pool_ready:
@@ -541,17 +593,18 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         plan.events.append(Event("Normal", "TrainerUpdated", "the trainer settings changed; replacing the trainer Job"))
         return _finish_status(plan, conds, status)
 
-    if queued and (holder.get("spec") or {}).get("suspend"):
+    if effective.queue_name and (holder.get("spec") or {}).get("suspend"):
         conds.set("Running", False, "WaitingForQueue", f"the JobSet {names.jobset} (trainer and reward pool) waits for admission by Kueue LocalQueue {effective.queue_name}")
         return _finish_status(plan, conds, status)
-    if job is None:  # a queued job, admitted: JobSet starts the trainer Job once the pool is ready
-        conds.set("Running", False, "WaitingForRewardPool", "admitted by Kueue; the trainer starts once the reward pool is ready")
+    if job is None:  # a JobSet job (admitted, if queued): JobSet starts the trainer Job once the pool is ready
+        conds.set("Running", False, "WaitingForRewardPool", ("admitted by Kueue; " if effective.queue_name else "") + "the trainer starts once the reward pool is ready")
         return _finish_status(plan, conds, status)
     job_status = job.get("status") or {}
-    if int(job_status.get("active") or 0) >= 1 and any(
-        (p.get("status") or {}).get("phase") == "Running" for p in observed.trainer_pods
-    ):
-        conds.set("Running", True, "TrainerRunning", "the trainer pod is running" + (f" (restart {plan.status['restarts']})" if plan.status["restarts"] else ""))
+    nodes = effective.trainer.nodes
+    running_pods = sum(1 for p in observed.trainer_pods if (p.get("status") or {}).get("phase") == "Running")
+    if int(job_status.get("active") or 0) >= 1 and running_pods >= nodes:
+        running = "the trainer pod is running" if nodes == 1 else f"all {nodes} trainer pods are running"
+        conds.set("Running", True, "TrainerRunning", running + (f" (restart {plan.status['restarts']})" if plan.status["restarts"] else ""))
     elif start_problem is not None:
         _warn_once(plan, previous_conditions, "Running", start_problem.reason, start_problem.message)
         conds.set("Running", False, start_problem.reason, start_problem.message)

@@ -45,13 +45,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _prepare(plane: ControlPlane) -> None:
-    # Volumes for checkpoint claims (no provisioner in the test cluster): claims bind to these.
+    # Volumes for checkpoint claims (no provisioner in the test cluster): claims bind to these,
+    # a multi-node trainer's ReadWriteMany claim too (kwok mounts nothing).
     volumes = [
         {
             "apiVersion": "v1",
             "kind": "PersistentVolume",
             "metadata": {"name": f"test-volume-{i}"},
-            "spec": {"capacity": {"storage": "100Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": f"/tmp/test-volume-{i}"}},
+            "spec": {"capacity": {"storage": "100Gi"}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"], "hostPath": {"path": f"/tmp/test-volume-{i}"}},
         }
         for i in range(12)
     ]

@@ -26,6 +26,8 @@ from kuberft_operator.builders import (
     trainer_role,
 )
 
+from .test_pod_security import restricted_violations
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 IMAGES = Images.for_version("registry.test/kuberft", "9.9.9")
 OWNER = Owner("RFTJob", "triton-kernels", "team-a", "uid-1")
@@ -147,12 +149,79 @@ def test_a_queued_job_is_one_suspended_jobset_holding_trainer_and_reward_pool():
     assert reward["template"]["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"  # a crashed evaluator restarts in place
     assert reward["template"]["spec"]["template"]["metadata"]["labels"] == reward_deployment(spec, OWNER, IMAGES, pool)["spec"]["template"]["metadata"]["labels"]
     assert trainer["dependsOn"] == [{"name": "reward", "status": "Ready"}]  # the trainer starts once the pool is ready
-    assert trainer["template"]["spec"]["backoffLimit"] == 1  # 3 allowed, 2 already used before a suspend
     assert trainer["template"]["spec"]["template"] == trainer_pod_template(spec, OWNER, IMAGES)
     assert jobset["spec"]["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["trainer"]}
-    assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 0  # the trainer Job's own retries are the budget
+    # A trainer pod's failure fails its Job at once, and JobSet restarts the whole set: 3 restarts
+    # allowed, 2 already used before a suspend.
+    assert trainer["template"]["spec"]["backoffLimit"] == 0
+    assert jobset["spec"]["failurePolicy"] == {"maxRestarts": 1, "restartStrategy": "Recreate"}
+    assert jobset["spec"]["network"]["enableDNSHostnames"] is False  # one trainer pod talks to nobody
     # The pool Deployment is not made for a queued job.
     assert "Deployment" not in [c["kind"] for c in rftjob_children(spec, OWNER, IMAGES, 1, spec.reward_pool.replicas)]
+
+
+def _multi_node_spec(nodes: int = 2, gpus: int = 4) -> RFTJobSpec:
+    spec = _example_spec().model_copy(deep=True)
+    spec.trainer.nodes = nodes
+    spec.trainer.resources.limits["nvidia.com/gpu"] = gpus
+    return spec
+
+
+def test_a_multi_node_trainer_is_one_indexed_job_of_a_pod_per_node_in_a_jobset_that_restarts_as_a_whole():
+    spec = _multi_node_spec(nodes=3)
+    jobset = rftjob_jobset(spec, OWNER, IMAGES, restarts_before=1)
+    assert jobset["spec"]["suspend"] is False and KUEUE_QUEUE_LABEL not in jobset["metadata"]["labels"]  # no queue: it starts at once
+    reward, trainer = jobset["spec"]["replicatedJobs"]
+    job = trainer["template"]["spec"]
+    assert (job["completionMode"], job["parallelism"], job["completions"], job["backoffLimit"]) == ("Indexed", 3, 3, 0)
+    assert jobset["spec"]["failurePolicy"] == {"maxRestarts": 2, "restartStrategy": "Recreate"}  # backoffLimit 3, 1 used before
+    # Pods are triton-kernels-trainer-0-<index>.triton-kernels-trainer (a headless Service JobSet creates).
+    assert jobset["spec"]["network"] == {"enableDNSHostnames": True, "subdomain": "triton-kernels-trainer", "publishNotReadyAddresses": True}
+    container = job["template"]["spec"]["containers"][0]
+    assert container["command"][:7] == [
+        "torchrun", "--nnodes=3", "--nproc-per-node=4", "--node-rank=$(JOB_COMPLETION_INDEX)", "--rdzv-backend=static",
+        "--rdzv-endpoint=triton-kernels-trainer-0-0.triton-kernels-trainer:29500", "--no-python",
+    ]
+    assert container["command"][7:9] == ["kuberft", "train"]
+    assert {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"} in container["ports"]
+    assert reward["name"] == "reward" and trainer["dependsOn"] == [{"name": "reward", "status": "Ready"}]
+    children = rftjob_children(spec, OWNER, IMAGES, 1, spec.reward_pool.replicas)
+    assert "Deployment" not in [c["kind"] for c in children]  # the pool's pods are the JobSet's
+    # Every node mounts the one checkpoint folder.
+    claim = next(c for c in children if c["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "triton-kernels-checkpoints"}} in job["template"]["spec"]["volumes"]
+
+
+def test_the_multi_node_command_is_what_torchrun_and_kuberft_parse():
+    """The command is a contract with torchrun: pod 1 of 2 (the kubelet expands
+    $(JOB_COMPLETION_INDEX)) joins pod 0's store; a CPU pod runs one process."""
+    from kuberft_operator.cli import build_parser
+    from torch.distributed.run import get_args_parser
+
+    spec = _multi_node_spec(nodes=2, gpus=0)
+    command = trainer_pod_template(spec, OWNER, IMAGES)["spec"]["containers"][0]["command"]
+    expanded = [part.replace("$(JOB_COMPLETION_INDEX)", "1") for part in command]
+    torchrun = get_args_parser().parse_args(expanded[1:])
+    assert (torchrun.nnodes, torchrun.nproc_per_node, torchrun.node_rank) == ("2", "1", 1)
+    assert (torchrun.rdzv_backend, torchrun.rdzv_endpoint) == ("static", "triton-kernels-trainer-0-0.triton-kernels-trainer:29500")
+    assert torchrun.no_python and torchrun.training_script == "kuberft"
+    train = build_parser().parse_args(torchrun.training_script_args)
+    assert (train.command, str(train.config)) == ("train", "/etc/kuberft/job.json")
+
+
+def test_a_multi_node_trainers_pods_accept_each_other_on_every_port_and_stay_restricted():
+    children = rftjob_children(_multi_node_spec(), OWNER, IMAGES, 1, 2)
+    policy = next(c for c in children if c["kind"] == "NetworkPolicy" and c["metadata"]["name"] == "triton-kernels-trainer")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [
+        {"ports": [{"protocol": "TCP", "port": 8080}]},  # metrics, from anywhere (as for one node)
+        {"from": [{"podSelector": {"matchLabels": {"kuberft.io/rftjob": "triton-kernels", "kuberft.io/role": "trainer"}}}]},  # peers: NCCL's ports are ephemeral
+    ]
+    trainer_pod = rftjob_jobset(_multi_node_spec(), OWNER, IMAGES)["spec"]["replicatedJobs"][1]["template"]["spec"]["template"]
+    assert trainer_pod["metadata"]["labels"]["kuberft.io/role"] == "trainer"  # what the peers rule selects
+    # Pod networking, no host network or host ports: the restricted Pod Security profile still holds.
+    assert restricted_violations(trainer_pod["spec"]) == []
 
 
 def test_a_queued_job_with_an_external_reward_pool_queues_only_its_trainer():

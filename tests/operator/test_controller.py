@@ -27,6 +27,8 @@ class FakeKube:
         self.writes: list[tuple[str, str, str]] = []
         self.events: list[tuple[str, str]] = []
         self.version = 1
+        self.served: set[str] = set()
+        """API discovery paths that answer (`/apis/<group>/<version>`); any other GET is a 404."""
 
     def _store(self, kind, ns, name, body):
         self.version += 1
@@ -71,6 +73,11 @@ class FakeKube:
 
     async def post_event(self, involved, type_, reason, message, component="x"):
         self.events.append((type_, reason))
+
+    async def request(self, method, path, body=None, content_type="application/json", params=None):
+        if path in self.served:
+            return {}
+        raise ApiError(404, "", "404 page not found")
 
 
 def controller(kube):
@@ -151,5 +158,25 @@ def test_our_own_status_write_coming_back_as_an_event_queues_nothing():
         edited["metadata"]["resourceVersion"] = "1000"
         ctl.on_parent_event("RFTJob", "MODIFIED", edited)
         assert len(ctl.queue) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_multi_node_job_needs_jobset_and_then_is_one_jobset():
+    async def scenario():
+        kube = FakeKube()
+        kube.objects[("RFTJob", "ns", "demo")]["spec"] = {**JOB["spec"], "trainer": {"nodes": 2}, "checkpoint": {"storageSize": "1Gi"}}
+        ctl = controller(kube)
+        key = ("RFTJob", "ns", "demo")
+        await ctl.reconcile(key)
+        running = next(c for c in kube.objects[key]["status"]["conditions"] if c["type"] == "Running")
+        assert running["reason"] == "JobSetNotInstalled" and not [w for w in kube.writes if w[1] == "JobSet"]
+
+        kube.served.add("/apis/jobset.x-k8s.io/v1alpha2")  # JobSet installed (the answer is cached a while)
+        ctl._queues.clear()
+        ctl.parents.pop(key)
+        await ctl.reconcile(key)
+        assert ("create", "JobSet", "demo") in kube.writes
+        assert not [w for w in kube.writes if w[1] in ("Deployment", "Job")]  # no reward Deployment, no trainer Job of its own
 
     asyncio.run(scenario())

@@ -340,6 +340,76 @@ def test_a_queued_job_is_one_jobset_kueue_admits_whole_and_jobset_runs_it_to_suc
     assert get(cluster, namespace, "jobset", "queued")["spec"]["suspend"] is False
 
 
+def multi_node_job(name: str, **spec: Any) -> dict[str, Any]:
+    """A trainer on two nodes (one GPU each), checkpointing to a claim both mount."""
+    return job_manifest(name, trainer={**SMALL_JOB["spec"]["trainer"], "nodes": 2}, checkpoint={"storageSize": "1Gi"}, **spec)
+
+
+def running_trainer_pods(cluster, namespace: str, name: str, count: int) -> list[dict[str, Any]]:
+    pods = [p for p in trainer_pods(cluster, namespace, name) if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+    return pods if len(pods) == count else []
+
+
+def test_a_multi_node_job_is_one_jobset_whose_pods_restart_together_until_backoff_limit(cluster, operator, namespace):
+    """The real JobSet controller runs the set; kwok plays the pods, and the test fails one the
+    way a kubelet reports a crashed trainer."""
+    apply(cluster, namespace, multi_node_job("multi", backoffLimit=1))
+    jobset = wait_for(lambda: get(cluster, namespace, "jobset", "multi"), 60, "the JobSet")
+    assert jobset["spec"]["suspend"] is False and "kueue.x-k8s.io/queue-name" not in jobset["metadata"]["labels"]  # no queue: it starts
+    assert jobset["spec"]["network"] == {"enableDNSHostnames": True, "subdomain": "multi-trainer", "publishNotReadyAddresses": True}
+    assert get(cluster, namespace, "deployment", "multi-reward") is None  # the pool is the JobSet's
+    assert get(cluster, namespace, "pvc", "multi-checkpoints")["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    pods = wait_for(lambda: running_trainer_pods(cluster, namespace, "multi", 2), 90,
+                    f"2 running trainer pods (status: {status(cluster, namespace, 'multi')})")
+    job = get(cluster, namespace, "job", "multi-trainer-0")
+    assert (job["spec"]["completionMode"], job["spec"]["parallelism"], job["spec"]["completions"], job["spec"]["backoffLimit"]) == ("Indexed", 2, 2, 0)
+    # Each pod is <job>-<index>.multi-trainer (a headless Service), and knows its index for torchrun's --node-rank.
+    assert sorted((p["spec"]["hostname"], p["spec"]["subdomain"]) for p in pods) == [("multi-trainer-0-0", "multi-trainer"), ("multi-trainer-0-1", "multi-trainer")]
+    assert all("JOB_COMPLETION_INDEX" in [e["name"] for e in p["spec"]["containers"][0]["env"]] for p in pods)
+    assert get(cluster, namespace, "service", "multi-trainer")["spec"]["clusterIP"] == "None"
+    running = wait_for(lambda: (c := condition(cluster, namespace, "multi", "Running")).get("reason") == "TrainerRunning" and c, 30, "TrainerRunning")
+    assert running["message"] == "all 2 trainer pods are running"
+
+    # One pod fails: JobSet recreates the whole set (every pod anew), one restart of the job.
+    first = {p["metadata"]["uid"] for p in pods}
+    set_pod_phase(cluster, namespace, pods[1]["metadata"]["name"], "Failed", 1)
+    wait_for(lambda: status(cluster, namespace, "multi").get("restarts") == 1, 60, "restarts 1 in the RFTJob's status")
+    assert get(cluster, namespace, "jobset", "multi")["status"]["restarts"] == 1
+    pods = wait_for(lambda: (new := running_trainer_pods(cluster, namespace, "multi", 2)) and not {p["metadata"]["uid"] for p in new} & first and new,
+                    90, "2 new trainer pods")
+    wait_for(lambda: condition(cluster, namespace, "multi", "Running").get("message") == "all 2 trainer pods are running (restart 1)", 30,
+             "TrainerRunning after the restart")
+    restarted = [e for e in events(cluster, namespace, "multi") if e["reason"] == "TrainerRestarted"]
+    assert len(restarted) == 1 and restarted[0]["type"] == "Warning"
+    assert restarted[0]["message"].endswith("restart 1 of 1 resumes from the latest checkpoint")
+
+    # backoffLimit allowed that one restart: the next failure fails the job.
+    set_pod_phase(cluster, namespace, pods[0]["metadata"]["name"], "Failed", 1)
+    failed = wait_phase(cluster, namespace, "multi", "Failed", timeout=60)
+    cond = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    assert cond["reason"] == "BackoffLimitExceeded"
+    assert cond["message"].startswith(f"the trainer failed 2 time(s); backoffLimit 1 allows 1 restart(s); last: pod {pods[0]['metadata']['name']} failed: exit code 1 (Error)")
+    assert failed["restarts"] == 1
+    assert next(c for c in get(cluster, namespace, "jobset", "multi")["status"]["conditions"] if c["type"] == "Failed")["reason"] == "ReachedMaxRestarts"
+
+
+def test_suspending_a_multi_node_job_removes_every_trainer_pod_and_resuming_starts_them_again(cluster, operator, namespace):
+    apply(cluster, namespace, multi_node_job("paused"))
+    wait_for(lambda: running_trainer_pods(cluster, namespace, "paused", 2), 90, "2 running trainer pods")
+
+    cluster.kubectl("patch", "rftjob", "paused", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    wait_phase(cluster, namespace, "paused", "Suspended")
+    wait_for(lambda: get(cluster, namespace, "jobset", "paused") is None, 30, "the JobSet to be deleted")
+    wait_for(lambda: not cluster.get_json("pods", "-n", namespace, "-l", "kuberft.io/rftjob=paused")["items"], 60,
+             "every pod (trainers and reward pool) to be deleted")
+    assert get(cluster, namespace, "pvc", "paused-checkpoints") is not None
+
+    cluster.kubectl("patch", "rftjob", "paused", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    wait_for(lambda: running_trainer_pods(cluster, namespace, "paused", 2), 90, "2 running trainer pods again")
+    wait_phase(cluster, namespace, "paused", "Running")
+
+
 def test_changing_a_training_field_of_a_running_job_is_refused_with_a_condition(cluster, operator, namespace):
     apply(cluster, namespace, job_manifest("steady"))
     wait_phase(cluster, namespace, "steady", "Running")

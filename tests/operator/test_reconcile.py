@@ -321,12 +321,13 @@ def test_ttl_after_finished_deletes_children_but_keeps_the_checkpoint_claim():
     assert waiting.delete == [] and waiting.requeue_after == 30
 
 
-def queued_jobset(spec, suspend=True, failed_condition=None):
-    jobset = rftjob_jobset(RFTJobSpec.model_validate(spec), Owner("RFTJob", "demo", "ns", "u1"), IMAGES)
+def created_jobset(spec, suspend=True, failed_condition=None, restarts=0, restarts_before=0):
+    jobset = rftjob_jobset(RFTJobSpec.model_validate(spec), Owner("RFTJob", "demo", "ns", "u1"), IMAGES, restarts_before=restarts_before)
     jobset["metadata"]["uid"] = "jobset-uid"
     jobset["spec"]["suspend"] = suspend
+    jobset["status"] = {"restarts": restarts}
     if failed_condition:
-        jobset["status"] = {"conditions": [{"type": "Failed", "status": "True", **failed_condition}]}
+        jobset["status"]["conditions"] = [{"type": "Failed", "status": "True", **failed_condition}]
     return jobset
 
 
@@ -342,12 +343,12 @@ def test_a_queued_job_is_one_jobset_that_kueue_admits_whole():
     assert {c["kind"] for c in plan.apply} >= {"Service", "NetworkPolicy", "ServiceAccount"}
     assert condition(plan, "Running")["reason"] == "WaitingForQueue" and plan.status["phase"] == "Pending"
 
-    waiting = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec))
+    waiting = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=created_jobset(spec))
     assert not waiting.create and not waiting.delete
     assert condition(waiting, "Running")["reason"] == "WaitingForQueue"
     assert "JobSet demo" in condition(waiting, "Running")["message"]
 
-    admitted = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec, suspend=False))
+    admitted = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=created_jobset(spec, suspend=False))
     assert condition(admitted, "Running")["reason"] == "WaitingForRewardPool"
     assert condition(admitted, "RewardPoolReady")["status"] == "False"
 
@@ -356,17 +357,17 @@ def test_a_queued_jobs_trainer_is_the_jobsets_and_its_failure_fails_the_job():
     spec = dict(SPEC, queueName="gpus")
     status = {"startTime": "2026-11-25T11:00:00Z"}
     reward_job = {"metadata": {"name": "demo-reward-0", "uid": "r"}, "status": {"ready": 2}}
-    running_plan = run(rftjob(spec=spec, status=status), local_queue="found", jobset=queued_jobset(spec, suspend=False),
+    running_plan = run(rftjob(spec=spec, status=status), local_queue="found", jobset=created_jobset(spec, suspend=False),
                        reward_job=reward_job, trainer_job=created_job(active=1, spec=spec), trainer_pods=RUNNING_POD)
     assert condition(running_plan, "Running")["reason"] == "TrainerRunning"
     assert condition(running_plan, "RewardPoolReady")["reason"] == "PodsReady"
     assert not running_plan.delete and not running_plan.create
 
-    done = run(rftjob(spec=spec, status=status), local_queue="found", jobset=queued_jobset(spec, suspend=False),
+    done = run(rftjob(spec=spec, status=status), local_queue="found", jobset=created_jobset(spec, suspend=False),
                trainer_job=created_job(conditions=[("Complete", "", "")], spec=spec))
     assert done.status["phase"] == "Succeeded"
     pool = run(rftjob(spec=spec, status=status), local_queue="found",
-               jobset=queued_jobset(spec, suspend=False, failed_condition={"reason": "FailedJobs", "message": "jobset failed due to reward"}))
+               jobset=created_jobset(spec, suspend=False, failed_condition={"reason": "FailedJobs", "message": "jobset failed due to reward"}))
     assert pool.status["phase"] == "Failed" and condition(pool, "Failed")["reason"] == "JobSetFailed"
 
 
@@ -375,20 +376,143 @@ def test_a_queued_jobs_reward_pods_refused_by_admission_are_reported():
     reward_job = {"metadata": {"name": "demo-reward-0", "uid": "r"}, "spec": {"parallelism": 2}, "status": {"ready": 0}}
     refusal = {"reason": "FailedCreate", "type": "Warning", "lastTimestamp": "2026-11-25T11:59:00Z",
                "message": 'Error creating: pods "demo-reward-0-0" is forbidden: violates PodSecurity "restricted:latest"'}
-    plan = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec, suspend=False),
+    plan = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=created_jobset(spec, suspend=False),
                reward_job=reward_job, reward_job_events=[refusal])
     pool = condition(plan, "RewardPoolReady")
     assert pool["reason"] == "RewardPodsCannotStart" and "violates PodSecurity" in pool["message"]
     assert ("Warning", "RewardPodsCannotStart") in [(e.type, e.reason) for e in plan.events]
-    starting = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec, suspend=False),
+    starting = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=created_jobset(spec, suspend=False),
                    reward_job=reward_job)
     assert condition(starting, "RewardPoolReady")["reason"] == "PodsNotReady" and starting.requeue_after == 5
 
 
 def test_suspending_a_queued_job_deletes_its_jobset():
     spec = dict(SPEC, queueName="gpus", suspend=True)
-    plan = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=queued_jobset(spec, suspend=False))
+    plan = run(rftjob(spec=spec, status={"startTime": "2026-11-25T11:00:00Z"}), local_queue="found", jobset=created_jobset(spec, suspend=False))
     assert [(c.kind, c.name) for c in plan.delete] == [("JobSet", "demo")]
+
+
+# --------------------------------------------------------------------------- multi-node trainers
+
+MULTI_NODE = dict(SPEC, trainer={"nodes": 2, "resources": {"limits": {"nvidia.com/gpu": 8}}})
+STARTED_AT = {"startTime": "2026-11-25T11:00:00Z"}
+TWO_RUNNING_PODS = [{"metadata": {"name": f"demo-trainer-0-{i}-x"}, "status": {"phase": "Running"}} for i in range(2)]
+READY_REWARD_JOB = {"metadata": {"name": "demo-reward-0", "uid": "r"}, "spec": {"parallelism": 2}, "status": {"ready": 2}}
+
+
+def multi_node(status=None, **observed):
+    return run(rftjob(spec=MULTI_NODE, status={**STARTED_AT, **(status or {})}), local_queue="found", **observed)
+
+
+def test_a_multi_node_job_is_one_jobset_started_at_once_without_a_queue():
+    plan = run(rftjob(spec=MULTI_NODE), local_queue="found")
+    [jobset] = plan.create
+    assert jobset["kind"] == "JobSet" and jobset["spec"]["suspend"] is False
+    assert "kueue.x-k8s.io/queue-name" not in jobset["metadata"]["labels"]
+    assert jobset["spec"]["replicatedJobs"][1]["template"]["spec"]["parallelism"] == 2
+    assert not [c for c in plan.apply if c["kind"] == "Deployment"]  # the pool is the JobSet's
+    assert condition(plan, "Running")["reason"] == "WaitingForRewardPool"
+    assert ("TrainerCreated", "created the JobSet demo (trainer on 2 nodes and reward pool)") in [(e.reason, e.message) for e in plan.events]
+    assert plan.status["startTime"] == "2026-11-25T12:00:00Z"
+
+    pool = multi_node(jobset=created_jobset(MULTI_NODE, suspend=False), reward_job=READY_REWARD_JOB)
+    assert condition(pool, "RewardPoolReady")["reason"] == "PodsReady"
+    assert condition(pool, "Running")["message"] == "the trainer starts once the reward pool is ready"  # no Kueue mentioned
+    one_pod = multi_node(jobset=created_jobset(MULTI_NODE, suspend=False), reward_job=READY_REWARD_JOB,
+                         trainer_job=created_job(active=2, spec=MULTI_NODE), trainer_pods=TWO_RUNNING_PODS[:1])
+    assert condition(one_pod, "Running")["status"] == "False"  # one node alone does not train
+    both = multi_node(jobset=created_jobset(MULTI_NODE, suspend=False), reward_job=READY_REWARD_JOB,
+                      trainer_job=created_job(active=2, spec=MULTI_NODE), trainer_pods=TWO_RUNNING_PODS)
+    assert (condition(both, "Running")["reason"], condition(both, "Running")["message"]) == ("TrainerRunning", "all 2 trainer pods are running")
+    assert not both.create and not both.delete
+
+
+def test_a_multi_node_job_needs_jobset_installed():
+    plan = run(rftjob(spec=MULTI_NODE), local_queue="no-jobset")
+    running = condition(plan, "Running")
+    assert running["reason"] == "JobSetNotInstalled" and running["message"].startswith("spec.trainer.nodes is 2: a multi-node trainer runs as a JobSet")
+    assert ("Warning", "JobSetNotInstalled") in [(e.type, e.reason) for e in plan.events]
+    assert not plan.create and plan.requeue_after == 30
+
+
+def test_jobset_restarts_are_the_jobs_restarts_and_the_job_fails_when_backoff_limit_is_spent():
+    # JobSet restarted the whole set once (every pod anew): counted and announced.
+    restarted = multi_node(status={"restarts": 0}, jobset=created_jobset(MULTI_NODE, suspend=False, restarts=1), reward_job=READY_REWARD_JOB,
+                           trainer_job=created_job(active=2, spec=MULTI_NODE), trainer_pods=TWO_RUNNING_PODS)
+    assert restarted.status["restarts"] == 1
+    assert condition(restarted, "Running")["message"] == "all 2 trainer pods are running (restart 1)"
+    event = next(e for e in restarted.events if e.reason == "TrainerRestarted")
+    assert (event.type, event.message) == ("Warning", "a trainer pod failed; restart 1 of 2 resumes from the latest checkpoint")
+    # Restarts before a suspend count too (the JobSet was recreated with what was left).
+    resumed = multi_node(status={"restarts": 1}, jobset=created_jobset(MULTI_NODE, suspend=False, restarts=1, restarts_before=1))
+    assert resumed.status["restarts"] == 2
+
+    # A failed trainer Job is not the end while JobSet still has a restart for it.
+    failed_pod = [{"metadata": {"name": "demo-trainer-0-1-x", "creationTimestamp": "2026-11-25T11:50:00Z"},
+                   "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "NCCL timeout"}}}]}}]
+    trainer_failed = created_job(failed=2, spec=MULTI_NODE, conditions=[("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])
+    restarting = multi_node(status={"restarts": 1}, jobset=created_jobset(MULTI_NODE, suspend=False, restarts=1), reward_job=READY_REWARD_JOB,
+                            trainer_job=trainer_failed, trainer_pods=failed_pod)
+    assert restarting.status["phase"] != "Failed" and restarting.status["restarts"] == 1
+
+    # JobSet used its last restart: the RFTJob fails, saying why.
+    spent = multi_node(status={"restarts": 2}, trainer_job=trainer_failed, trainer_pods=failed_pod,
+                       jobset=created_jobset(MULTI_NODE, suspend=False, restarts=2, failed_condition={
+                           "reason": "ReachedMaxRestarts", "message": "jobset failed due to reaching max number of restarts"}))
+    assert spent.status["phase"] == "Failed" and spent.status["restarts"] == 2
+    failed = condition(spent, "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert failed["message"] == ("the trainer failed 3 time(s); backoffLimit 2 allows 2 restart(s); "
+                                 "last: pod demo-trainer-0-1-x failed: exit code 1 (Error): NCCL timeout")
+
+
+def test_suspend_and_the_deadline_delete_a_multi_node_jobs_jobset():
+    suspended = run(rftjob(spec=dict(MULTI_NODE, suspend=True), status=STARTED_AT), local_queue="found",
+                    jobset=created_jobset(MULTI_NODE, suspend=False), trainer_job=created_job(active=2, spec=MULTI_NODE))
+    assert [(c.kind, c.name) for c in suspended.delete] == [("JobSet", "demo")]  # JobSet's Jobs and pods go with it
+    assert suspended.status["phase"] == "Suspended"
+    late = run(rftjob(spec=dict(MULTI_NODE, activeDeadlineSeconds=600), status={"startTime": "2026-11-25T11:49:00Z"}), local_queue="found",
+               jobset=created_jobset(MULTI_NODE, suspend=False), trainer_job=created_job(active=2, spec=MULTI_NODE))
+    assert condition(late, "Failed")["reason"] == "DeadlineExceeded"
+    assert [(c.kind, c.name) for c in late.delete] == [("JobSet", "demo")]
+
+
+def test_a_multi_node_job_without_a_checkpoint_volume_is_refused_until_it_has_one():
+    bare = {k: v for k, v in MULTI_NODE.items() if k != "checkpoint"}
+    plan = run(rftjob(spec=bare), local_queue="found")
+    running = condition(plan, "Running")
+    assert running["reason"] == "CheckpointVolumeRequired" and plan.status["phase"] == "Pending"
+    assert running["message"].startswith("spec.trainer.nodes is 2, but the job has no checkpoint volume")
+    assert "checkpoint.storageSize" in running["message"] and "ReadWriteMany" in running["message"]
+    assert ("Warning", "CheckpointVolumeRequired") in [(e.type, e.reason) for e in plan.events]
+    assert not plan.create and "startTime" not in plan.status  # not started: checkpoint may still change
+    claimed = run(rftjob(spec=dict(bare, checkpoint={"volumeClaimName": "shared"}), generation=2), local_queue="found")
+    assert [c["kind"] for c in claimed.create] == ["JobSet"]
+
+
+def test_a_jobset_jobs_name_must_leave_jobsets_pod_names_dns_labels():
+    body = rftjob(spec=MULTI_NODE)
+    body["metadata"]["name"] = "a" * 46  # aaa...-trainer-0-1-xxxxx is 64 characters
+    plan = run(body, local_queue="found")
+    assert condition(plan, "Running")["reason"] == "InvalidJobSetName" and not plan.create
+    assert f"'{'a' * 46}-trainer-0-1-xxxxx'" in condition(plan, "Running")["message"]
+    body["metadata"]["name"] = "a" * 45
+    assert [c["kind"] for c in run(body, local_queue="found").create] == ["JobSet"]
+    body["spec"] = SPEC  # one node, no queue: a trainer Job, whose pod names are the Job controller's
+    assert condition(run(body, reward_deployment=ready_pool()), "Running")["reason"] == "TrainerStarting"
+
+
+def test_a_started_job_cannot_move_between_one_and_more_trainer_nodes_but_can_change_how_many():
+    more = run(rftjob(spec=MULTI_NODE, generation=2, status=STARTED_AT), config_map=config_map_for(SPEC), reward_deployment=ready_pool(),
+               trainer_job=created_job(active=1), trainer_pods=RUNNING_POD)
+    refused = condition(more, "SpecAccepted")
+    assert refused["reason"] == "ImmutableFieldChanged" and refused["message"].startswith("spec.trainer.nodes cannot change once training has started")
+    assert not more.delete and not more.create and condition(more, "Running")["reason"] == "TrainerRunning"  # the Job keeps running
+    four = dict(MULTI_NODE, trainer={"nodes": 4, "resources": {"limits": {"nvidia.com/gpu": 8}}})
+    grown = run(rftjob(spec=four, generation=2, status=STARTED_AT), config_map=config_map_for(MULTI_NODE), local_queue="found",
+                jobset=created_jobset(MULTI_NODE, suspend=False), trainer_job=created_job(active=2, spec=MULTI_NODE))
+    assert all(c["type"] != "SpecAccepted" for c in grown.status["conditions"])
+    assert [(c.kind, c.name) for c in grown.delete] == [("JobSet", "demo")]  # replaced; the new one resumes from the checkpoint
 
 
 def test_a_turbo_deployment_waits_for_its_rftjob_then_serves_its_adapter():
