@@ -25,6 +25,7 @@ examples:
   kuberft run examples/local-countdown.yaml              the demo: a tiny model learns Countdown
   kuberft run examples/local-triton.yaml --steps 2       the Triton reward pipeline end to end
   kuberft run job.yaml --output runs/try1 --serve        train, then serve the adapter (OpenAI API)
+  kuberft run job.yaml --nproc 2                         the trainer as 2 processes (sharded with trainer.sharding: fsdp)
 """
 
 
@@ -41,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", type=Path, metavar="DIR", help="output directory (default: runs/<job name>)")
     parser.add_argument("--serve", action="store_true", help="after training, serve the adapter with an OpenAI-compatible API")
     parser.add_argument("--port", type=int, default=8000, help="port for --serve (default: 8000)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="trainer processes (torchrun; gloo on a CPU): each takes its share of every step's prompts, "
+                             "and spec.trainer.sharding: fsdp shards the model over them (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="log one line per step instead of a progress bar")
     parser.set_defaults(handler=_run)
 
@@ -69,8 +73,8 @@ def _run(args: argparse.Namespace) -> int:
     output = args.output or Path("runs") / job.metadata.name
     print(f"running RFTJob/{job.metadata.name} locally; outputs in {output}/", file=sys.stderr)
     try:
-        result = run_job(job, output, steps=args.steps, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as error:
+        result = run_job(job, output, steps=args.steps, progress=not args.no_progress, nproc=args.nproc)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -32,9 +32,10 @@ def test_cluster_only_fields_are_named_in_notes():
     document["spec"]["trainer"] = {"resources": {"limits": {"nvidia.com/gpu": 1}}}
     document["spec"]["checkpoint"]["storageSize"] = "10Gi"
     document["spec"]["queueName"] = "gpus"
+    document["spec"]["trainer"]["sharding"] = "fsdp"  # honoured here (with --nproc)
     notes = ignored_fields(RFTJob.model_validate(document).spec)
     assert notes == [
-        "spec.trainer is ignored by `kuberft run` (trainer pod placement (image, resources, node selector, tolerations, env))",
+        "spec.trainer.resources is ignored by `kuberft run` (trainer pod resources (processes here: --nproc))",
         "spec.checkpoint.storageSize is ignored by `kuberft run` (checkpoint volume (checkpoints go under --output))",
         "spec.queueName is ignored by `kuberft run` (Kueue admission)",
     ]
@@ -49,6 +50,28 @@ def test_run_rejects_a_bad_manifest_naming_the_field(tmp_path):
     assert result.returncode == 2
     assert f"{bad}: spec.grpo.numGenerations: Input should be greater than or equal to 2" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_trainer_runs_as_two_sharded_processes_with_nproc(tmp_path):
+    document = yaml.safe_load(DEMO.read_text())
+    document["spec"]["trainer"] = {"sharding": "fsdp"}
+    document["spec"]["grpo"].update(promptsPerStep=4, numGenerations=4)
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(document))
+    output = tmp_path / "out"
+    done = subprocess.run([*KUBERFT, "run", str(manifest), "--steps", "2", "--nproc", "2", "--output", str(output), "--no-progress"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "model sharded over 2 processes" in done.stderr and "local-countdown: 2/2 steps" in done.stdout
+    assert [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (output / "adapter" / "adapter_model.safetensors").is_file() and (output / "report.png").is_file()
+
+
+def test_nproc_must_divide_the_prompts_of_a_step(tmp_path):
+    done = subprocess.run([*KUBERFT, "run", str(DEMO), "--nproc", "3", "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "--nproc 3: the trainer processes share each step's prompts, so grpo.promptsPerStep" in done.stderr
 
 
 @pytest.mark.slow
@@ -86,7 +109,7 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 7))
-    assert f"local-countdown: 6/6 steps" in resumed.stdout
+    assert "local-countdown: 6/6 steps" in resumed.stdout
     assert (output / "report.png").exists() and (output / "adapter" / "adapter_config.json").exists()
 
 

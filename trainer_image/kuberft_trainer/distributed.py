@@ -89,8 +89,10 @@ def shard_model(model) -> int:
     groups = [*decoder_layers(model), model]
     for group in groups:
         fully_shard(group, mp_policy=policy)
-        # The loss is normalised over the whole step (all processes) already: sum the gradients.
+        # The loss is normalised over the whole step (all processes) already: sum the gradients,
+        # with a plain SUM (gloo has no pre-multiplied sum, which FSDP picks for fp32 otherwise).
         group.set_gradient_divide_factor(1.0)
+        group.set_force_sum_reduction_for_comms(True)
     return len(groups)
 
 
