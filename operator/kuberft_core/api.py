@@ -403,6 +403,13 @@ class GRPOSpec(ApiModel):
     """Maximum tokens generated per completion (also the dr_grpo normaliser)."""
     mask_truncated_completions: bool = False
     """Leave completions that hit maxCompletionLength out of the loss."""
+    rollout_correction: bool = True
+    """When a separate engine (vLLM) samples the completions, its token probabilities differ a
+    little from the trainer's (other kernels, other precision): weight each token's loss by
+    min(p_trainer / p_rollout, rolloutCorrectionCap), truncated importance sampling as in TRL and
+    verl. Without vLLM the trainer samples itself and there is nothing to correct."""
+    rollout_correction_cap: float = Field(default=2.0, ge=1.0, le=100.0)
+    """The largest weight of the rollout correction."""
     eval_every: int = Field(default=10, ge=0)
     """Evaluate pass@1 on held-out rows every N steps; 0 only at the end."""
     seed: int = 42

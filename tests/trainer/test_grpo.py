@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kuberft_trainer.grpo import combine_rewards, group_advantages, k3_kl, policy_loss
+from kuberft_trainer.grpo import combine_rewards, group_advantages, k3_kl, policy_loss, rollout_correction
 
 NAN = float("nan")
 EPS = 1e-4  # added to the std
@@ -185,3 +185,33 @@ def test_policy_loss_rejects_mismatched_shapes_with_the_shapes_in_the_message():
         policy_loss(ZERO, ZERO, torch.ones(3), MASK)
     with pytest.raises(ValueError, match="beta != 0 needs ref_logprobs"):
         policy_loss(ZERO, ZERO, ADV, MASK, beta=0.1)
+
+
+def test_rollout_correction_weights_are_the_probability_ratio_truncated_at_the_cap():
+    trainer = torch.log(torch.tensor([[0.5, 0.2, 0.9, 0.3]]))
+    rollout = torch.log(torch.tensor([[0.5, 0.4, 0.3, 0.9]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    weights, stats = rollout_correction(trainer, rollout, mask, cap=2.0)
+    # ratios 1, 0.5, 3 (capped at 2); the masked token keeps weight 1
+    assert torch.allclose(weights, torch.tensor([[1.0, 0.5, 2.0, 1.0]]))
+    assert stats["rollout_is_weight_mean"] == pytest.approx(3.5 / 3)
+    assert stats["rollout_is_capped"] == pytest.approx(1 / 3)
+    assert stats["rollout_logprob_diff_max"] == pytest.approx(math.log(3))
+    assert stats["rollout_logprob_diff_mean"] == pytest.approx((0 + math.log(2) + math.log(3)) / 3)
+    with pytest.raises(ValueError, match="one shape"):
+        rollout_correction(trainer, rollout[:, :3], mask, cap=2.0)
+
+
+def test_rollout_weights_scale_the_surrogate_per_token_but_not_the_kl():
+    logprobs = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.4, 0.5]]))
+    mask = torch.ones(1, 2)
+    advantages = torch.tensor([2.0])
+    weights = torch.tensor([[0.5, 2.0]])
+    plain, _ = policy_loss(logprobs, logprobs, advantages, mask, ref_logprobs=ref, beta=0.1, loss_type="bnpo")
+    weighted, _ = policy_loss(logprobs, logprobs, advantages, mask, ref_logprobs=ref, beta=0.1, loss_type="bnpo",
+                              rollout_weights=weights)
+    kl = k3_kl(logprobs, ref)[0]
+    # on-policy surrogate per token: -A; weighted: -A * w; the KL term is the same in both
+    assert float(plain) == pytest.approx(float((-2.0 + 0.1 * kl).mean()))
+    assert float(weighted) == pytest.approx(float((-2.0 * weights[0] + 0.1 * kl).mean()))

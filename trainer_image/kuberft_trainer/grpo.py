@@ -97,6 +97,7 @@ def policy_loss(
     max_completion_length: Optional[int] = None,
     step_sequences: Optional[int] = None,
     step_tokens: Optional[float] = None,
+    rollout_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO objective (to minimise) and its statistics.
 
@@ -109,6 +110,8 @@ def policy_loss(
     - "dapo":    sum M*l / sum M over the whole optimizer step
     With gradient accumulation pass the step's totals: `step_sequences` (all sequences of the
     step) and, for dapo, `step_tokens` (all active tokens of the step).
+    `rollout_weights` (B, T): per-token weights of the surrogate (not of the KL term) correcting
+    for a rollout engine that sampled from slightly other probabilities (`rollout_correction`).
 
     stats: clip_ratio (fraction of tokens where the clip was active, either side),
     clip_ratio_low, clip_ratio_high, kl (mean per-token k3; 0 without reference), tokens."""
@@ -130,6 +133,8 @@ def policy_loss(
     ratio = torch.exp(logprobs - old_logprobs)
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     per_token = -torch.min(ratio * advantage, clipped * advantage)
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights.to(per_token.dtype)
 
     kl = None
     if ref_logprobs is not None:
@@ -161,3 +166,30 @@ def policy_loss(
             "tokens": float(tokens),
         }
     return loss, stats
+
+
+def rollout_correction(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                       cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance-sampling weights for completions another engine sampled: per token
+    min(exp(trainer - rollout), cap) (Yao et al., "Your efficient RL framework secretly brings
+    you off-policy RL training"; TRL's and verl's token-level truncation). All (B, T); the
+    weights are 1 where the mask is 0.
+
+    stats: rollout_is_weight_mean, rollout_is_capped (fraction of tokens at the cap),
+    rollout_logprob_diff_mean / _max (|trainer - rollout| per token: the mismatch itself)."""
+    if trainer_logprobs.shape != rollout_logprobs.shape or trainer_logprobs.shape != mask.shape:
+        raise ValueError(f"trainer and rollout log-probs and mask must have one shape, got "
+                         f"{tuple(trainer_logprobs.shape)}, {tuple(rollout_logprobs.shape)}, {tuple(mask.shape)}")
+    active = mask.bool()
+    delta = (trainer_logprobs - rollout_logprobs).where(active, torch.zeros_like(trainer_logprobs))
+    raw = torch.exp(delta)
+    weights = raw.clamp(max=cap)
+    tokens = max(int(active.sum()), 1)
+    gap = delta.abs()
+    stats = {
+        "rollout_is_weight_mean": float(weights[active].sum()) / tokens,
+        "rollout_is_capped": float((raw[active] > cap).sum()) / tokens,
+        "rollout_logprob_diff_mean": float(gap[active].sum()) / tokens,
+        "rollout_logprob_diff_max": float(gap.max()) if bool(active.any()) else 0.0,
+    }
+    return weights, stats

@@ -40,13 +40,17 @@ class Rollout:
     completion_ids: torch.Tensor  # (N, T)
     completion_mask: torch.Tensor  # (N, T) 1 on generated tokens, the eos included
     truncated: torch.Tensor  # (N,) bool: hit the length limit without an eos
+    sampling_logprobs: Optional[torch.Tensor] = None
+    """(N, T) log-probabilities of the completion tokens under the engine that sampled them, when
+    that engine is not the trainer's model (vLLM); None when the trainer sampled."""
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
 
     def select(self, rows) -> "Rollout":
-        return Rollout(*(t[rows] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask, self.truncated)))
+        return Rollout(*(None if t is None else t[rows] for t in (
+            self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask, self.truncated, self.sampling_logprobs)))
 
     def padded_to(self, width: int, pad_token_id: int) -> "Rollout":
         """The same rollout with its completions right-padded to `width` tokens."""
@@ -59,6 +63,7 @@ class Rollout:
             torch.nn.functional.pad(self.completion_ids, (0, extra), value=pad_token_id),
             torch.nn.functional.pad(self.completion_mask, (0, extra), value=0),
             self.truncated,
+            None if self.sampling_logprobs is None else torch.nn.functional.pad(self.sampling_logprobs, (0, extra), value=0.0),
         )
 
 
@@ -246,8 +251,13 @@ class VllmGenerator:
     with LoRA support; each step the trainer's current adapter is saved to a scratch folder and
     used as a new LoRA request (adapter-only sync: a few MB instead of the full weights)."""
 
-    def __init__(self, model_path: str, *, lora_rank: int, dtype: str, max_model_len: int, gpu_memory_utilization: float = 0.3, seed: int = 0):
-        from vllm import LLM  # noqa: PLC0415 - optional, GPU only
+    def __init__(self, model_path: str, *, lora_rank: int, dtype: str, max_model_len: int,
+                 gpu_memory_utilization: Optional[float] = None, seed: int = 0):
+        from vllm import LLM  # noqa: PLC0415 - optional
+
+        if gpu_memory_utilization is None:
+            # On vLLM's CPU build the fraction is of the host's memory, which the trainer shares.
+            gpu_memory_utilization = 0.3 if torch.cuda.is_available() else 0.1
 
         self.llm = LLM(
             model=model_path,
@@ -258,6 +268,8 @@ class VllmGenerator:
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             enable_prefix_caching=True,
+            # log-probabilities after temperature (what the trainer computes), before top-p/top-k
+            logprobs_mode="processed_logprobs",
         )
         self._scratch = tempfile.TemporaryDirectory(prefix="kuberft-vllm-lora-")
         self._version = 0
@@ -272,27 +284,36 @@ class VllmGenerator:
         self._version += 1
         adapter_dir = Path(self._scratch.name) / f"v{self._version}"
         peft_model.save_pretrained(adapter_dir)
+        # vLLM samples a greedy completion once (it refuses n > 1): the copies are made here.
+        copies = num_generations if temperature == 0.0 else 1
         params = [
-            SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                           seed=seed, stop_token_ids=[eos_token_id])
+            SamplingParams(n=num_generations // copies, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                           seed=seed, stop_token_ids=[eos_token_id], logprobs=0)
             for seed in (seeds or [None] * len(prompts))
         ]
         requests = [{"prompt_token_ids": p} for p in prompts]
         outputs = self.llm.generate(requests, params, lora_request=LoRARequest(f"policy-{self._version}", self._version, str(adapter_dir)), use_tqdm=False)
         shutil.rmtree(Path(self._scratch.name) / f"v{self._version - 1}", ignore_errors=True)
         completions: list[list[int]] = []
+        logprobs: list[list[float]] = []
         for output in outputs:
-            completions.extend(list(c.token_ids) for c in output.outputs)
+            for completion in output.outputs:
+                for _ in range(copies):
+                    completions.append(list(completion.token_ids))
+                    # logprobs=0: each position holds the sampled token's log-probability
+                    logprobs.append([position[token].logprob for token, position in zip(completion.token_ids, completion.logprobs or [])])
         device = next(peft_model.parameters()).device
         width = max(1, max(len(c) for c in completions))
         ids = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         truncated = torch.zeros(len(completions), dtype=torch.bool)
-        for row, tokens in enumerate(completions):
+        sampled = torch.zeros(ids.shape, dtype=torch.float32)
+        for row, (tokens, values) in enumerate(zip(completions, logprobs)):
             ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, :len(tokens)] = 1
+            sampled[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
             truncated[row] = not tokens or tokens[-1] != eos_token_id
         prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
         prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
-        return Rollout(prompt_ids, prompt_mask, ids.to(device), mask.to(device), truncated.to(device))
+        return Rollout(prompt_ids, prompt_mask, ids.to(device), mask.to(device), truncated.to(device), sampled.to(device))

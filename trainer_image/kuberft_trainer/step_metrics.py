@@ -51,6 +51,13 @@ class StepMetrics:
     """Fraction of groups whose rewards were all equal (no learning signal)."""
     eval_pass_at_1: Optional[float] = None
     eval_reward: Optional[float] = None
+    rollout_is_weight_mean: Optional[float] = None
+    """Mean truncated importance weight min(p_trainer / p_rollout, cap) over the step's tokens,
+    when another engine (vLLM) sampled them; with rollout_is_capped (fraction at the cap) and
+    rollout_logprob_diff_mean / _max (|log p_trainer - log p_rollout| per token)."""
+    rollout_is_capped: Optional[float] = None
+    rollout_logprob_diff_mean: Optional[float] = None
+    rollout_logprob_diff_max: Optional[float] = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,8 @@
 - At the end: `output_dir/adapter/` (peft format), `output_dir/config.json` (the spec),
   `output_dir/samples/step-N.jsonl` (eval completions with their rewards) per evaluation.
 - Async reward backends run on the trainer's own event loop (`event_loop=` to share one).
+- Rollouts come from vLLM (`rollout.VllmGenerator`) on a GPU where it is installed, or when
+  `use_vllm=True` (or a generator, `vllm=`) is given; otherwise from the model itself.
 
 One step (`_train_step`): take promptsPerStep prompts; sample numGenerations completions each
 (HF with a KV cache, or vLLM on a GPU); score them; total reward = weighted sum; group-relative
@@ -65,7 +67,7 @@ from .distributed import (
     trainable_state,
 )
 from .evaluation import judge, write_samples
-from .grpo import combine_rewards, group_advantages, policy_loss
+from .grpo import combine_rewards, group_advantages, policy_loss, rollout_correction
 from .modeling import add_lora, load_model_and_tokenizer
 from .report import ProgressReporter
 from .rewards import RewardBackend, ScoreMatrix, reward_requests, score_completions
@@ -123,6 +125,7 @@ class Trainer:
         status: Optional[ProgressReporter] = None,
         event_loop: Optional[asyncio.AbstractEventLoop] = None,
         use_vllm: Optional[bool] = None,
+        vllm=None,
     ):
         self.spec = spec
         self.grpo = spec.grpo
@@ -174,7 +177,9 @@ class Trainer:
             self.optimizer, _schedule(self.grpo.lr_scheduler, self.grpo.warmup_steps, total_updates)
         )
         self.resumed_from = self._resume(latest)
-        self.vllm = self._vllm_generator() if (use_vllm if use_vllm is not None else self._vllm_available()) else None
+        if vllm is None and (use_vllm if use_vllm is not None else self._vllm_available()):
+            vllm = self._vllm_generator()
+        self.vllm = vllm
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -359,14 +364,18 @@ class Trainer:
         step_tokens = float(self.dist.sum_(mask.sum().detach().clone()).item())
 
         batches = self._micro_batches(mask.shape[0])
+        correct = rollout.sampling_logprobs is not None and grpo.rollout_correction
         self._updating = True
         self.model.eval()
         with torch.no_grad():
-            old = self._logprobs(rollout, batches) if grpo.num_iterations > 1 else None
+            old = self._logprobs(rollout, batches) if grpo.num_iterations > 1 or correct else None
             ref = None
             if grpo.beta > 0:
                 with self.model.disable_adapter():
                     ref = self._logprobs(rollout, batches)
+        weights, correction = None, {}
+        if correct:  # another engine sampled: weight each token by min(p_trainer / p_rollout, cap)
+            weights, correction = rollout_correction(old, rollout.sampling_logprobs, mask, grpo.rollout_correction_cap)
         self.model.train()
         loss_value = grad_norm = 0.0
         totals_kl_clip_tokens = torch.zeros(3, dtype=torch.float64)
@@ -382,6 +391,7 @@ class Trainer:
                 loss, stats = policy_loss(
                     logprobs, old[b] if old is not None else logprobs.detach(), advantages[b], mask[b],
                     ref_logprobs=ref[b] if ref is not None else None, beta=grpo.beta,
+                    rollout_weights=weights[b] if weights is not None else None,
                     epsilon_low=grpo.epsilon, epsilon_high=grpo.effective_epsilon_high, loss_type=grpo.loss_type,
                     max_completion_length=grpo.max_completion_length, step_sequences=step_sequences, step_tokens=step_tokens,
                 )
@@ -410,9 +420,15 @@ class Trainer:
             phase_seconds={"generate": generated - started, "reward": scored - generated, "train": trained - scored},
             step_seconds=trained - started,
             **reward_statistics(scores, totals, self.reward_names, G),
+            **self._mean_over_processes(correction),
             **length_statistics(torch.cat(self.dist.gather_list(rollout.lengths.cpu())),
                                 torch.cat(self.dist.gather_list(rollout.truncated.cpu())), generate_seconds),
         )
+
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Per-process statistics averaged over the processes (max for a `_max`)."""
+        gathered = self.dist.gather_list(values)
+        return {key: (max if key.endswith("_max") else lambda v: sum(v) / len(v))([g[key] for g in gathered]) for key in values}
 
     def _sum_gradients(self) -> None:
         """Sum the LoRA gradients over the processes (a sharded model's backward did it already)."""
