@@ -36,11 +36,14 @@ def test_vllm_rollouts_follow_the_adapter_the_seeds_and_the_stop_token(measured)
     assert measured["adapter_sync_changes_output"]
     # Each prompt's seed fixes its samples.
     assert measured["same_seeds_same_samples"] and measured["other_seeds_other_samples"]
-    # A completion ends at its first eos (kept, masked in) or is cut at the limit and marked truncated.
-    for row in measured["completions"]:
+    # A completion ends at its first stop token (kept, masked in) or is cut at the limit and marked
+    # truncated; among the samples there are both.
+    rows = measured["completions"]
+    for row in rows:
         assert not row["eos_inside"]
         assert row["truncated"] == (not row["ends_with_eos"])
         assert row["truncated"] <= (row["length"] == 24)
+    assert any(row["ends_with_eos"] for row in rows) and any(row["truncated"] for row in rows)
 
 
 @pytest.mark.timeout(1500)

@@ -46,6 +46,12 @@ def main(out: Path) -> dict:
     engine = VllmGenerator(str(model_dir), lora_rank=8, dtype="float32", max_model_len=256, seed=0)
     results["load_seconds"] = time.monotonic() - started
 
+    # A random tiny model hardly ever emits its eos: stop instead at a token it does write (the
+    # 4th of a greedy completion), so that completions end at the stop token as well as at the limit.
+    set_adapter(1)
+    probe = generate(policy, prompts[:1], num_generations=1, max_new_tokens=8, temperature=0.0, eos_token_id=eos, pad_token_id=pad)
+    eos = int(probe.completion_ids[0, 3])
+    results["stop_token"] = eos
     options = dict(max_new_tokens=24, eos_token_id=eos, pad_token_id=pad, top_p=1.0)
     greedy = {}
     for version in (1, 2):  # the adapter changes between steps: the engine must follow it
