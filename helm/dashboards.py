@@ -150,6 +150,14 @@ def _training() -> Dashboard:
                         unit="percentunit", min=0,
                     ),
                     Panel(
+                        "Rollout mismatch (vLLM)",
+                        "When vLLM samples the completions: the largest per-token gap between its log-probabilities and the "
+                        "trainer's, and the mean correction weight min(p_trainer / p_rollout, cap) (1: no mismatch). Empty without vLLM.",
+                        [Query(gauge("rollout_logprob_diff_max"), "max |log-prob gap| {{rftjob}}"),
+                         Query(gauge("rollout_is_weight_mean"), "mean weight {{rftjob}}")],
+                        min=0,
+                    ),
+                    Panel(
                         "Learning rate",
                         "Learning rate of the last step (after warm-up and schedule).",
                         [Query(gauge("learning_rate"), "{{rftjob}}")],
