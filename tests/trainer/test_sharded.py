@@ -102,3 +102,16 @@ def test_two_processes_each_holding_the_whole_model_train_as_one(tiny_model, tmp
     assert summary["step"] == 4 and not summary["interrupted"]
     assert_same_steps(read_metrics(output), read_metrics(one_process))
     assert_same_adapter(output / "adapter", one_process / "adapter")
+
+
+@pytest.mark.slow
+def test_a_bf16_base_is_sharded_with_fp32_lora_master_weights(tiny_model, tmp_path):
+    spec = toy_spec(tiny_model, steps=2)
+    spec.model.dtype = "bfloat16"
+    spec.trainer.sharding = "fsdp"
+    summary = torchrun_train(spec, tmp_path / "bf16", tmp_path)
+    assert summary["step"] == 2 and "model sharded over 2 processes" in summary["log"]
+    lines = read_metrics(tmp_path / "bf16")
+    assert all(m["grad_norm"] > 0 for m in lines)  # the fp32 LoRA weights received gradients through the bf16 base
+    adapter = load_file(str(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
