@@ -152,7 +152,7 @@ def _training() -> Dashboard:
                     Panel(
                         "Rollout mismatch (vLLM)",
                         "When vLLM samples the completions: the largest per-token gap between its log-probabilities and the "
-                        "trainer's, and the mean correction weight min(p_trainer / p_rollout, cap) (1: no mismatch). Empty without vLLM.",
+                        "trainer's, and the mean correction weight min(p_trainer / p_rollout, cap) (1: no mismatch). 0 and 1 when the trainer samples itself.",
                         [Query(gauge("rollout_logprob_diff_max"), "max |log-prob gap| {{rftjob}}"),
                          Query(gauge("rollout_is_weight_mean"), "mean weight {{rftjob}}")],
                         min=0,

@@ -145,9 +145,10 @@ def publish(m: StepMetrics, job: str, gauges: ComponentMetrics, output_dir: Path
     gauges.loss.labels(job).set(m.loss)
     gauges.kl.labels(job).set(m.kl)
     gauges.clip_ratio.labels(job).set(m.clip_ratio)
-    if m.rollout_is_weight_mean is not None:
-        gauges.rollout_is_weight_mean.labels(job).set(m.rollout_is_weight_mean)
-        gauges.rollout_logprob_diff_max.labels(job).set(m.rollout_logprob_diff_max)
+    # The trainer's own samples (no vLLM) have no mismatch: weight 1, gap 0.
+    corrected = m.rollout_is_weight_mean is not None
+    gauges.rollout_is_weight_mean.labels(job).set(m.rollout_is_weight_mean if corrected else 1.0)
+    gauges.rollout_logprob_diff_max.labels(job).set(m.rollout_logprob_diff_max if corrected else 0.0)
     gauges.completion_length_mean.labels(job).set(m.completion_length_mean)
     gauges.completion_length_max.labels(job).set(m.completion_length_max)
     gauges.truncated_fraction.labels(job).set(m.truncated_fraction)
