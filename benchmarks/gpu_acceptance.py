@@ -46,6 +46,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import median_tokens_per_second
+
 PARTS = ("vllm_rollouts", "training", "reward_pool", "serve")
 GROUPS = ((("vllm_rollouts", "training"), 0.55), (("reward_pool",), 0.2), (("serve",), 0.25))
 """Parts that run in one child process (training uses the vLLM engine the rollouts part loaded),
@@ -181,17 +183,6 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
             "first_difference": min(differing) if differing else None}
 
 
-def median_rate(produce, rounds: int) -> float:
-    """Median generated tokens per second of `produce()` (a Rollout) over `rounds` after a warm-up."""
-    produce()
-    rates = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        rollout = produce()
-        rates.append(int(rollout.completion_mask.sum()) / (time.perf_counter() - started))
-    return statistics.median(rates)
-
-
 def set_random_adapter(policy, seed: int) -> None:
     """Random LoRA B matrices (peft starts them at zero): a distinct adapter per seed."""
     import torch
@@ -240,8 +231,8 @@ def vllm_rollouts(run: Run, figures: dict, problems: list[str]) -> None:
 
     sample = dict(num_generations=s.generations, temperature=1.0, **options)
     seeds = list(range(len(prompts)))
-    figures["rollout_tokens_per_second"] = median_rate(lambda: run.engine.generate(policy, prompts, seeds=seeds, **sample), s.rounds)
-    figures["trainer_generate_tokens_per_second"] = median_rate(lambda: generate(policy, prompts, **sample), s.rounds)
+    figures["rollout_tokens_per_second"] = median_tokens_per_second(lambda: run.engine.generate(policy, prompts, seeds=seeds, **sample), s.rounds)
+    figures["trainer_generate_tokens_per_second"] = median_tokens_per_second(lambda: generate(policy, prompts, **sample), s.rounds)
     figures["rollout_shape"] = f"{len(prompts)} prompts x {s.generations} generations x {s.new_tokens} tokens"
     sampled = run.engine.generate(policy, prompts, seeds=seeds, **sample)
     with torch.no_grad():

@@ -26,11 +26,9 @@ import threading
 import time
 from pathlib import Path
 
+from common import DigitsBackend, digit_fraction
+
 PROMPTS = [f"Write a number with {n} digits, then stop: " for n in range(1, 33)]
-
-
-def toy_reward(completion: str) -> float:
-    return sum(c.isdigit() for c in completion) / max(1, len(completion))
 
 
 class RssSampler:
@@ -65,16 +63,9 @@ def run_kuberft(args, model_dir: str, out: dict) -> None:
     import torch
 
     from kuberft_core.api import RFTJobSpec
-    from kuberft_core.reward_protocol import EvaluateResponse, ItemResult, RewardResult
     from kuberft_trainer.train import Trainer
 
     torch.set_num_threads(args.threads)
-
-    class Backend:
-        async def evaluate(self, request):
-            return EvaluateResponse(results=[
-                ItemResult(rewards={"digits": RewardResult(score=toy_reward(i.completion), outcome="ok")}) for i in request.items
-            ])
 
     spec = RFTJobSpec.model_validate({
         "model": {"name": model_dir, "dtype": "float32"},
@@ -88,7 +79,7 @@ def run_kuberft(args, model_dir: str, out: dict) -> None:
     })
     times, tokens, phases = [], [], []
     with tempfile.TemporaryDirectory() as output:
-        trainer = Trainer(spec, Path(output), Backend(), on_step=lambda m: (times.append(m.step_seconds), tokens.append(m.generated_tokens), phases.append(m.phase_seconds)))
+        trainer = Trainer(spec, Path(output), DigitsBackend(), on_step=lambda m: (times.append(m.step_seconds), tokens.append(m.generated_tokens), phases.append(m.phase_seconds)))
         trainer.eos_id = -1  # equal work: no completion ends before the length limit
         with RssSampler() as memory:
             trainer.run()
@@ -140,7 +131,7 @@ def run_trl(args, model_dir: str, out: dict) -> None:
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
     def digits(completions, **kwargs):
-        return [toy_reward(c) for c in completions]
+        return [digit_fraction(c) for c in completions]
 
     dataset = Dataset.from_list([{"prompt": p} for p in PROMPTS])
     times = []

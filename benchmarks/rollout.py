@@ -20,17 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DigitsBackend, median_tokens_per_second
+
 PROMPTS = [f"Write a number with {n} digits, then stop: " for n in range(1, 33)]
-
-
-def tokens_per_second(generate, rounds: int) -> float:
-    generate()  # warm-up
-    rates = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        rollout = generate()
-        rates.append(int(rollout.completion_mask.sum()) / (time.perf_counter() - started))
-    return statistics.median(rates)
 
 
 def main() -> None:
@@ -49,17 +41,9 @@ def main() -> None:
 
     from kuberft_core.api import LoraSpec, RFTJobSpec
     from kuberft_core.models import build_tiny_model
-    from kuberft_core.reward_protocol import EvaluateResponse, ItemResult, RewardResult
     from kuberft_trainer.modeling import add_lora
     from kuberft_trainer.rollout import VllmGenerator, generate
     from kuberft_trainer.train import Trainer
-
-    class Digits:
-        async def evaluate(self, request):
-            return EvaluateResponse(results=[
-                ItemResult(rewards={"digits": RewardResult(score=sum(c.isdigit() for c in i.completion) / max(1, len(i.completion)), outcome="ok")})
-                for i in request.items
-            ])
 
     scratch = Path(tempfile.mkdtemp(prefix="kuberft-rollout-bench-"))
     model_dir = build_tiny_model(scratch / "model", hidden_size=args.hidden, num_layers=args.layers,
@@ -75,8 +59,8 @@ def main() -> None:
     started = time.perf_counter()
     engine = VllmGenerator(str(model_dir), lora_rank=lora.r, dtype="float32", max_model_len=256, seed=0)
     load_seconds = time.perf_counter() - started
-    vllm_rate = tokens_per_second(lambda: engine.generate(policy, prompts, seeds=seeds, **options), args.repeats)
-    builtin_rate = tokens_per_second(
+    vllm_rate = median_tokens_per_second(lambda: engine.generate(policy, prompts, seeds=seeds, **options), args.repeats)
+    builtin_rate = median_tokens_per_second(
         lambda: generate(policy, prompts, generators=[torch.Generator().manual_seed(s) for s in seeds], **options), args.repeats)
 
     spec = RFTJobSpec.model_validate({
@@ -91,7 +75,7 @@ def main() -> None:
     step_seconds = {}
     for name, engine_or_none in (("vllm", engine), ("builtin", None)):
         with tempfile.TemporaryDirectory() as output:
-            with Trainer(spec, Path(output), Digits(), vllm=engine_or_none, use_vllm=False) as trainer:
+            with Trainer(spec, Path(output), DigitsBackend(), vllm=engine_or_none, use_vllm=False) as trainer:
                 history = trainer.run().history
         step_seconds[name] = statistics.median(m.step_seconds for m in history[1:])
 

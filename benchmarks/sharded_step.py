@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import DigitsBackend
+
 PROMPTS = [f"Write a number with {n} digits, then stop: " for n in range(1, 33)]
 
 
@@ -31,15 +33,7 @@ def worker(args) -> None:
     import torch
 
     from kuberft_core.api import RFTJobSpec
-    from kuberft_core.reward_protocol import EvaluateResponse, ItemResult, RewardResult
     from kuberft_trainer.train import Trainer
-
-    class Digits:
-        async def evaluate(self, request):
-            return EvaluateResponse(results=[
-                ItemResult(rewards={"digits": RewardResult(score=sum(c.isdigit() for c in i.completion) / max(1, len(i.completion)), outcome="ok")})
-                for i in request.items
-            ])
 
     spec = RFTJobSpec.model_validate({
         "model": {"name": args.model, "dtype": "float32"},
@@ -52,7 +46,7 @@ def worker(args) -> None:
         "checkpoint": {"everySteps": 1_000_000},
     })
     with tempfile.TemporaryDirectory() as output:
-        trainer = Trainer(spec, Path(output), Digits())
+        trainer = Trainer(spec, Path(output), DigitsBackend())
         trainer.eos_id = -1  # equal work: no completion ends before the length limit
         with trainer:
             times = [m.step_seconds for m in trainer.run().history]
