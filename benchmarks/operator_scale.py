@@ -161,7 +161,7 @@ async def floor_children(client: KubeClient, namespace: str, jobs: int) -> list[
         owner = Owner("RFTJob", f"floor-{index:04d}", namespace, f"00000000-0000-0000-0000-{index:012d}")
         # No reward pods: their scheduling and kwok's status updates would still load the
         # cluster when the operator's turn comes, and the floor is meant as an optimistic bound.
-        await asyncio.gather(*(one(m) for m in rftjob_children(spec, owner, Images.for_version(), 1, reward_replicas=0)))
+        await asyncio.gather(*(one(m) for m in rftjob_children(spec, owner, Images.for_version(), 1, reward_replicas=0, rollout_replicas=0)))
         return time.perf_counter() - started
 
     return list(await asyncio.gather(*(children_of(i) for i in range(jobs))))

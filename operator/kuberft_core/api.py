@@ -267,10 +267,12 @@ class ConfigMapRef(ApiModel):
 class BuiltinDataset(ApiModel):
     """A dataset generated from one of the task sets shipped with the reward pool."""
 
-    name: Literal["triton-kernels", "countdown"]
-    """`triton-kernels`: the curated PyTorch-to-Triton tasks; `countdown`: arithmetic puzzles reaching a target."""
+    name: Literal["triton-kernels", "triton-family", "countdown"]
+    """`triton-kernels`: the curated PyTorch-to-Triton tasks; `triton-family`: generated
+    PyTorch-to-Triton tasks (elementwise compositions, row-wise reductions), options `split`
+    (`train` or `heldout`) and `kinds`; `countdown`: arithmetic puzzles reaching a target."""
     size: int = Field(default=256, ge=1, le=1_000_000)
-    """Rows to generate, for generated sets (countdown); fixed sets use all their tasks."""
+    """Rows to generate, for generated sets (countdown; triton-family: at most this many); fixed sets use all their tasks."""
     seed: int = 0
     """Seed of the generator."""
     options: dict[str, Any] = Field(default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
@@ -420,6 +422,24 @@ class GRPOSpec(ApiModel):
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
+class RolloutSpec(ApiModel):
+    """Where the completions of each GRPO step are sampled."""
+
+    mode: Literal["colocated", "server"] = "colocated"
+    """`colocated`: the trainer samples them itself (with vLLM in its own process where vLLM is
+    installed and a GPU is present). `server`: vLLM runs in `replicas` rollout pods of their own;
+    every step the trainer sends them its adapter and the step's prompts. For models whose
+    trainer and rollout copies do not fit one GPU together."""
+    replicas: int = Field(default=1, ge=1, le=256)
+    """Rollout server pods (data parallel: the step's prompts are split among them)."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    """Fraction of each rollout pod's GPU memory vLLM may use (weights, activations and KV cache)."""
+    placement: PodPlacement = nested(PodPlacement)
+    """Image, resources and scheduling of the rollout pods. The image defaults to the trainer's,
+    which must then include vLLM (built with `--build-arg EXTRA_PIP=vllm`); the GPUs a pod asks
+    for (`resources.limits["nvidia.com/gpu"]`) are its tensor-parallel size."""
+
+
 class SandboxSpec(ApiModel):
     """Limits for each evaluation of untrusted model output."""
 
@@ -482,6 +502,8 @@ class RFTJobSpec(ApiModel):
     """Reward functions; the total reward is their weighted sum."""
     grpo: GRPOSpec = nested(GRPOSpec)
     """GRPO algorithm settings."""
+    rollout: RolloutSpec = nested(RolloutSpec)
+    """Where completions are sampled: in the trainer, or in vLLM rollout server pods."""
     reward_pool: RewardPoolSpec = nested(RewardPoolSpec)
     """Reward evaluator pool."""
     trainer: TrainerSpec = nested(TrainerSpec)
@@ -523,8 +545,9 @@ class RFTJobStatus(ApiModel):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Created, RewardPoolReady, Running, Suspended, Succeeded, Failed; SpecAccepted after a
-    refused change, ProgressAccepted after a trainer report with values the operator ignored."""
+    """Created, RewardPoolReady, RolloutReady (with `rollout.mode: server`), Running, Suspended,
+    Succeeded, Failed; SpecAccepted after a refused change, ProgressAccepted after a trainer
+    report with values the operator ignored."""
     observed_generation: Optional[int] = None
     """The metadata.generation the status reflects."""
     step: Optional[int] = None

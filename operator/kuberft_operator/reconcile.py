@@ -40,7 +40,6 @@ from .builders import (
     Owner,
     RFTJobNames,
     checkpoint_claim_name,
-    content_hash,
     ingress_only_on,
     longest_jobset_pod_name,
     output_location,
@@ -54,7 +53,7 @@ from .builders import (
     serve_service,
     serve_url,
     trainer_job,
-    trainer_pod_template,
+    trainer_restart_hash,
 )
 from .conditions import Conditions, Transition, event_type, find, parse_time, timestamp
 
@@ -128,6 +127,13 @@ class RFTJobObserved:
     """A JobSet job's reward pool: the JobSet's reward Job."""
     reward_job_events: list[dict[str, Any]] = field(default_factory=list)
     """Warning events of that reward Job while its pods are not all ready (how a refused pod shows)."""
+    rollout_deployment: Optional[dict[str, Any]] = None
+    rollout_job: Optional[dict[str, Any]] = None
+    """A JobSet job's rollout servers: the JobSet's rollout Job."""
+    rollout_job_events: list[dict[str, Any]] = field(default_factory=list)
+    """Warning events of that rollout Job while its pods are not all ready."""
+    rollout_pods: list[dict[str, Any]] = field(default_factory=list)
+    """The rollout server pods (their containers' states say why one does not come up)."""
     trainer_job: Optional[dict[str, Any]] = None
     """The trainer Job: the RFTJob's own, or its JobSet's."""
     trainer_pods: list[dict[str, Any]] = field(default_factory=list)
@@ -205,14 +211,19 @@ def pod_failure(pods: list[dict[str, Any]]) -> Optional[str]:
     for container in status.get("containerStatuses") or []:
         terminated = (container.get("state") or {}).get("terminated")
         if terminated:
-            text = f"pod {pod['metadata']['name']} failed: exit code {terminated.get('exitCode')}"
-            if terminated.get("reason"):
-                text += f" ({terminated['reason']})"
-            if terminated.get("message"):
-                text += f": {terminated['message'].strip()}"
-            return text
+            return f"pod {pod['metadata']['name']} failed: {_exit(terminated)}"
     detail = status.get("message") or status.get("reason") or "no container status"
     return f"pod {pod['metadata']['name']} failed: {detail}"
+
+
+def _exit(terminated: dict[str, Any]) -> str:
+    """`exit code N (reason): message`, from a container's terminated state."""
+    text = f"exit code {terminated.get('exitCode')}"
+    if terminated.get("reason"):
+        text += f" ({terminated['reason']})"
+    if terminated.get("message"):
+        text += f": {terminated['message'].strip()}"
+    return text
 
 
 # Container waiting reasons that no amount of waiting fixes: a person must act.
@@ -247,18 +258,57 @@ def trainer_start_problem(job: Optional[dict[str, Any]], pods: list[dict[str, An
         refused = pod_refusal(job_events)
         return StartProblem("TrainerPodRefused", f"the trainer Job cannot create its pod: {refused}", True) if refused else None
     for pod in live:
-        pod_name = pod["metadata"]["name"]
-        status = pod.get("status") or {}
-        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
-            waiting = (container.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in _STUCK_WAITING:
-                detail = f": {waiting['message'].strip()}" if waiting.get("message") else ""
-                return StartProblem("TrainerCannotStart", f"pod {pod_name}: {waiting['reason']}{detail}", True)
-        scheduled = find(status.get("conditions") or [], "PodScheduled")
-        if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-            message = (scheduled.get("message") or "").strip()
+        stuck = _stuck_container(pod)
+        if stuck is not None:
+            return StartProblem("TrainerCannotStart", stuck, True)
+        message = _unschedulable(pod)
+        if message is not None:
             missing = "not found" in message and ("persistentvolumeclaim" in message or "secret" in message or "configmap" in message)
-            return StartProblem("TrainerUnschedulable", f"pod {pod_name} cannot be scheduled: {message}", missing)
+            return StartProblem("TrainerUnschedulable", f"pod {pod['metadata']['name']} cannot be scheduled: {message}", missing)
+    return None
+
+
+def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    status = pod.get("status") or {}
+    return (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+
+
+def _stuck_container(pod: dict[str, Any]) -> Optional[str]:
+    """`pod <name>: <reason>: <message>` for a container waiting for something only a person can fix."""
+    for container in _containers(pod):
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _STUCK_WAITING:
+            detail = f": {waiting['message'].strip()}" if waiting.get("message") else ""
+            return f"pod {pod['metadata']['name']}: {waiting['reason']}{detail}"
+    return None
+
+
+def _unschedulable(pod: dict[str, Any]) -> Optional[str]:
+    """The scheduler's message for a pod it cannot place."""
+    scheduled = find((pod.get("status") or {}).get("conditions") or [], "PodScheduled")
+    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        return (scheduled.get("message") or "").strip()
+    return None
+
+
+def server_pods_problem(pods: list[dict[str, Any]]) -> Optional[str]:
+    """Why a server pod the trainer calls (a rollout server) is not coming up, when its status
+    says so: a container stuck (image pull, a missing Secret or ConfigMap key), one restarted
+    after failing (with its exit code and last log lines: vLLM missing from the image, a model
+    not found), or a pod the scheduler cannot place."""
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        stuck = _stuck_container(pod)
+        if stuck is not None:
+            return stuck
+        for container in _containers(pod):
+            last = (container.get("lastState") or {}).get("terminated") or {}
+            if not container.get("ready") and last.get("exitCode"):
+                return f"pod {pod['metadata']['name']}: container {container['name']} restarted after {_exit(last)}"
+        message = _unschedulable(pod)
+        if message is not None:
+            return f"pod {pod['metadata']['name']} cannot be scheduled: {message}"
     return None
 
 
@@ -479,7 +529,7 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             plan.status["adapter"] = adapter
         if delete_trainer:
             plan.delete.append(holder_ref)
-        plan.apply = rftjob_children(effective, owner, images, effective_generation, reward_replicas=0)
+        plan.apply = rftjob_children(effective, owner, images, effective_generation, reward_replicas=0, rollout_replicas=0)
         if effective.ttl_seconds_after_finished is not None:
             plan.requeue(effective.ttl_seconds_after_finished)
         return _finish_status(plan, conds, status)
@@ -487,13 +537,20 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     suspended = effective.suspend
     previous_conditions = status.get("conditions") or []
     start_problem = trainer_start_problem(job, observed.trainer_pods, observed.trainer_job_events)
-    # A trainer that cannot start until a person acts does not keep a reward pool busy; the pool
-    # comes back when the trainer's pod starts (the trainer waits for it before its first step).
-    # (A JobSet job's pool is part of the JobSet, admitted and restarted with the trainer: it is not parked.)
+    # A trainer that cannot start until a person acts does not keep a reward pool (or rollout
+    # servers) busy; they come back when the trainer's pod starts (the trainer waits for them
+    # before its first step). (A JobSet job's pool and rollout servers are part of the JobSet,
+    # admitted and restarted with the trainer: they are not parked.)
     pool_parked = not jobset and start_problem is not None and start_problem.needs_a_person
-    pool_replicas = 0 if suspended or pool_parked else effective.reward_pool.replicas
-    plan.apply = rftjob_children(effective, owner, images, effective_generation, pool_replicas)
-    conds.set("Created", True, "ChildrenCreated", "job config, reward pool and trainer permissions created")
+    scaled_down = suspended or pool_parked
+    server_mode = effective.rollout.mode == "server"
+    plan.apply = rftjob_children(effective, owner, images, effective_generation,
+                                 reward_replicas=0 if scaled_down else effective.reward_pool.replicas,
+                                 rollout_replicas=0 if scaled_down else effective.rollout.replicas)
+    conds.set("Created", True, "ChildrenCreated",
+              f"job config, reward pool{', rollout servers' if server_mode else ''} and trainer permissions created")
+    if not server_mode:  # switched to colocated: the rollout servers go (each of their children is named `<job>-rollout`)
+        plan.delete += [child for child in observed.children if child.name == names.rollout]
 
     # The reward pool.
     pool_ready = False
@@ -531,6 +588,12 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             if jobset and not pool_ready and observed.reward_job is not None:
                 plan.requeue(5)  # a refused pod changes nothing we watch: look at the Job's events again
 
+    rollout_ready = True
+    if server_mode:
+        rollout_ready = _rollout_readiness(plan, conds, previous_conditions, observed, effective, jobset, suspended, pool_parked)
+    elif conds.get("RolloutReady") is not None:
+        conds.set("RolloutReady", True, "Colocated", "the trainer samples the completions itself")
+
     if suspended:
         if holder is not None:
             plan.delete.append(holder_ref)
@@ -565,28 +628,31 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
             return _finish_status(plan, conds, status)
 
     left = deadline if remaining is None else max(1, int(remaining))
+    members = _jobset_members(effective)
     if holder is None and jobset:
         plan.create.append(rftjob_jobset(effective, owner, images, restarts_before=restarts_before, deadline_seconds=left))
         plan.status.setdefault("startTime", timestamp(now))
         counted = f" ({restarts_before} earlier restart(s) counted)" if restarts_before else ""
         if effective.queue_name:
-            conds.set("Running", False, "WaitingForQueue", f"the JobSet {names.jobset} (trainer and reward pool) is created; it waits for admission by Kueue LocalQueue {effective.queue_name}")
-            plan.events.append(Event("Normal", "TrainerCreated", f"created the JobSet {names.jobset} (trainer and reward pool, one Kueue workload){counted}"))
+            conds.set("Running", False, "WaitingForQueue", f"the JobSet {names.jobset} ({members}) is created; it waits for admission by Kueue LocalQueue {effective.queue_name}")
+            plan.events.append(Event("Normal", "TrainerCreated", f"created the JobSet {names.jobset} ({members}, one Kueue workload){counted}"))
         else:
-            conds.set("Running", False, "WaitingForRewardPool", f"the JobSet {names.jobset} (trainer and reward pool) is created; the trainer starts once the reward pool is ready")
-            plan.events.append(Event("Normal", "TrainerCreated", f"created the JobSet {names.jobset} (trainer on {effective.trainer.nodes} nodes and reward pool){counted}"))
+            ready = "the reward pool and the rollout servers are ready" if server_mode else "the reward pool is ready"
+            conds.set("Running", False, "WaitingForRewardPool", f"the JobSet {names.jobset} ({members}) is created; the trainer starts once {ready}")
+            plan.events.append(Event("Normal", "TrainerCreated",
+                                     f"created the JobSet {names.jobset} ({_jobset_members(effective, f'trainer on {effective.trainer.nodes} nodes')}){counted}"))
         return _finish_status(plan, conds, status)
     if holder is None:
-        if pool_ready:
+        if pool_ready and rollout_ready:
             plan.create.append(trainer_job(effective, owner, images, restarts_before=restarts_before, deadline_seconds=left))
             plan.status.setdefault("startTime", timestamp(now))
             conds.set("Running", False, "TrainerStarting", "the trainer Job is created; waiting for its pod")
             plan.events.append(Event("Normal", "TrainerCreated", f"created the trainer Job {names.trainer}" + (f" ({restarts_before} earlier restart(s) counted)" if restarts_before else "")))
         else:
-            conds.set("Running", False, "WaitingForRewardPool", "the trainer starts once the reward pool is ready")
+            conds.set("Running", False, *_waiting_for_servers(pool_ready, rollout_ready))
         return _finish_status(plan, conds, status)
 
-    if job_annotations.get(ANNOTATION_POD_TEMPLATE_HASH) != content_hash(trainer_pod_template(effective, owner, images)):
+    if job_annotations.get(ANNOTATION_POD_TEMPLATE_HASH) != trainer_restart_hash(effective, owner, images):
         # A Job's pod template cannot change: replace the Job; the new pod resumes from the checkpoint.
         plan.delete.append(holder_ref)
         conds.set("Running", False, "TrainerRestarting", "the trainer settings changed; the trainer restarts from the latest checkpoint")
@@ -594,10 +660,11 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
         return _finish_status(plan, conds, status)
 
     if effective.queue_name and (holder.get("spec") or {}).get("suspend"):
-        conds.set("Running", False, "WaitingForQueue", f"the JobSet {names.jobset} (trainer and reward pool) waits for admission by Kueue LocalQueue {effective.queue_name}")
+        conds.set("Running", False, "WaitingForQueue", f"the JobSet {names.jobset} ({members}) waits for admission by Kueue LocalQueue {effective.queue_name}")
         return _finish_status(plan, conds, status)
-    if job is None:  # a JobSet job (admitted, if queued): JobSet starts the trainer Job once the pool is ready
-        conds.set("Running", False, "WaitingForRewardPool", ("admitted by Kueue; " if effective.queue_name else "") + "the trainer starts once the reward pool is ready")
+    if job is None:  # a JobSet job (admitted, if queued): JobSet starts the trainer Job once the pool and rollout servers are ready
+        reason, message = _waiting_for_servers(pool_ready, rollout_ready)
+        conds.set("Running", False, reason, ("admitted by Kueue; " if effective.queue_name else "") + message)
         return _finish_status(plan, conds, status)
     job_status = job.get("status") or {}
     nodes = effective.trainer.nodes
@@ -615,9 +682,56 @@ def plan_rftjob(observed: RFTJobObserved, images: Images, now: datetime) -> Plan
     return _finish_status(plan, conds, status)
 
 
+def _jobset_members(spec: RFTJobSpec, trainer: str = "trainer") -> str:
+    """What a job's JobSet runs, as its messages name it."""
+    return f"{trainer}, reward pool and rollout servers" if spec.rollout.mode == "server" else f"{trainer} and reward pool"
+
+
+def _waiting_for_servers(pool_ready: bool, rollout_ready: bool) -> tuple[str, str]:
+    """(reason, message) of a trainer not started yet: it waits for the reward pool, then for the rollout servers."""
+    if pool_ready and not rollout_ready:
+        return "WaitingForRolloutServers", "the trainer starts once the rollout servers are ready"
+    return "WaitingForRewardPool", "the trainer starts once the reward pool is ready"
+
+
+def _rollout_readiness(plan: Plan, conds: Conditions, previous: list[dict[str, Any]], observed: RFTJobObserved,
+                       spec: RFTJobSpec, jobset: bool, suspended: bool, parked: bool) -> bool:
+    """Sets RolloutReady for a job in rollout server mode and says whether every rollout server is
+    ready: as for the reward pool, the ready pods of the Deployment (or of a JobSet job's rollout
+    Job) against `rollout.replicas`. Pods that cannot start say why, with a Warning event."""
+    if suspended:
+        conds.set("RolloutReady", False, "Suspended", "the rollout servers are scaled to zero while the job is suspended")
+        return False
+    if parked:
+        conds.set("RolloutReady", False, "WaitingForTrainer", "the rollout servers are scaled to zero until the trainer can start")
+        return False
+    want = spec.rollout.replicas
+    if jobset:  # a refused pod shows only in the rollout Job's events
+        ready = int(((observed.rollout_job or {}).get("status") or {}).get("ready") or 0)
+        all_ready = ready >= want
+        refused = None if all_ready else pod_refusal(observed.rollout_job_events)
+        problem = f"the rollout Job cannot create its pods: {refused}" if refused else None
+    else:
+        deployment = observed.rollout_deployment or {}
+        ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+        all_ready = (deployment.get("spec") or {}).get("replicas") == want and ready >= want
+        problem = None if all_ready else deployment_problem(observed.rollout_deployment)
+    if problem is None and not all_ready:
+        problem = server_pods_problem(observed.rollout_pods)
+    if problem:
+        message = f"{min(ready, want)}/{want} rollout pods ready; {problem}"
+        _warn_once(plan, previous, "RolloutReady", "RolloutPodsCannotStart", message)
+        conds.set("RolloutReady", False, "RolloutPodsCannotStart", message)
+        return False
+    conds.set("RolloutReady", all_ready, "PodsReady" if all_ready else "PodsNotReady", f"{min(ready, want)}/{want} rollout pods ready")
+    if jobset and not all_ready and observed.rollout_job is not None:
+        plan.requeue(5)  # a refused pod changes nothing we watch: look at the Job's events again
+    return all_ready
+
+
 def _plan_finished(plan: Plan, conds: Conditions, status: dict[str, Any], observed: RFTJobObserved, spec: RFTJobSpec, now: datetime) -> Plan:
-    """A finished job keeps its status; the reward pool is scaled to zero and, after
-    `ttlSecondsAfterFinished`, every child but the checkpoint claim is deleted."""
+    """A finished job keeps its status; the reward pool and the rollout servers are scaled to zero
+    and, after `ttlSecondsAfterFinished`, every child but the checkpoint claim is deleted."""
     completion = parse_time(status.get("completionTime"))
     ttl = spec.ttl_seconds_after_finished
     expired = False
@@ -631,8 +745,11 @@ def _plan_finished(plan: Plan, conds: Conditions, status: dict[str, Any], observ
         plan.delete.extend(doomed)
         if doomed:
             plan.events.append(Event("Normal", "ChildrenDeleted", f"ttlSecondsAfterFinished ({ttl}s) passed: deleted {len(doomed)} child resources; the RFTJob and its outputs are kept"))
-    elif observed.reward_deployment and (observed.reward_deployment.get("spec") or {}).get("replicas"):
-        plan.patch.append((ChildRef("apps/v1", "Deployment", RFTJobNames(observed.body["metadata"]["name"]).reward), {"spec": {"replicas": 0}}))
+    else:
+        names = RFTJobNames(observed.body["metadata"]["name"])
+        for deployment, name in ((observed.reward_deployment, names.reward), (observed.rollout_deployment, names.rollout)):
+            if deployment and (deployment.get("spec") or {}).get("replicas"):
+                plan.patch.append((ChildRef("apps/v1", "Deployment", name), {"spec": {"replicas": 0}}))
     return _finish_status(plan, conds, status)
 
 

@@ -8,16 +8,19 @@ from pathlib import Path
 from kuberft_core.api import RFTJob, RFTJobSpec, TurboDeploymentSpec
 from kuberft_core.manifests import load
 from kuberft_operator.builders import (
+    ANNOTATION_POD_TEMPLATE_HASH,
     ANNOTATION_RESTARTS_BEFORE,
     KUEUE_QUEUE_LABEL,
     Images,
     Owner,
     adapter_mount,
     job_config_map,
+    longest_jobset_pod_name,
     reward_deployment,
     reward_network_policy,
     rftjob_children,
     rftjob_jobset,
+    rollout_deployment,
     serve_autoscaler,
     serve_config_map,
     serve_deployment,
@@ -38,7 +41,7 @@ def _example_spec() -> RFTJobSpec:
 
 
 def test_every_child_is_owned_by_the_rftjob_and_labelled():
-    children = rftjob_children(_example_spec(), OWNER, IMAGES, generation=1, reward_replicas=2)
+    children = rftjob_children(_example_spec(), OWNER, IMAGES, generation=1, reward_replicas=2, rollout_replicas=0)
     kinds = [c["kind"] for c in children]
     assert kinds == ["ConfigMap", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service", "NetworkPolicy", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy"]
     for child in children:
@@ -157,7 +160,159 @@ def test_a_queued_job_is_one_suspended_jobset_holding_trainer_and_reward_pool():
     assert jobset["spec"]["failurePolicy"] == {"maxRestarts": 1, "restartStrategy": "Recreate"}
     assert jobset["spec"]["network"]["enableDNSHostnames"] is False  # one trainer pod talks to nobody
     # The pool Deployment is not made for a queued job.
-    assert "Deployment" not in [c["kind"] for c in rftjob_children(spec, OWNER, IMAGES, 1, spec.reward_pool.replicas)]
+    assert "Deployment" not in [c["kind"] for c in rftjob_children(spec, OWNER, IMAGES, 1, spec.reward_pool.replicas, 0)]
+
+
+def _rollout_server_spec(**rollout) -> RFTJobSpec:
+    """The example job with its completions sampled by rollout server pods of 2 GPUs each."""
+    placement = {"resources": {"limits": {"nvidia.com/gpu": 2}},
+                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+    return RFTJobSpec.model_validate({**_example_spec().to_wire(), "rollout": {"mode": "server", "replicas": 3, "placement": placement, **rollout}})
+
+
+def test_rollout_server_mode_adds_rollout_pods_behind_a_headless_service_only_the_trainer_reaches():
+    children = rftjob_children(_rollout_server_spec(), OWNER, IMAGES, 1, reward_replicas=2, rollout_replicas=3)
+    rollout = {c["kind"]: c for c in children if c["metadata"]["name"] == "triton-kernels-rollout"}
+    assert sorted(rollout) == ["Deployment", "NetworkPolicy", "Service", "ServiceAccount"]
+    assert all(c["metadata"]["labels"]["kuberft.io/role"] == "rollout" for c in rollout.values())
+    assert rollout["Deployment"]["spec"]["replicas"] == 3
+    # An update never asks for a GPU more than the job holds, and a pod has 30 minutes to load its model.
+    assert rollout["Deployment"]["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    assert rollout["Deployment"]["spec"]["progressDeadlineSeconds"] == 2400
+    # Headless: the trainer resolves the name to every ready rollout pod and pushes its adapter to each.
+    assert rollout["Service"]["spec"] == {
+        "type": "ClusterIP", "clusterIP": "None",
+        "selector": {"kuberft.io/rftjob": "triton-kernels", "kuberft.io/role": "rollout"},
+        "ports": [{"name": "http", "port": 8300, "targetPort": "http", "protocol": "TCP"}],
+    }
+    assert rollout["NetworkPolicy"]["spec"] == {
+        "podSelector": {"matchLabels": {"kuberft.io/rftjob": "triton-kernels", "kuberft.io/role": "rollout"}},
+        "policyTypes": ["Ingress"],  # egress stays open: the pods download the model
+        "ingress": [{
+            "from": [{"podSelector": {"matchLabels": {"kuberft.io/rftjob": "triton-kernels", "kuberft.io/role": "trainer"}}}],
+            "ports": [{"protocol": "TCP", "port": 8300}],
+        }],
+    }
+    assert rollout["ServiceAccount"]["automountServiceAccountToken"] is False
+    scaled_down = rftjob_children(_rollout_server_spec(), OWNER, IMAGES, 1, reward_replicas=0, rollout_replicas=0)
+    assert next(c for c in scaled_down if c["metadata"]["name"] == "triton-kernels-rollout" and c["kind"] == "Deployment")["spec"]["replicas"] == 0
+
+
+def test_rollout_pods_run_the_rollout_server_split_over_their_gpus_as_the_trainer_images_user():
+    template = rollout_deployment(_rollout_server_spec(), OWNER, IMAGES, replicas=3)["spec"]["template"]
+    pod = template["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == [
+        "kuberft", "rollout-server", "--config", "/etc/kuberft/job.json", "--port", "8300", "--tensor-parallel-size", "2",
+    ]
+    assert container["image"] == "registry.test/kuberft/trainer:9.9.9"
+    assert container["ports"] == [{"name": "http", "containerPort": 8300, "protocol": "TCP"}]
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "2"}}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # Ready once the model is loaded (up to 30 minutes); restarted when it stops answering after that.
+    assert container["readinessProbe"] == {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5}
+    assert container["startupProbe"] == {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 180}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert {"name": "config", "mountPath": "/etc/kuberft/job.json", "subPath": "job.json", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "config", "configMap": {"name": "triton-kernels-config"}} in pod["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert [e["name"] for e in container["env"]] == ["HOME", "XDG_CACHE_HOME", "HF_HOME"]
+    assert (pod["serviceAccountName"], pod["automountServiceAccountToken"], pod["enableServiceLinks"]) == ("triton-kernels-rollout", False, False)
+    assert pod["securityContext"]["runAsUser"] == 10001 and container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert restricted_violations(pod) == []
+    assert template["metadata"]["labels"]["kuberft.io/role"] == "rollout"  # what the Service and the policy select
+
+    def tensor_parallel(limits: dict) -> str:
+        spec = _rollout_server_spec(placement={"resources": {"limits": limits}})
+        return rollout_deployment(spec, OWNER, IMAGES, 1)["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+
+    assert (tensor_parallel({"nvidia.com/gpu": 8}), tensor_parallel({})) == ("8", "1")
+
+
+def test_rollout_pods_take_their_image_from_the_placement_else_from_the_trainer():
+    def image(wire: dict) -> str:
+        spec = RFTJobSpec.model_validate({**_example_spec().to_wire(), **wire})
+        return rollout_deployment(spec, OWNER, IMAGES, 1)["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    assert image({"rollout": {"mode": "server"}}) == "registry.test/kuberft/trainer:9.9.9"
+    # The trainer and its rollout servers speak one protocol: a custom trainer image serves both.
+    assert image({"rollout": {"mode": "server"}, "trainer": {"image": "team/trainer-vllm:1"}}) == "team/trainer-vllm:1"
+    assert image({"rollout": {"mode": "server", "placement": {"image": "team/rollout:2"}}, "trainer": {"image": "team/trainer-vllm:1"}}) == "team/rollout:2"
+
+
+def test_rollout_pods_restart_when_the_config_they_read_changes_and_not_when_they_are_scaled():
+    def config_hash(**changes) -> str:
+        wire = _rollout_server_spec().to_wire()
+        for key, value in changes.items():
+            wire[key] = {**wire[key], **value} if isinstance(value, dict) else value
+        template = rollout_deployment(RFTJobSpec.model_validate(wire), OWNER, IMAGES, 1)["spec"]["template"]
+        return template["metadata"]["annotations"]["kuberft.io/config-hash"]
+
+    first = config_hash()
+    # The config is mounted with a subPath, which never sees an update: the pods must be replaced.
+    assert config_hash(rollout={"gpuMemoryUtilization": 0.8}) != first
+    assert config_hash(model={"name": "Qwen/Qwen2.5-Coder-1.5B-Instruct"}) != first
+    assert config_hash(rollout={"replicas": 5}) == first
+    assert config_hash(rewardPool={"replicas": 4}, suspend=True, trainer={"nodeSelector": {"pool": "h100"}}, dataset={"evalFraction": 0.1}) == first
+
+
+def test_a_colocated_job_has_no_rollout_servers_and_its_trainer_samples_itself():
+    spec = _example_spec()
+    assert spec.rollout.mode == "colocated"
+    children = rftjob_children(spec, OWNER, IMAGES, 1, reward_replicas=2, rollout_replicas=1)
+    assert not [c for c in children if "rollout" in c["metadata"]["name"] or c["metadata"]["labels"]["kuberft.io/role"] == "rollout"]
+    command = trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert not [part for part in command if part.startswith("--rollout")]
+
+
+def test_the_trainer_of_a_rollout_server_job_is_told_the_service_and_how_many_servers_to_wait_for():
+    flags = ["--rollout-service", "triton-kernels-rollout.team-a.svc:8300", "--rollout-replicas", "3"]
+    command = trainer_job(_rollout_server_spec(), OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[-4:] == flags
+    spec = _rollout_server_spec()
+    spec.trainer.resources.limits["nvidia.com/gpu"] = 4  # under torchrun: every rank gets the flags
+    command = trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["torchrun", "--standalone"] and command[-4:] == flags
+
+
+def test_a_rollout_server_jobset_starts_its_trainer_once_pool_and_rollout_servers_are_ready():
+    spec = _rollout_server_spec(replicas=2).model_copy(update={"queue_name": "gpu-queue"})
+    jobset = rftjob_jobset(spec, OWNER, IMAGES)
+    reward, rollout, trainer = jobset["spec"]["replicatedJobs"]  # dependencies first, as JobSet's webhook wants
+    assert (reward["name"], rollout["name"], trainer["name"]) == ("reward", "rollout", "trainer")
+    job = rollout["template"]["spec"]
+    assert (job["parallelism"], job["completions"], job["completionMode"], job["backoffLimit"]) == (2, 2, "Indexed", 1_000_000)
+    assert job["template"]["spec"]["restartPolicy"] == "OnFailure"  # a crashed server restarts in place
+    deployment_template = rollout_deployment(spec, OWNER, IMAGES, 2)["spec"]["template"]
+    assert job["template"]["metadata"] == deployment_template["metadata"]
+    assert {**job["template"]["spec"], "restartPolicy": None} == {**deployment_template["spec"], "restartPolicy": None}
+    # JobSet v0.10 takes several dependencies: the trainer starts once both are ready.
+    assert trainer["dependsOn"] == [{"name": "reward", "status": "Ready"}, {"name": "rollout", "status": "Ready"}]
+    children = {(c["kind"], c["metadata"]["name"]) for c in rftjob_children(spec, OWNER, IMAGES, 1, 2, 2)}
+    assert ("Deployment", "triton-kernels-rollout") not in children  # the rollout pods are the JobSet's
+    assert {("Service", "triton-kernels-rollout"), ("NetworkPolicy", "triton-kernels-rollout")} <= children
+    external_pool = spec.model_copy(update={"reward_pool": spec.reward_pool.model_copy(update={"url": "http://pool:8080"})})
+    assert rftjob_jobset(external_pool, OWNER, IMAGES)["spec"]["replicatedJobs"][1]["dependsOn"] == [{"name": "rollout", "status": "Ready"}]
+
+
+def test_a_jobset_is_replaced_when_its_rollout_pods_change_as_a_trainer_job_is_when_its_pod_does():
+    def restart_hash(spec: RFTJobSpec, build=rftjob_jobset) -> str:
+        return build(spec, OWNER, IMAGES)["metadata"]["annotations"][ANNOTATION_POD_TEMPLATE_HASH]
+
+    queued = _rollout_server_spec().model_copy(update={"queue_name": "gpu-queue"})
+    bigger = queued.model_copy(deep=True)
+    bigger.rollout.placement.resources.limits["nvidia.com/gpu"] = 4
+    assert restart_hash(bigger) != restart_hash(queued)  # created once, never patched: replaced
+    # A Deployment's pods roll by themselves: the trainer Job stays.
+    unqueued = _rollout_server_spec()
+    moved = unqueued.model_copy(deep=True)
+    moved.rollout.placement.resources.limits["nvidia.com/gpu"] = 4
+    assert restart_hash(moved, trainer_job) == restart_hash(unqueued, trainer_job)
+
+
+def test_the_longest_jobset_pod_name_counts_the_rollout_pods():
+    spec = _rollout_server_spec(replicas=12).model_copy(update={"queue_name": "gpu-queue"})
+    assert longest_jobset_pod_name(spec, "job") == "job-rollout-0-11-xxxxx"
 
 
 def _multi_node_spec(nodes: int = 2, gpus: int = 4) -> RFTJobSpec:
@@ -185,7 +340,7 @@ def test_a_multi_node_trainer_is_one_indexed_job_of_a_pod_per_node_in_a_jobset_t
     assert container["command"][7:9] == ["kuberft", "train"]
     assert {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"} in container["ports"]
     assert reward["name"] == "reward" and trainer["dependsOn"] == [{"name": "reward", "status": "Ready"}]
-    children = rftjob_children(spec, OWNER, IMAGES, 1, spec.reward_pool.replicas)
+    children = rftjob_children(spec, OWNER, IMAGES, 1, spec.reward_pool.replicas, 0)
     assert "Deployment" not in [c["kind"] for c in children]  # the pool's pods are the JobSet's
     # Every node mounts the one checkpoint folder.
     claim = next(c for c in children if c["kind"] == "PersistentVolumeClaim")
@@ -211,7 +366,7 @@ def test_the_multi_node_command_is_what_torchrun_and_kuberft_parse():
 
 
 def test_a_multi_node_trainers_pods_accept_each_other_on_every_port_and_stay_restricted():
-    children = rftjob_children(_multi_node_spec(), OWNER, IMAGES, 1, 2)
+    children = rftjob_children(_multi_node_spec(), OWNER, IMAGES, 1, 2, 0)
     policy = next(c for c in children if c["kind"] == "NetworkPolicy" and c["metadata"]["name"] == "triton-kernels-trainer")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     assert policy["spec"]["ingress"] == [
@@ -239,7 +394,7 @@ def test_trainer_role_allows_only_reading_and_patching_its_own_progress_config_m
 
 
 def test_the_progress_config_map_is_an_owned_labelled_child_without_data():
-    [progress] = [c for c in rftjob_children(_example_spec(), OWNER, IMAGES, generation=1, reward_replicas=2)
+    [progress] = [c for c in rftjob_children(_example_spec(), OWNER, IMAGES, generation=1, reward_replicas=2, rollout_replicas=0)
                   if c["metadata"]["name"] == "triton-kernels-progress"]
     assert progress["kind"] == "ConfigMap"
     # The operator's apply owns no data field, so re-applying never erases the trainer's report.
@@ -325,11 +480,15 @@ def test_every_command_the_operator_runs_is_accepted_by_the_kuberft_cli():
         trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["command"],
         reward_deployment(spec, OWNER, IMAGES, replicas=1)["spec"]["template"]["spec"]["containers"][0]["command"],
         serve_deployment(turbo, Owner("TurboDeployment", "t", "team-a", "u"), IMAGES, "pvc://c/p")["spec"]["template"]["spec"]["containers"][0]["command"],
+        trainer_job(_rollout_server_spec(), OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["command"],
+        rollout_deployment(_rollout_server_spec(), OWNER, IMAGES, replicas=1)["spec"]["template"]["spec"]["containers"][0]["command"],
     ]
     parsed = [build_parser().parse_args(command[1:]) for command in commands]
     assert (parsed[0].command, str(parsed[0].config), parsed[0].reward_url) == ("train", "/etc/kuberft/job.json", "http://triton-kernels-reward.team-a.svc:8080")
     assert (parsed[1].reward_command, parsed[1].workers, parsed[1].timeout, parsed[1].memory_mib) == ("serve", 4, 120, 8192)
     assert (parsed[2].command, str(parsed[2].config)) == ("serve", "/etc/kuberft/serve.json")
+    assert (parsed[3].rollout_service, parsed[3].rollout_replicas) == ("triton-kernels-rollout.team-a.svc:8300", 3)
+    assert (parsed[4].command, str(parsed[4].config), parsed[4].port, parsed[4].tensor_parallel_size) == ("rollout-server", "/etc/kuberft/job.json", 8300, 2)
 
 
 def test_the_serve_document_is_what_kuberft_serve_config_reads(tmp_path):
@@ -354,11 +513,13 @@ def test_image_pull_secrets_and_secret_env_reach_every_pod_the_operator_creates(
     token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
     wire["trainer"]["env"] = [token]
     wire["rewardPool"].setdefault("placement", {})["env"] = [token]
+    wire["rollout"] = {"mode": "server", "placement": {"env": [token]}}
     spec = RFTJobSpec.model_validate(wire)
     turbo = TurboDeploymentSpec.model_validate({"model": {"name": "m"}, "placement": {"env": [token]}})
     pods = {
         "trainer": trainer_job(spec, OWNER, images)["spec"]["template"]["spec"],
         "reward": reward_deployment(spec, OWNER, images, 1)["spec"]["template"]["spec"],
+        "rollout": rollout_deployment(spec, OWNER, images, 1)["spec"]["template"]["spec"],
         "serve": serve_deployment(turbo, Owner("TurboDeployment", "s", "team-a", "u"), images, None)["spec"]["template"]["spec"],
     }
     for name, pod in pods.items():
@@ -370,7 +531,7 @@ def test_image_pull_secrets_and_secret_env_reach_every_pod_the_operator_creates(
 
 
 def test_trainer_and_serve_pods_admit_connections_on_their_own_port_only():
-    children = rftjob_children(_example_spec(), OWNER, IMAGES, 1, 2)
+    children = rftjob_children(_example_spec(), OWNER, IMAGES, 1, 2, 0)
     trainer_policy = next(c for c in children if c["kind"] == "NetworkPolicy" and c["metadata"]["name"] == "triton-kernels-trainer")
     assert trainer_policy["spec"]["podSelector"]["matchLabels"]["kuberft.io/role"] == "trainer"
     assert trainer_policy["spec"]["policyTypes"] == ["Ingress"]

@@ -180,3 +180,25 @@ def test_a_multi_node_job_needs_jobset_and_then_is_one_jobset():
         assert not [w for w in kube.writes if w[1] in ("Deployment", "Job")]  # no reward Deployment, no trainer Job of its own
 
     asyncio.run(scenario())
+
+
+def test_a_rollout_pods_container_state_reaches_the_status_through_the_pod_cache():
+    async def scenario():
+        kube = FakeKube()
+        kube.objects[("RFTJob", "ns", "demo")]["spec"] = {**JOB["spec"], "rollout": {"mode": "server"}}
+        ctl = controller(kube)
+        key = ("RFTJob", "ns", "demo")
+        await ctl.reconcile(key)
+        template = kube.objects[("Deployment", "ns", "demo-rollout")]["spec"]["template"]
+        # A pod of the rollout Deployment (owned by its ReplicaSet), as the watch delivers it.
+        pod = {"metadata": {"name": "demo-rollout-abc", "namespace": "ns", "labels": template["metadata"]["labels"],
+                            "ownerReferences": [{"kind": "ReplicaSet", "name": "demo-rollout-5d4f", "uid": "rs-1"}]},
+               "status": {"phase": "Pending", "containerStatuses": [
+                   {"name": "rollout", "ready": False, "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}]}}
+        ctl.on_child_event("Pod", "ADDED", pod)
+        ctl.parents.pop(key)
+        await ctl.reconcile(key)
+        return kube.objects[key]["status"]
+
+    rollout = next(c for c in asyncio.run(scenario())["conditions"] if c["type"] == "RolloutReady")
+    assert (rollout["reason"], rollout["message"]) == ("RolloutPodsCannotStart", "0/1 rollout pods ready; pod demo-rollout-abc: ErrImagePull: not found")

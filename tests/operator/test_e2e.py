@@ -340,6 +340,43 @@ def test_a_queued_job_is_one_jobset_kueue_admits_whole_and_jobset_runs_it_to_suc
     assert get(cluster, namespace, "jobset", "queued")["spec"]["suspend"] is False
 
 
+def test_a_rollout_server_jobs_trainer_starts_once_its_rollout_servers_are_ready_and_suspend_scales_them_to_zero(cluster, operator, namespace):
+    # First on no node at all: the job says why its rollout servers do not come up, and waits.
+    nowhere = {"nodeSelector": {"kuberft.io/pool": "none"}}
+    apply(cluster, namespace, job_manifest("served", rollout={"mode": "server", "replicas": 2, "placement": nowhere}))
+    deployment = wait_for(lambda: get(cluster, namespace, "deployment", "served-rollout"), 30, "the rollout Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["kuberft", "rollout-server"]
+    assert get(cluster, namespace, "service", "served-rollout")["spec"]["clusterIP"] == "None"  # headless: the trainer finds every pod
+    policy = get(cluster, namespace, "networkpolicy", "served-rollout")["spec"]
+    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"kuberft.io/rftjob": "served", "kuberft.io/role": "trainer"}}}],
+                                  "ports": [{"protocol": "TCP", "port": 8300}]}]
+    for kind in ("deployment", "service", "networkpolicy", "serviceaccount"):
+        assert owned_by(get(cluster, namespace, kind, "served-rollout"), "RFTJob", "served"), kind
+    stuck = wait_for(lambda: (c := condition(cluster, namespace, "served", "RolloutReady")).get("reason") == "RolloutPodsCannotStart" and c,
+                     60, "RolloutPodsCannotStart")
+    assert stuck["message"].startswith("0/2 rollout pods ready; pod served-rollout-") and "cannot be scheduled" in stuck["message"]
+    assert any(e["type"] == "Warning" and e["reason"] == "RolloutPodsCannotStart" for e in events(cluster, namespace, "served"))
+    wait_for(lambda: condition(cluster, namespace, "served", "Running").get("reason") == "WaitingForRolloutServers", 30, "WaitingForRolloutServers")
+    assert get(cluster, namespace, "job", "served-trainer") is None
+
+    # Then on the CPU nodes, where kwok makes them ready: only then is the trainer created.
+    cpu_nodes = {"nodeSelector": {"kuberft.io/pool": "cpu"}}
+    cluster.kubectl("patch", "rftjob", "served", "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"rollout": {"placement": cpu_nodes}}}))
+    ready = wait_for(lambda: (c := condition(cluster, namespace, "served", "RolloutReady")).get("status") == "True" and c, 60, "RolloutReady=True")
+    assert ready["message"] == "2/2 rollout pods ready"
+    job = wait_for(lambda: get(cluster, namespace, "job", "served-trainer"), 30, "the trainer Job")
+    assert job["metadata"]["creationTimestamp"] >= ready["lastTransitionTime"]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[-4:] == ["--rollout-service", f"served-rollout.{namespace}.svc:8300", "--rollout-replicas", "2"]
+    wait_phase(cluster, namespace, "served", "Running")
+
+    cluster.kubectl("patch", "rftjob", "served", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+    wait_phase(cluster, namespace, "served", "Suspended")
+    wait_for(lambda: get(cluster, namespace, "deployment", "served-rollout")["spec"]["replicas"] == 0, 30, "the rollout servers to scale to 0")
+    assert condition(cluster, namespace, "served", "RolloutReady")["reason"] == "Suspended"
+
+
 def multi_node_job(name: str, **spec: Any) -> dict[str, Any]:
     """A trainer on two nodes (one GPU each), checkpointing to a claim both mount."""
     return job_manifest(name, trainer={**SMALL_JOB["spec"]["trainer"], "nodes": 2}, checkpoint={"storageSize": "1Gi"}, **spec)

@@ -92,8 +92,14 @@ def restricted_violations(pod: dict) -> list[str]:
     return found
 
 
+# The image each pod runs, by container name: rollout servers run the trainer image (with vLLM).
+IMAGE_OF_POD = {"reward": "reward", "rollout": "trainer", "serve": "serve", "trainer": "trainer"}
+
+
 def _rftjob_spec() -> RFTJobSpec:
-    return load(REPO / "examples" / "rftjob-triton.yaml", RFTJob).spec
+    """The flagship job, its completions sampled by rollout server pods (so every kind of pod is made)."""
+    wire = load(REPO / "examples" / "rftjob-triton.yaml", RFTJob).spec.to_wire()
+    return RFTJobSpec.model_validate({**wire, "rollout": {"mode": "server"}})
 
 
 def pod_templates() -> dict[str, dict]:
@@ -102,7 +108,7 @@ def pod_templates() -> dict[str, dict]:
     turbo_owner = Owner("TurboDeployment", "chat", "team-a", "uid-2")
     turbo = TurboDeploymentSpec.model_validate({"model": {"name": "m"}, "adapter": {"fromRFTJob": "triton-kernels"}})
     workloads = [
-        *rftjob_children(_rftjob_spec(), rft_owner, IMAGES, generation=1, reward_replicas=1),
+        *rftjob_children(_rftjob_spec(), rft_owner, IMAGES, generation=1, reward_replicas=1, rollout_replicas=1),
         trainer_job(_rftjob_spec(), rft_owner, IMAGES),
         serve_deployment(turbo, turbo_owner, IMAGES, "pvc://triton-kernels-checkpoints/triton-kernels/adapter"),
     ]
@@ -116,20 +122,21 @@ def pod_templates() -> dict[str, dict]:
     return pods
 
 
-def test_the_checker_covers_every_component_image():
-    assert sorted(pod_templates()) == sorted(IMAGE_UID) == ["reward", "serve", "trainer"]
+def test_the_checker_covers_every_pod_and_every_component_image():
+    assert sorted(pod_templates()) == sorted(IMAGE_OF_POD) == ["reward", "rollout", "serve", "trainer"]
+    assert sorted(set(IMAGE_OF_POD.values())) == sorted(IMAGE_UID)
 
 
-@pytest.mark.parametrize("component", sorted(IMAGE_UID))
-def test_every_pod_meets_the_restricted_profile(component):
-    assert restricted_violations(pod_templates()[component]) == []
+@pytest.mark.parametrize("pod_name", sorted(IMAGE_OF_POD))
+def test_every_pod_meets_the_restricted_profile(pod_name):
+    assert restricted_violations(pod_templates()[pod_name]) == []
 
 
-@pytest.mark.parametrize("component", sorted(IMAGE_UID))
-def test_every_pod_runs_as_its_image_user_on_a_read_only_root(component):
-    dockerfile = {"reward": "reward_image", "serve": "serve_image", "trainer": "trainer_image"}[component]
+@pytest.mark.parametrize("pod_name", sorted(IMAGE_OF_POD))
+def test_every_pod_runs_as_its_image_user_on_a_read_only_root(pod_name):
+    dockerfile = {"reward": "reward_image", "serve": "serve_image", "trainer": "trainer_image"}[IMAGE_OF_POD[pod_name]]
     users = re.findall(r"^USER (\d+):(\d+)$", (REPO / dockerfile / "Dockerfile").read_text(), flags=re.MULTILINE)
-    pod = pod_templates()[component]
+    pod = pod_templates()[pod_name]
     assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == tuple(map(int, users[-1]))
     container = pod["containers"][0]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True

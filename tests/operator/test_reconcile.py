@@ -9,8 +9,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from kuberft_core.api import RFTJobSpec
-from kuberft_operator.builders import Images, Owner, reward_deployment, rftjob_jobset, trainer_job
-from kuberft_operator.reconcile import RFTJobObserved, TurboObserved, parse_spec, plan_rftjob, plan_turbo, status_changes
+from kuberft_operator.builders import Images, Owner, reward_deployment, rftjob_jobset, rollout_deployment, trainer_job
+from kuberft_operator.reconcile import ChildRef, RFTJobObserved, TurboObserved, parse_spec, plan_rftjob, plan_turbo, status_changes
 
 IMAGES = Images.for_version("registry.test/kuberft", "1.0.0")
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)
@@ -637,3 +637,141 @@ def test_serve_pods_refused_by_admission_are_reported_at_once_not_after_the_prog
     turbo["status"] = {"conditions": plan.status["conditions"]}
     again = plan_turbo(TurboObserved(body=turbo, deployment=refused), IMAGES, NOW)
     assert not [e for e in again.events if e.type == "Warning"]
+
+
+# --------------------------------------------------------------------------- rollout servers
+
+ROLLOUT = dict(SPEC, rollout={"mode": "server", "replicas": 2})
+
+
+def rollout_servers(ready=2, spec=ROLLOUT):
+    """The rollout Deployment of a job in rollout server mode, `ready` of its pods ready."""
+    deployment = rollout_deployment(RFTJobSpec.model_validate(spec), Owner("RFTJob", "demo", "ns", "u1"), IMAGES, spec["rollout"]["replicas"])
+    deployment["status"] = {"readyReplicas": ready}
+    return deployment
+
+
+def named(plan, kind, name):
+    return next(c for c in plan.apply if c["kind"] == kind and c["metadata"]["name"] == name)
+
+
+def test_a_rollout_server_jobs_trainer_starts_once_the_pool_and_every_rollout_server_are_ready():
+    new = run(rftjob(spec=ROLLOUT))
+    assert named(new, "Deployment", "demo-rollout")["spec"]["replicas"] == 2
+    assert condition(new, "Created")["message"] == "job config, reward pool, rollout servers and trainer permissions created"
+    assert (condition(new, "RolloutReady")["status"], condition(new, "RolloutReady")["message"]) == ("False", "0/2 rollout pods ready")
+
+    one_server = run(rftjob(spec=ROLLOUT), reward_deployment=ready_pool(), rollout_deployment=rollout_servers(ready=1))
+    assert not one_server.create
+    assert condition(one_server, "RolloutReady")["reason"] == "PodsNotReady"
+    running = condition(one_server, "Running")
+    assert (running["reason"], running["message"]) == ("WaitingForRolloutServers", "the trainer starts once the rollout servers are ready")
+
+    both = run(rftjob(spec=ROLLOUT), reward_deployment=ready_pool(), rollout_deployment=rollout_servers())
+    [job] = both.create
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-4:] == ["--rollout-service", "demo-rollout.ns.svc:8300", "--rollout-replicas", "2"]
+    assert (condition(both, "RolloutReady")["status"], condition(both, "RolloutReady")["reason"]) == ("True", "PodsReady")
+    assert ("PodsReady", "2/2 rollout pods ready") in [(e.reason, e.message) for e in both.events]
+
+
+def test_a_colocated_job_has_no_rollout_ready_condition():
+    plan = run(rftjob(), reward_deployment=ready_pool())
+    assert "RolloutReady" not in [c["type"] for c in plan.status["conditions"]]
+    assert not [c for c in plan.apply if c["metadata"]["name"] == "demo-rollout"]
+
+
+def test_suspending_a_rollout_server_job_scales_its_rollout_servers_to_zero():
+    spec = dict(ROLLOUT, suspend=True)
+    plan = run(rftjob(spec=spec, status=STARTED_AT), reward_deployment=ready_pool(), rollout_deployment=rollout_servers(spec=spec),
+               trainer_job=created_job(active=1, spec=spec))
+    assert named(plan, "Deployment", "demo-rollout")["spec"]["replicas"] == 0
+    rollout = condition(plan, "RolloutReady")
+    assert (rollout["status"], rollout["reason"], rollout["message"]) == ("False", "Suspended", "the rollout servers are scaled to zero while the job is suspended")
+    assert [(d.kind, d.name) for d in plan.delete] == [("Job", "demo-trainer")]
+    assert plan.status["phase"] == "Suspended"
+
+
+def rollout_pod(**status):
+    return {"metadata": {"name": "demo-rollout-x"}, "status": {"phase": "Pending", **status}}
+
+
+@pytest.mark.parametrize("pod,problem", [
+    (rollout_pod(containerStatuses=[{"name": "rollout", "ready": False, "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": 'Back-off pulling image "registry.test/kuberft/trainer:typo"'}}}]),
+     'pod demo-rollout-x: ImagePullBackOff: Back-off pulling image "registry.test/kuberft/trainer:typo"'),
+    # The trainer image built without vLLM: the server exits at start, again and again.
+    (rollout_pod(phase="Running", containerStatuses=[{
+        "name": "rollout", "ready": False, "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": "ModuleNotFoundError: No module named 'vllm'\n"}}}]),
+     "pod demo-rollout-x: container rollout restarted after exit code 1 (Error): ModuleNotFoundError: No module named 'vllm'"),
+    (rollout_pod(conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                              "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]),
+     "pod demo-rollout-x cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+])
+def test_rollout_pods_that_cannot_start_say_why_on_the_job_with_one_warning(pod, problem):
+    observed = {"reward_deployment": ready_pool(), "rollout_deployment": rollout_servers(ready=1), "rollout_pods": [pod]}
+    plan = run(rftjob(spec=ROLLOUT), **observed)
+    rollout = condition(plan, "RolloutReady")
+    assert (rollout["status"], rollout["reason"], rollout["message"]) == ("False", "RolloutPodsCannotStart", f"1/2 rollout pods ready; {problem}")
+    assert [(e.type, e.reason) for e in plan.events if e.type == "Warning"] == [("Warning", "RolloutPodsCannotStart")]
+    assert not plan.create  # no trainer without its rollout servers
+    again = run(rftjob(spec=ROLLOUT, status={"conditions": plan.status["conditions"]}), **observed)
+    assert not [e for e in again.events if e.type == "Warning"]
+    # A pod on its way out (a rollout's old pod, a deleted job's) is no news.
+    leaving = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": "2026-11-25T11:59:00Z"}}
+    assert condition(run(rftjob(spec=ROLLOUT), **{**observed, "rollout_pods": [leaving]}), "RolloutReady")["reason"] == "PodsNotReady"
+
+
+def test_a_trainer_that_cannot_start_parks_the_rollout_servers_with_the_pool():
+    plan = run(rftjob(spec=ROLLOUT, status=STARTED), reward_deployment=ready_pool(), rollout_deployment=rollout_servers(),
+               trainer_job=created_job(spec=ROLLOUT), trainer_job_events=[REFUSED])
+    assert condition(plan, "Running")["reason"] == "TrainerPodRefused"
+    assert named(plan, "Deployment", "demo-rollout")["spec"]["replicas"] == 0
+    assert condition(plan, "RolloutReady")["reason"] == "WaitingForTrainer"
+
+
+def test_a_finished_rollout_server_job_scales_its_rollout_servers_to_zero():
+    observed = {"reward_deployment": ready_pool(), "rollout_deployment": rollout_servers()}
+    done = run(rftjob(spec=ROLLOUT, status=STARTED_AT), trainer_job=created_job(conditions=[("Complete", "", "")], spec=ROLLOUT), **observed)
+    assert done.status["phase"] == "Succeeded"
+    assert named(done, "Deployment", "demo-rollout")["spec"]["replicas"] == 0
+    later = run(rftjob(spec=ROLLOUT, status=done.status), **observed)
+    assert [(ref.name, patch) for ref, patch in later.patch] == [("demo-reward", {"spec": {"replicas": 0}}), ("demo-rollout", {"spec": {"replicas": 0}})]
+
+
+def test_switching_a_running_job_to_colocated_restarts_its_trainer_and_removes_the_rollout_servers():
+    observed = {"reward_deployment": ready_pool(), "rollout_deployment": rollout_servers(), "trainer_job": created_job(active=1, spec=ROLLOUT),
+                "trainer_pods": RUNNING_POD}
+    first = run(rftjob(spec=ROLLOUT, status=STARTED_AT), **observed)
+    assert condition(first, "Running")["reason"] == "TrainerRunning"
+    rollout_children = [ChildRef("v1", "ServiceAccount", "demo-rollout"), ChildRef("apps/v1", "Deployment", "demo-rollout"),
+                        ChildRef("v1", "Service", "demo-rollout"), ChildRef("networking.k8s.io/v1", "NetworkPolicy", "demo-rollout")]
+    children = [ChildRef("apps/v1", "Deployment", "demo-reward"), *rollout_children]
+    switched = run(rftjob(spec=SPEC, generation=2, status=first.status), config_map=config_map_for(ROLLOUT), children=children, **observed)
+    assert "SpecAccepted" not in [c["type"] for c in switched.status["conditions"]]  # the checkpoints do not care who samples
+    assert switched.delete == [*rollout_children, ChildRef("batch/v1", "Job", "demo-trainer")]
+    assert condition(switched, "Running")["reason"] == "TrainerRestarting"
+    assert (condition(switched, "RolloutReady")["status"], condition(switched, "RolloutReady")["reason"]) == ("True", "Colocated")
+    assert not [c for c in switched.apply if c["metadata"]["name"] == "demo-rollout"]
+
+
+def test_a_queued_rollout_server_jobs_trainer_waits_for_its_rollout_job():
+    spec = dict(ROLLOUT, queueName="gpus")
+    created = run(rftjob(spec=spec), local_queue="found")
+    [jobset] = created.create
+    assert [r["name"] for r in jobset["spec"]["replicatedJobs"]] == ["reward", "rollout", "trainer"]
+    assert condition(created, "Running")["message"] == (
+        "the JobSet demo (trainer, reward pool and rollout servers) is created; it waits for admission by Kueue LocalQueue gpus")
+    assert not [c for c in created.apply if c["kind"] == "Deployment"]  # the pool and the servers are the JobSet's
+
+    rollout_job = {"metadata": {"name": "demo-rollout-0", "uid": "o"}, "spec": {"parallelism": 2}, "status": {"ready": 1}}
+    admitted = {"local_queue": "found", "jobset": created_jobset(spec, suspend=False), "reward_job": READY_REWARD_JOB}
+    loading = run(rftjob(spec=spec, status=STARTED_AT), rollout_job=rollout_job, **admitted)
+    running = condition(loading, "Running")
+    assert (running["reason"], running["message"]) == ("WaitingForRolloutServers", "admitted by Kueue; the trainer starts once the rollout servers are ready")
+    assert condition(loading, "RolloutReady")["message"] == "1/2 rollout pods ready"
+    assert loading.requeue_after == 5  # a refused pod shows only in the Job's events: look again
+    refused = {**REFUSED, "message": 'pods "demo-rollout-0-1" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1'}
+    starved = run(rftjob(spec=spec, status=STARTED_AT), rollout_job=rollout_job, rollout_job_events=[refused], **admitted)
+    assert condition(starved, "RolloutReady")["message"] == (
+        '1/2 rollout pods ready; the rollout Job cannot create its pods: pods "demo-rollout-0-1" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1')

@@ -3,6 +3,7 @@ the report exists, Ctrl-C checkpoints and a rerun resumes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -72,6 +73,18 @@ def test_nproc_must_divide_the_prompts_of_a_step(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "--nproc 3: the trainer processes share each step's prompts, so grpo.promptsPerStep" in done.stderr
+
+
+def test_rollout_servers_need_vllm_here(tmp_path):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")  # the local rollout servers run in tests/trainer/vllm_rollouts.py
+    document = yaml.safe_load(DEMO.read_text())
+    document["spec"]["rollout"] = {"mode": "server"}
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(document))
+    done = subprocess.run([*KUBERFT, "run", str(manifest), "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "spec.rollout.mode is server: the rollout servers run vLLM, which is not installed here" in done.stderr
 
 
 @pytest.mark.slow

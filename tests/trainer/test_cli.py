@@ -4,6 +4,7 @@ checkpoint; a bad config is rejected naming the field."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -121,6 +122,30 @@ def test_a_missing_model_is_reported_with_its_name(tmp_path, name):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert f"'{name}'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_job_sampling_on_rollout_servers_needs_them(tmp_path):
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"model": {"name": "tiny:countdown"}, "dataset": {"rows": [{"prompt": "x"}]},
+                                  "rewards": [{"kind": "countdown"}], "rollout": {"mode": "server"}}))
+    result = subprocess.run([*KUBERFT, "train", "--config", str(config), "--output", str(tmp_path / "o"),
+                             "--reward-url", "http://127.0.0.1:9", "--metrics-port", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "spec.rollout.mode is server: pass --rollout-service or --rollout-url" in result.stderr
+
+
+def test_the_rollout_server_says_when_vllm_is_missing(tmp_path):
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")  # the real server runs in tests/trainer/vllm_rollouts.py
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"model": {"name": "tiny:countdown"}, "dataset": {"rows": [{"prompt": "x"}]},
+                                  "rewards": [{"kind": "countdown"}]}))
+    result = subprocess.run([*KUBERFT, "rollout-server", "--config", str(config), "--port", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "vLLM is not installed" in result.stderr and "EXTRA_PIP=vllm" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

@@ -57,3 +57,18 @@ def test_rollout_logprobs_match_the_trainers_and_the_correction_weights_are_repo
         # The same distribution on both sides: weights of 1, none capped, a mismatch at rounding level.
         assert s["rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
         assert s["rollout_is_capped"] == 0.0 and s["rollout_logprob_diff_max"] < 1e-4
+
+
+@pytest.mark.timeout(1500)
+def test_a_rollout_server_samples_what_the_colocated_engine_samples(measured):
+    # spec.rollout.mode server as `kuberft run` starts it: `kuberft rollout-server` in its own
+    # process, the adapter sent over HTTP each time it changes.
+    server = measured["server"]
+    assert server["greedy_equal_v1"] and server["greedy_equal_v2"]
+    # Per-prompt seeds give the same samples as the in-process engine, with the same log-probs.
+    assert server["samples_equal_colocated"] and server["logprob_gap_to_colocated"] < 1e-5
+    steps = server["train_steps"]
+    assert [s["step"] for s in steps] == [1, 2]
+    for s in steps:
+        assert s["generated_tokens"] > 0 and s["grad_norm"] > 0
+        assert s["rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and s["rollout_logprob_diff_max"] < 1e-4

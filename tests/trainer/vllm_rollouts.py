@@ -7,7 +7,8 @@ JSON object of measurements for the test to judge.
 One engine is loaded (about a minute) and used for every check: greedy completions against the
 model's own generation with the same adapter, before and after the adapter changes (the sync of
 every step); per-prompt seeds; stop tokens and truncation; the engine's log-probabilities against
-the trainer's; then two GRPO steps of the trainer on it, with the rollout correction."""
+the trainer's; then two GRPO steps of the trainer on it, with the rollout correction. Then the
+same through a rollout server (spec.rollout.mode server, a second engine in its own process)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,47 @@ def main(out: Path) -> dict:
         for m in result.history
     ]
     results["adapter_written"] = (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    results["server"] = rollout_server_checks(out, model_dir, policy, prompts, options, set_adapter, engine)
+    return results
+
+
+def rollout_server_checks(out: Path, model_dir: Path, policy, prompts, options, set_adapter, engine) -> dict:
+    """spec.rollout.mode server, as `kuberft run` starts it: a `kuberft rollout-server` process
+    (vLLM) that the trainer's client sends its adapter and prompts."""
+    from kuberft_core.api import LoraSpec
+    from kuberft_operator.local_runner import _local_rollout_servers
+    from kuberft_trainer.rollout import generate
+    from kuberft_trainer.rollout_server import RolloutServers
+    from kuberft_trainer.train import Trainer
+    from tests.trainer.toy import ToyRewardBackend, toy_spec
+
+    spec = toy_spec(model_dir, steps=2, maxCompletionLength=8)
+    spec.lora = LoraSpec(r=8, alpha=16, dropout=0.0)
+    spec.model.dtype = "float32"
+    spec.rollout.mode = "server"
+    results: dict = {}
+    started = time.monotonic()
+    with _local_rollout_servers(spec, "server-test", out / "server") as urls:
+        results["load_seconds"] = time.monotonic() - started
+        client = RolloutServers(urls)
+        for version in (1, 2):
+            set_adapter(version)
+            ours = generate(policy, prompts, num_generations=2, temperature=0.0, **options)
+            theirs = client.generate(policy, prompts, num_generations=2, temperature=0.0, **options)
+            results[f"greedy_equal_v{version}"] = (theirs.completion_ids.tolist() == ours.completion_ids.tolist()
+                                                   and theirs.truncated.tolist() == ours.truncated.tolist())
+        sample = dict(num_generations=4, temperature=0.9, **options)
+        served = client.generate(policy, prompts, seeds=[11, 12, 13], **sample)
+        colocated = engine.generate(policy, prompts, seeds=[11, 12, 13], **sample)
+        results["samples_equal_colocated"] = served.completion_ids.tolist() == colocated.completion_ids.tolist()
+        results["logprob_gap_to_colocated"] = float((served.sampling_logprobs - colocated.sampling_logprobs).abs().max())
+
+        started = time.monotonic()
+        with Trainer(spec, out / "server-train", ToyRewardBackend(), vllm=client) as trainer:
+            result = trainer.run()
+        results["train_seconds"] = time.monotonic() - started
+        results["train_steps"] = [{k: getattr(m, k) for k in ("step", "grad_norm", "rollout_is_weight_mean", "rollout_logprob_diff_max",
+                                                             "generated_tokens")} for m in result.history]
     return results
 
 

@@ -31,6 +31,13 @@ operator copies into the status. SIGTERM or Ctrl-C stops after the current step 
 checkpoint; running the same command again resumes.
 """
 
+ROLLOUT_SERVER_DESCRIPTION = """\
+vLLM in a process of its own, sampling completions for a job's trainer (spec.rollout.mode:
+server): the trainer sends it the adapter it is training (PUT /v1/adapter/<digest>) and the
+step's prompts (POST /v1/generate). The model, dtype, LoRA rank, lengths, seed and
+rollout.gpuMemoryUtilization come from --config. Serves /healthz once the model is loaded.
+"""
+
 EPILOG = """\
 examples:
   kuberft train --config job.yaml --output runs/job --reward-url http://localhost:8080
@@ -59,7 +66,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reward-wait", type=float, default=900.0,
                         help="seconds to wait for the reward pool's /healthz before training; 0: do not wait (default: 900)")
     parser.add_argument("--no-progress", action="store_true", help="log one line per step instead of a progress bar")
+    parser.add_argument("--rollout-url", action="append", default=[], metavar="URL",
+                        help="sample on the rollout server at URL (repeatable; what `kuberft run` passes for spec.rollout.mode: server)")
+    parser.add_argument("--rollout-service", metavar="HOST:PORT",
+                        help="sample on the rollout servers behind this headless Service (what the operator passes)")
+    parser.add_argument("--rollout-replicas", type=int, default=1, metavar="N", help="rollout servers to wait for behind --rollout-service (default: 1)")
+    parser.add_argument("--rollout-wait", type=float, default=1800.0,
+                        help="seconds to wait for the rollout servers to load the model before training (default: 1800)")
     parser.set_defaults(handler=_train)
+
+    server = subparsers.add_parser(
+        "rollout-server",
+        help="serve vLLM rollouts to a job's trainer (what a rollout pod runs for spec.rollout.mode: server)",
+        description=ROLLOUT_SERVER_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    server.add_argument("--config", type=Path, required=True, metavar="FILE", help="RFTJob manifest (YAML/JSON) or its spec as JSON")
+    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    server.add_argument("--port", type=int, default=8300, help="port (default: 8300)")
+    server.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="GPUs the model is split over (default: 1)")
+    server.set_defaults(handler=_rollout_server)
+
+
+def _rollout_server(args: argparse.Namespace) -> int:
+    from .rollout_server import serve
+
+    return serve(args)
+
+
+def _rollout_servers(args: argparse.Namespace, spec):
+    """The rollout servers' client when the job samples on servers; None when the trainer samples."""
+    if not args.rollout_url and not args.rollout_service:
+        if spec.rollout.mode == "server":
+            raise SystemExit("spec.rollout.mode is server: pass --rollout-service or --rollout-url "
+                             "(the operator and `kuberft run` start the servers and pass them)")
+        return None
+    from .rollout_server import RolloutServers
+
+    return RolloutServers(args.rollout_url, service=args.rollout_service, replicas=args.rollout_replicas)
 
 
 def _reward_backend(args: argparse.Namespace, spec):
@@ -107,16 +151,20 @@ def _train(args: argparse.Namespace) -> int:
     server = MetricsServer(metrics, args.metrics_port).start() if args.metrics_port and rank0 else None
     status = ProgressReporter.from_environment() if rank0 else None
     backend = _reward_backend(args, spec)
+    rollouts = _rollout_servers(args, spec)
     progress = None
     try:
         try:
-            trainer = Trainer(spec, args.output, backend, job_name, metrics=metrics, status=status)
+            trainer = Trainer(spec, args.output, backend, job_name, metrics=metrics, status=status, vllm=rollouts)
         except (DatasetError, FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         # The model loads while the pool starts; the first step needs the pool.
         if args.reward_wait > 0 and not backend.wait_until_ready(args.reward_wait):
             print(f"error: the reward pool at {backend.health_url} did not become ready within {args.reward_wait:g}s", file=sys.stderr)
+            return 3
+        if rollouts is not None and not rollouts.wait_until_ready(args.rollout_wait):
+            print(f"error: the rollout servers did not all become ready within {args.rollout_wait:g}s", file=sys.stderr)
             return 3
         with trainer:
             if rank0:

@@ -246,18 +246,45 @@ def sequence_logprobs(model, rollout: Rollout, *, temperature: float = 1.0, grou
     return _token_logprobs(logits, rollout.completion_ids, temperature, row_chunk)
 
 
-class VllmGenerator:
-    """Generation with vLLM on a GPU, in the trainer's process: the base model is loaded once
-    with LoRA support; each step the trainer's current adapter is saved to a scratch folder and
-    used as a new LoRA request (adapter-only sync: a few MB instead of the full weights)."""
+def rollout_from_completions(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]], *,
+                             num_generations: int, eos_token_id: int, pad_token_id: int, device) -> Rollout:
+    """A `Rollout` of completions sampled by another engine: `completions[i]` and its per-token
+    `logprobs[i]` for prompt i // num_generations. A completion that does not end with the stop
+    token hit the length limit (truncated)."""
+    width = max(1, max((len(c) for c in completions), default=1))
+    ids = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    truncated = torch.zeros(len(completions), dtype=torch.bool)
+    sampled = torch.zeros(ids.shape, dtype=torch.float32)
+    for row, (tokens, values) in enumerate(zip(completions, logprobs)):
+        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, :len(tokens)] = 1
+        sampled[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+        truncated[row] = not tokens or tokens[-1] != eos_token_id
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
+    prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+    return Rollout(prompt_ids, prompt_mask, ids.to(device), mask.to(device), truncated.to(device), sampled.to(device))
+
+
+class VllmEngine:
+    """vLLM with LoRA support, sampling completions of token-id prompts with a given adapter:
+    what the colocated `VllmGenerator` and the rollout server (`rollout_server.py`) run."""
 
     def __init__(self, model_path: str, *, lora_rank: int, dtype: str, max_model_len: int,
-                 gpu_memory_utilization: Optional[float] = None, seed: int = 0):
+                 gpu_memory_utilization: Optional[float] = None, seed: int = 0, tensor_parallel_size: int = 1):
+        from transformers import AutoConfig
         from vllm import LLM  # noqa: PLC0415 - optional
 
-        if gpu_memory_utilization is None:
-            # On vLLM's CPU build the fraction is of the host's memory, which the trainer shares.
-            gpu_memory_utilization = 0.3 if torch.cuda.is_available() else 0.1
+        # vLLM refuses a length past the model's positions; prompt + completion rarely need them all.
+        positions_limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+        if positions_limit and max_model_len > positions_limit:
+            max_model_len = int(positions_limit)
+        if not torch.cuda.is_available():
+            # On vLLM's CPU build the fraction is of the host's memory, which others share.
+            gpu_memory_utilization = min(gpu_memory_utilization or 0.1, 0.1)
+        elif gpu_memory_utilization is None:
+            gpu_memory_utilization = 0.3  # beside the trainer on its GPU
 
         self.llm = LLM(
             model=model_path,
@@ -266,24 +293,21 @@ class VllmGenerator:
             dtype="auto" if dtype == "auto" else dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
             seed=seed,
             enable_prefix_caching=True,
             # log-probabilities after temperature (what the trainer computes), before top-p/top-k
             logprobs_mode="processed_logprobs",
         )
-        self._scratch = tempfile.TemporaryDirectory(prefix="kuberft-vllm-lora-")
-        self._version = 0
 
-    def generate(self, peft_model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
-                 eos_token_id: int, pad_token_id: int, temperature: float, top_p: float,
-                 seeds: Optional[list[int]] = None) -> Rollout:
-        """Like `generate`; `seeds`: one per prompt (None: greedy, or vLLM's own seed)."""
+    def complete(self, prompts: list[list[int]], adapter: tuple[str, int, str], *, num_generations: int, max_new_tokens: int,
+                 eos_token_id: int, temperature: float, top_p: float,
+                 seeds: Optional[list[int]] = None) -> tuple[list[list[int]], list[list[float]]]:
+        """`num_generations` completions per prompt (contiguous) and each token's log-probability,
+        with the adapter (name, id, folder) loaded; `seeds`: one per prompt (None: vLLM's own)."""
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
-        self._version += 1
-        adapter_dir = Path(self._scratch.name) / f"v{self._version}"
-        peft_model.save_pretrained(adapter_dir)
         # vLLM samples a greedy completion once (it refuses n > 1): the copies are made here.
         copies = num_generations if temperature == 0.0 else 1
         params = [
@@ -292,8 +316,7 @@ class VllmGenerator:
             for seed in (seeds or [None] * len(prompts))
         ]
         requests = [{"prompt_token_ids": p} for p in prompts]
-        outputs = self.llm.generate(requests, params, lora_request=LoRARequest(f"policy-{self._version}", self._version, str(adapter_dir)), use_tqdm=False)
-        shutil.rmtree(Path(self._scratch.name) / f"v{self._version - 1}", ignore_errors=True)
+        outputs = self.llm.generate(requests, params, lora_request=LoRARequest(*adapter), use_tqdm=False)
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         for output in outputs:
@@ -302,18 +325,32 @@ class VllmGenerator:
                     completions.append(list(completion.token_ids))
                     # logprobs=0: each position holds the sampled token's log-probability
                     logprobs.append([position[token].logprob for token, position in zip(completion.token_ids, completion.logprobs or [])])
-        device = next(peft_model.parameters()).device
-        width = max(1, max(len(c) for c in completions))
-        ids = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        truncated = torch.zeros(len(completions), dtype=torch.bool)
-        sampled = torch.zeros(ids.shape, dtype=torch.float32)
-        for row, (tokens, values) in enumerate(zip(completions, logprobs)):
-            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, :len(tokens)] = 1
-            sampled[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
-            truncated[row] = not tokens or tokens[-1] != eos_token_id
-        prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
-        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
-        return Rollout(prompt_ids, prompt_mask, ids.to(device), mask.to(device), truncated.to(device), sampled.to(device))
+        return completions, logprobs
+
+
+class VllmGenerator:
+    """Generation with vLLM on a GPU, in the trainer's process: the base model is loaded once
+    with LoRA support; each step the trainer's current adapter is saved to a scratch folder and
+    used as a new LoRA request (adapter-only sync: a few MB instead of the full weights)."""
+
+    def __init__(self, model_path: str, *, lora_rank: int, dtype: str, max_model_len: int,
+                 gpu_memory_utilization: Optional[float] = None, seed: int = 0):
+        self.engine = VllmEngine(model_path, lora_rank=lora_rank, dtype=dtype, max_model_len=max_model_len,
+                                 gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        self._scratch = tempfile.TemporaryDirectory(prefix="kuberft-vllm-lora-")
+        self._version = 0
+
+    def generate(self, peft_model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
+                 eos_token_id: int, pad_token_id: int, temperature: float, top_p: float,
+                 seeds: Optional[list[int]] = None, adapter_state: Optional[dict] = None) -> Rollout:
+        """Like `generate`; `seeds`: one per prompt (None: greedy, or vLLM's own seed);
+        `adapter_state`: the adapter's full weights when the model is sharded."""
+        self._version += 1
+        adapter_dir = Path(self._scratch.name) / f"v{self._version}"
+        peft_model.save_pretrained(adapter_dir, state_dict=adapter_state)
+        completions, logprobs = self.engine.complete(
+            prompts, (f"policy-{self._version}", self._version, str(adapter_dir)), num_generations=num_generations,
+            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, temperature=temperature, top_p=top_p, seeds=seeds)
+        shutil.rmtree(Path(self._scratch.name) / f"v{self._version - 1}", ignore_errors=True)
+        return rollout_from_completions(prompts, completions, logprobs, num_generations=num_generations, eos_token_id=eos_token_id,
+                                        pad_token_id=pad_token_id, device=next(peft_model.parameters()).device)

@@ -14,8 +14,9 @@
 - At the end: `output_dir/adapter/` (peft format), `output_dir/config.json` (the spec),
   `output_dir/samples/step-N.jsonl` (eval completions with their rewards) per evaluation.
 - Async reward backends run on the trainer's own event loop (`event_loop=` to share one).
-- Rollouts come from vLLM (`rollout.VllmGenerator`) on a GPU where it is installed, or when
-  `use_vllm=True` (or a generator, `vllm=`) is given; otherwise from the model itself.
+- Rollouts come from vLLM in this process (`rollout.VllmGenerator`) on a GPU where it is
+  installed, or when `use_vllm=True` is given; from vLLM rollout servers (`vllm=` a
+  `rollout_server.RolloutServers`, spec.rollout.mode server); otherwise from the model itself.
 
 One step (`_train_step`): take promptsPerStep prompts; sample numGenerations completions each
 (HF with a KV cache, or vLLM on a GPU); score them; total reward = weighted sum; group-relative
@@ -177,6 +178,8 @@ class Trainer:
             self.optimizer, _schedule(self.grpo.lr_scheduler, self.grpo.warmup_steps, total_updates)
         )
         self.resumed_from = self._resume(latest)
+        if vllm is None and spec.rollout.mode == "server":
+            raise ValueError("spec.rollout.mode is server: give the trainer its rollout servers (vllm=RolloutServers(...))")
         if vllm is None and (use_vllm if use_vllm is not None else self._vllm_available()):
             vllm = self._vllm_generator()
         self.vllm = vllm
@@ -266,11 +269,16 @@ class Trainer:
         log.info("resumed from %s (step %d of %d)", path, step, self.grpo.steps)
         return step
 
+    def _full_adapter_state(self) -> Optional[dict]:
+        """The adapter's weights gathered whole when the model is sharded (every process must take
+        part); None otherwise, where peft reads them from the model itself."""
+        return trainable_state(self.model) if is_sharded(self.model) else None
+
     def _save_checkpoint(self, start: Optional[dict[str, Any]] = None) -> None:
         """A checkpoint of the adapter and the training state; `start`: the data position and
         random streams to record (default: now)."""
         state = self._training_state(start or self._step_start())
-        adapter = trainable_state(self.model) if is_sharded(self.model) else None  # every process takes part
+        adapter = self._full_adapter_state()
         if self.dist.main:
             summary = {"model": self.spec.model.name, "lora": self.spec.lora.to_wire(), "total_steps": self.grpo.steps}
             path = ckpt.save_checkpoint(self.output_dir, state["step"], self.model, state, summary,
@@ -280,7 +288,7 @@ class Trainer:
         self.dist.barrier()
 
     def _save_adapter(self) -> Optional[Path]:
-        adapter_state = trainable_state(self.model) if is_sharded(self.model) else None
+        adapter_state = self._full_adapter_state()
         if not self.dist.main:
             return None
         adapter = self.output_dir / ADAPTER_DIR
@@ -306,7 +314,8 @@ class Trainer:
         options = dict(num_generations=num_generations, max_new_tokens=self.grpo.max_completion_length,
                        eos_token_id=self.eos_id, pad_token_id=self.pad_id, temperature=temperature, top_p=self.grpo.top_p)
         if self.vllm is not None:
-            return self.vllm.generate(self.model, prompts, seeds=seeds, **options)
+            adapter = self._full_adapter_state()
+            return self.vllm.generate(self.model, prompts, seeds=seeds, adapter_state=adapter, **options)
         generators = None if greedy else [torch.Generator(self.device).manual_seed(s) for s in seeds]
         with full_parameters(self.model):
             return generate(self.model, prompts, generators=generators, **options)
