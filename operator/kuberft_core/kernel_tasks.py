@@ -1,6 +1,7 @@
 """Kernel tasks: KernelBench-style Python files (`class Model`, `get_inputs()`,
 `get_init_inputs()`), found by id in the task set shipped with the pool or in extra
-directories (`kuberft reward serve --tasks DIR`). A task's id is its file name without `.py`.
+directories (`kuberft reward serve --tasks DIR`), or generated from the id of a task family
+(`kernel_families`: `ew.relu.mul2.add1`). A file task's id is its file name without `.py`.
 Reading them imports nothing: the source is text until a sandboxed child runs it."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import ast
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import kernel_families
 
 SHIPPED_DIR = Path(__file__).parent / "tasks" / "triton"
 SOLUTIONS_DIR = SHIPPED_DIR / "solutions"
@@ -40,13 +43,15 @@ def check_task_source(source: str, where: str) -> None:
 
 class TaskSet:
     """The kernel tasks the pool knows: extra directories first (they may override a shipped
-    task of the same id), then the shipped set."""
+    task of the same id), then the shipped set and the generated family (whose ids, such as
+    `ew.relu.mul2.add1`, `ids()` does not list: there are thousands)."""
 
     def __init__(self, extra_dirs: list[Path] | None = None, include_shipped: bool = True):
         self.dirs = [Path(d) for d in (extra_dirs or [])]
         for d in self.dirs:
             if not d.is_dir():
                 raise TaskError(f"--tasks {d}: not a directory")
+        self.include_shipped = include_shipped
         if include_shipped:
             self.dirs.append(SHIPPED_DIR)
 
@@ -67,7 +72,13 @@ class TaskSet:
                 source = path.read_text()
                 check_task_source(source, str(path))
                 return KernelTask(task_id, source, path)
-        known = ", ".join(self.ids())
+        if self.include_shipped and kernel_families.is_family_id(task_id):
+            try:
+                composition = kernel_families.parse(task_id)
+            except ValueError as e:
+                raise TaskError(str(e)) from None
+            return KernelTask(task_id, kernel_families.task_source(composition))
+        known = ", ".join(self.ids()) + ("; or a generated one such as ew.relu.mul2.add1" if self.include_shipped else "")
         raise TaskError(f"unknown task {task_id!r} (known: {known})")
 
 

@@ -3,15 +3,21 @@ Imports nothing heavy: kernel tasks are read as text.
 
 - `triton-kernels`: one row per shipped kernel task, `{"prompt", "task"}`; the reward pool
   finds the task by id.
+- `triton-family`: generated kernel tasks (`kernel_families`: elementwise compositions and
+  row-wise reductions), `{"prompt", "task", "solution"}`, from the training or the held-out
+  split; the reward pool rebuilds each task from its id; `solution` is the reference program
+  (labels for a supervised warm-up; the reward pool ignores it).
 - `countdown`: generated puzzles `{"prompt": "Use 3 7 25 to make 46.\\n", "numbers": [3, 7, 25],
   "target": 46}`, answered by a plain arithmetic expression (`25+3*7`).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
+from . import kernel_families
 from .arithmetic import expression_value
 from .kernel_tasks import TaskSet
 
@@ -36,22 +42,59 @@ target comes from the numbers in the listed order, left to right (an easier puzz
 never needs to reorder them); `positiveTargets`: only targets above zero (classic Countdown)."""
 
 
+FAMILY_DEFAULTS = {"split": "train", "kinds": list(kernel_families.KINDS)}
+"""triton-family options: `split`, `train` or `heldout` (compositions that put two ops next to
+each other in an order the training split never shows); `kinds`, of `ew` (elementwise chains),
+`bin` (two inputs) and `row` (row-wise reductions)."""
+
+
 def builtin_rows(name: str, size: int, seed: int, options: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of the built-in dataset `name`. `size` and `seed` apply to generated sets
-    (countdown); fixed sets (triton-kernels) return all their rows. Raises ValueError naming
-    the bad field."""
+    (countdown: `size` rows; triton-family: at most `size`); fixed sets (triton-kernels) return
+    all their rows. Raises ValueError naming the bad field."""
     if name == "triton-kernels":
         if options:
             raise ValueError(f"dataset.builtin.options: triton-kernels takes no options, got {sorted(options)}")
         tasks = TaskSet()
         return [{"prompt": kernel_prompt(tasks.get(task_id).source), "task": task_id} for task_id in tasks.ids()]
+    if name == "triton-family":
+        return family_rows(size, seed, options)
     if name == "countdown":
         return countdown_rows(size, seed, options)
-    raise ValueError(f"dataset.builtin.name: unknown built-in dataset {name!r} (known: triton-kernels, countdown)")
+    raise ValueError(f"dataset.builtin.name: unknown built-in dataset {name!r} (known: triton-kernels, triton-family, countdown)")
 
 
 def kernel_prompt(task_source: str) -> str:
     return KERNEL_INSTRUCTIONS.format(source=task_source.strip())
+
+
+def family_rows(size: int, seed: int, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Up to `size` tasks of the chosen split and kinds, the kinds taking turns (each kind's
+    tasks in a seeded order) so that a short prefix mixes them; fewer when the split has fewer."""
+    unknown = sorted(set(options) - set(FAMILY_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"dataset.builtin.options.{unknown[0]}: unknown triton-family option (known: {', '.join(FAMILY_DEFAULTS)})"
+        )
+    opts = {**FAMILY_DEFAULTS, **options}
+    split, kinds = opts["split"], opts["kinds"]
+    if split not in kernel_families.SPLITS:
+        raise ValueError(f"dataset.builtin.options.split: must be one of {', '.join(kernel_families.SPLITS)}, got {split!r}")
+    if not isinstance(kinds, list) or not kinds or any(kind not in kernel_families.KINDS for kind in kinds):
+        raise ValueError(f"dataset.builtin.options.kinds: must be a non-empty list of {', '.join(kernel_families.KINDS)}, got {kinds!r}")
+    if type(size) is not int or size < 1:
+        raise ValueError(f"dataset.builtin.size: must be a positive integer, got {size!r}")
+    rng = random.Random(seed)
+    by_kind = []
+    for kind in dict.fromkeys(kinds):
+        tasks = [c for c in kernel_families.catalogue() if c.kind == kind and kernel_families.split_of(c) == split]
+        rng.shuffle(tasks)
+        by_kind.append(tasks)
+    taking_turns = [c for turn in itertools.zip_longest(*by_kind) for c in turn if c is not None]
+    return [
+        {"prompt": kernel_prompt(kernel_families.task_source(c)), "task": c.id, "solution": kernel_families.solution(c)}
+        for c in taking_turns[:size]
+    ]
 
 
 def countdown_rows(size: int, seed: int, options: dict[str, Any]) -> list[dict[str, Any]]:
