@@ -364,8 +364,9 @@ class GRPOSpec(ApiModel):
         ),
     )
 
-    steps: int = Field(default=100, ge=1, le=1_000_000)
-    """GRPO steps to run: each samples promptsPerStep x numGenerations completions, scores them and makes numIterations optimizer updates."""
+    steps: int = Field(default=100, ge=0, le=1_000_000)
+    """GRPO steps to run: each samples promptsPerStep x numGenerations completions, scores them and makes numIterations optimizer updates.
+    0 (with `sft`): supervised fine-tuning only."""
     prompts_per_step: int = Field(default=4, ge=1, le=4096)
     """Prompts sampled per step; each yields numGenerations completions."""
     num_generations: int = Field(default=8, ge=2, le=512)
@@ -440,6 +441,24 @@ class RolloutSpec(ApiModel):
     for (`resources.limits["nvidia.com/gpu"]`) are its tensor-parallel size."""
 
 
+class SFTSpec(ApiModel):
+    """Supervised fine-tuning of the same LoRA adapter on labelled rows, before the GRPO steps:
+    "SFT then RFT", or with `grpo.steps: 0` "SFT only", from one manifest. Each step takes
+    `batchSize` training rows that have a `completionField` (every such row once per pass, in an
+    order seeded by `grpo.seed`) and minimises the completion's negative log-likelihood (plus the
+    end-of-sequence token) after the prompt rendered exactly as for GRPO. Runs in full before
+    GRPO step 1; an interrupted SFT phase starts again on the next run."""
+
+    steps: int = Field(default=50, ge=1, le=1_000_000)
+    """Optimizer steps."""
+    batch_size: int = Field(default=4, ge=1, le=4096)
+    """Labelled rows per step; must divide by the trainer processes."""
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    """AdamW learning rate (constant); weight decay and gradient clipping as in `grpo`."""
+    completion_field: str = Field(default="completion", min_length=1, max_length=128)
+    """The row field holding the labelled completion."""
+
+
 class SandboxSpec(ApiModel):
     """Limits for each evaluation of untrusted model output."""
 
@@ -502,6 +521,8 @@ class RFTJobSpec(ApiModel):
     """Reward functions; the total reward is their weighted sum."""
     grpo: GRPOSpec = nested(GRPOSpec)
     """GRPO algorithm settings."""
+    sft: Optional[SFTSpec] = None
+    """Supervised fine-tuning on labelled rows before GRPO (none by default)."""
     rollout: RolloutSpec = nested(RolloutSpec)
     """Where completions are sampled: in the trainer, or in vLLM rollout server pods."""
     reward_pool: RewardPoolSpec = nested(RewardPoolSpec)
@@ -528,6 +549,11 @@ class RFTJobSpec(ApiModel):
             "(has(r.name) ? r.name : r.kind)).size() == 1)",
             "reward names must be unique (a reward without a name is named after its kind)",
             ".rewards",
+        ),
+        CelRule(
+            "!has(self.grpo) || !has(self.grpo.steps) || self.grpo.steps > 0 || has(self.sft)",
+            "grpo.steps 0 trains nothing: add an sft section (supervised fine-tuning only) or give GRPO steps",
+            ".grpo.steps",
         ),
     )
 

@@ -107,6 +107,8 @@ def run_job(
     records = read_metrics(output_dir)
     evaluations = [(r["step"], r["eval_pass_at_1"]) for r in records if r["eval_pass_at_1"] is not None]
     final_eval = {"step": evaluations[-1][0], "pass_at_1": evaluations[-1][1]} if evaluations else None
+    if final_eval is None and done.eval_pass_at_1 is not None:  # no GRPO step recorded it (spec.sft only)
+        final_eval = {"step": done.step, "pass_at_1": done.eval_pass_at_1}
     config = {"name": job.metadata.name, "spec": spec.to_wire()}
     report_json, report_png = write_report(output_dir, config=config, steps=records, final_eval=final_eval)
     return RunResult(
@@ -128,6 +130,7 @@ class _Trained:
     total_steps: int
     interrupted: bool
     adapter_dir: Optional[Path]
+    eval_pass_at_1: Optional[float] = None
 
 
 def _train_here(spec: RFTJobSpec, name: str, output_dir: Path, pool, progress: bool, on_step, rollout_urls: list[str]) -> _Trained:
@@ -153,7 +156,7 @@ def _train_here(spec: RFTJobSpec, name: str, output_dir: Path, pool, progress: b
             result = trainer.run()
     finally:
         bar.close()
-    return _Trained(result.step, result.total_steps, result.interrupted, result.adapter_dir)
+    return _Trained(result.step, result.total_steps, result.interrupted, result.adapter_dir, result.eval_pass_at_1)
 
 
 def _job_config_file(spec: RFTJobSpec, name: str, output_dir: Path) -> Path:
@@ -188,7 +191,8 @@ def _train_in_processes(spec: RFTJobSpec, name: str, output_dir: Path, pool, pro
     except (IndexError, ValueError):
         raise RuntimeError(f"the trainer processes failed (exit {done.returncode}); their log is above") from None
     adapter = summary["adapter"]
-    return _Trained(summary["step"], summary["total_steps"], summary["interrupted"], Path(adapter) if adapter else None)
+    return _Trained(summary["step"], summary["total_steps"], summary["interrupted"], Path(adapter) if adapter else None,
+                    summary["eval_pass_at_1"])
 
 
 ROLLOUT_SERVER_LOAD_SECONDS = 900

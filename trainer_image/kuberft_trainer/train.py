@@ -55,7 +55,7 @@ from kuberft_core.metrics import ComponentMetrics, component_metrics
 from kuberft_core.models import limit_cpu_threads_for_small_models, resolve_model_path
 
 from . import checkpoint as ckpt
-from .data import PromptFormatter, PromptSampler, load_rows, split_rows
+from .data import DatasetError, PromptFormatter, PromptSampler, load_rows, split_rows
 from .distributed import (
     Distributed,
     default_device,
@@ -72,7 +72,7 @@ from .grpo import combine_rewards, group_advantages, policy_loss, rollout_correc
 from .modeling import add_lora, load_model_and_tokenizer
 from .report import ProgressReporter
 from .rewards import RewardBackend, ScoreMatrix, reward_requests, score_completions
-from .rollout import Rollout, generate, sequence_logprobs
+from .rollout import Rollout, generate, rollout_from_completions, sequence_logprobs
 from .step_metrics import (
     METRICS_FILE,
     StepMetrics,
@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_DIR = paths.ADAPTER_DIR  # the operator reports `<output>/adapter` as the job's adapter
 CONFIG_FILE = "config.json"
+SFT_METRICS_FILE = "sft_metrics.jsonl"
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -164,8 +165,10 @@ class Trainer:
         self.reward_names = [r.effective_name for r in self.reward_requests]
         self.reward_weights = torch.tensor([r.weight for r in spec.rewards], dtype=torch.float64)
         self.step = 0
+        self.sft_rows = self._labelled_rows() if spec.sft is not None else []
 
         latest = self._latest_checkpoint()
+        self.sft_done = spec.sft is None or latest is not None  # checkpoints are written after the SFT phase
         if latest is not None:  # the adapter's weights, before they are sharded
             self._load_adapter(latest[1])
         if spec.trainer.sharding == "fsdp" and self.dist.enabled:
@@ -214,6 +217,15 @@ class Trainer:
             max_model_len=self.grpo.max_prompt_length + self.grpo.max_completion_length,
             seed=self.grpo.seed,
         )
+
+    def _labelled_rows(self) -> list[dict]:
+        sft = self.spec.sft
+        rows = [r for r in self.train_rows if isinstance(r.get(sft.completion_field), str) and r[sft.completion_field]]
+        if not rows:
+            raise DatasetError(f"sft.completionField: no training row has a {sft.completion_field!r} text to learn from")
+        if sft.batch_size % self.dist.world:
+            raise ValueError(f"sft.batchSize ({sft.batch_size}) must divide by the number of processes ({self.dist.world})")
+        return rows
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -448,6 +460,50 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
             self.dist.sum_(p.grad)
 
+    # ------------------------------------------------------------------ supervised fine-tuning
+
+    def _supervised_phase(self) -> bool:
+        """`spec.sft`: its steps on the labelled rows, one line each in sft_metrics.jsonl; then a
+        checkpoint, so a resumed run goes on with GRPO. False when stopped before the end (the
+        next run starts the phase again)."""
+        sft = self.spec.sft
+        sampler = PromptSampler(len(self.sft_rows), self.grpo.seed)
+        optimizer = torch.optim.AdamW(self.params, lr=sft.learning_rate, weight_decay=self.grpo.weight_decay)
+        records = []
+        log.info("supervised fine-tuning: %d steps of %d labelled rows (of %d)", sft.steps, sft.batch_size, len(self.sft_rows))
+        for step in range(1, sft.steps + 1):
+            if self._stop_requested:
+                log.warning("stopped during supervised fine-tuning (step %d of %d): the next run starts it again", step - 1, sft.steps)
+                return False
+            rows = [self.sft_rows[i] for i in sampler.take(sft.batch_size)][self.dist.rank::self.dist.world]
+            batch = self._labelled_batch(rows)
+            tokens = float(self.dist.sum_(batch.completion_mask.sum().float()).item())
+            self.model.train()
+            optimizer.zero_grad(set_to_none=True)
+            logprobs = sequence_logprobs(self.model, batch, temperature=1.0)
+            loss = -(logprobs * batch.completion_mask).sum() / tokens  # mean over the step's tokens, all processes
+            loss.backward()
+            self._sum_gradients()
+            grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.params, self.grpo.max_grad_norm))
+            optimizer.step()
+            loss_value = float(self.dist.sum_(loss.detach().clone()).item())
+            records.append({"step": step, "loss": loss_value, "tokens": int(tokens), "grad_norm": grad_norm})
+            if step == 1 or step % 10 == 0 or step == sft.steps:
+                log.info("sft step %d/%d: loss %.4f", step, sft.steps, loss_value)
+        self.model.eval()
+        if self.dist.main:
+            ckpt.write_atomically(self.output_dir / SFT_METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+        self.sft_done = True
+        self._save_checkpoint()
+        return True
+
+    def _labelled_batch(self, rows: list[dict]) -> Rollout:
+        """The rows' prompts and labelled completions (+ eos, at most maxCompletionLength tokens) as a rollout."""
+        field, limit = self.spec.sft.completion_field, self.grpo.max_completion_length
+        completions = [(self.tokenizer(r[field], add_special_tokens=False)["input_ids"] + [self.eos_id])[:limit] for r in rows]
+        return rollout_from_completions([self.formatter.token_ids(r) for r in rows], completions, [[] for _ in rows],
+                                        num_generations=1, eos_token_id=self.eos_id, pad_token_id=self.pad_id, device=self.device)
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, step: int) -> tuple[Optional[float], Optional[float]]:
@@ -511,6 +567,9 @@ class Trainer:
         eval_pass = None
         self._stop_requested = False
         with self._graceful_stop():
+            if not self.sft_done and not self._supervised_phase():
+                return TrainResult(output_dir=self.output_dir, step=0, total_steps=total, interrupted=True,
+                                   resumed_from=self.resumed_from, adapter_dir=None, last_metrics=None, eval_pass_at_1=None, history=[])
             while self.step < stop_at and not self._stop_requested:
                 snapshot = self._step_start()
                 try:
