@@ -1,8 +1,9 @@
 """The decoding engine: continuous batching of requests, one speculative step at a time.
 
 Requests for the same adapter are decoded together in a `Group` (one KV batch of the target,
-one speculator state). New requests join a running group after a batched prefill; finished
-ones leave at once. `speculative_step` is the whole decoding algorithm:
+one speculator state). New requests join a running group after a batched prefill (equal
+prompts, such as the n samples of one request, share one row of it); finished or cancelled
+ones leave at the next step. `speculative_step` is the whole decoding algorithm:
 
     1. propose  k tokens per row (the speculator; k = 0 is plain decoding),
     2. verify   all of them in one forward pass of the target ([last token, proposals]),
@@ -29,7 +30,7 @@ from typing import Callable
 import torch
 
 from .kv_batch import ModelRunner, SequenceBatch
-from .sampling import SamplingParams, accept_proposals, select_token
+from .sampling import SamplingParams, TokenLogprob, accept_proposals, select_token, token_logprobs
 from .speculators import Proposal, Speculator
 
 log = logging.getLogger(__name__)
@@ -39,22 +40,40 @@ log = logging.getLogger(__name__)
 class TextTracker:
     """Incremental detokenization with stop strings: which text is safe to stream now."""
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], hidden: set[int] = frozenset()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.hidden = hidden
+        """Token ids left out of the text (EOS)."""
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.stop_string: str | None = None
+        """The stop string that ended the text."""
+
+    def _decode(self, token_ids: list[int]) -> str:
+        if self.hidden:
+            token_ids = [t for t in token_ids if t not in self.hidden]
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def update(self, token_ids: list[int]) -> None:
         if self.stopped:
             return
-        self.text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        self.text = self._decode(token_ids)
         for stop in self.stop:
             hit = self.text.find(stop, max(0, self.sent - len(stop)))
             if hit >= 0:
                 self.text = self.text[:hit]
                 self.stopped = True
+                self.stop_string = stop
+
+    def tokens_to_stop(self, token_ids: list[int], known: int) -> int:
+        """How many of `token_ids` it takes for a stop string to appear (the first `known`
+        showed none; the whole list does)."""
+        for end in range(known + 1, len(token_ids)):
+            if any(stop in self._decode(token_ids[:end]) for stop in self.stop):
+                return end
+        return len(token_ids)
 
     def take(self, final: bool) -> str:
         """Text not streamed yet; holds back an incomplete character or a possible stop prefix."""
@@ -83,7 +102,13 @@ class Sequence:
     on_update: Callable[["Sequence", str], None] | None = None
     """Called from the engine thread with each new piece of text (and once more when finished)."""
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Per output token, when `params.logprobs` is set."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Per prompt token after the first, when `params.prompt_logprobs` is set."""
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended the output (None for EOS and the others)."""
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -99,22 +124,36 @@ class Sequence:
     def output_text(self) -> str:
         return self.text.text if self.text else ""
 
-    def emit(self, tokens: list[int], eos_ids: set[int]) -> None:
-        """Append generated tokens, stopping at EOS, max_tokens or a stop string."""
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(entry.logprob for entry in self.logprobs)
+
+    def emit(self, tokens: list[int], eos_ids: set[int], logprobs: list[TokenLogprob] | None = None) -> None:
+        """Append generated tokens (with their logprobs, when recorded), stopping at EOS, a stop
+        token, max_tokens or a stop string: where decoding one token at a time would have, so
+        speculation never changes the output."""
+        params = self.params
+        known = len(self.output_ids)
         for token in tokens:
             self.output_ids.append(token)
-            if token in eos_ids and not self.params.ignore_eos:
+            if token in params.stop_token_ids:
+                self.finish_reason, self.stop_reason = "stop", token
+                break
+            if token in eos_ids and not params.ignore_eos:
                 self.finish_reason = "stop"
                 break
-            if len(self.output_ids) >= self.params.max_tokens:
+            if len(self.output_ids) >= params.max_tokens:
                 self.finish_reason = "length"
                 break
+        if logprobs is not None:
+            self.logprobs.extend(logprobs[: len(self.output_ids) - known])
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
-        generated = [t for t in self.output_ids if t not in eos_ids] if eos_ids else self.output_ids
-        self.text.update(generated)
+        self.text.update(self.output_ids)
         if self.text.stopped:
-            self.finish_reason = "stop"
+            self.finish_reason, self.stop_reason = "stop", self.text.stop_string
+            end = self.text.tokens_to_stop(self.output_ids, known)
+            del self.output_ids[end:], self.logprobs[end:]
         self._notify()
 
     def finish(self, reason: str) -> None:
@@ -283,7 +322,7 @@ class Engine:
         if not seq.prompt_ids:
             raise ValueError("prompt is empty: give at least one token")
         if seq.text is None:
-            seq.text = TextTracker(self.tokenizer, seq.params.stop)
+            seq.text = TextTracker(self.tokenizer, seq.params.stop, self.eos_ids)
         self.inbox.put(seq)
         return seq
 
@@ -393,10 +432,25 @@ class Engine:
         return self.controllers[adapter]
 
     def _prefill(self, group: Group, seqs: list[Sequence]) -> None:
+        """Prefill newly admitted requests and emit their first token. Requests for prompt
+        logprobs are prefilled apart: only they need the logits of every prompt position."""
+        scored = [s for s in seqs if s.params.prompt_logprobs is not None]
+        plain = [s for s in seqs if s.params.prompt_logprobs is None]
+        for batch in (plain, scored):
+            if batch:
+                self._prefill_batch(group, batch, all_positions=batch is scored)
+
+    def _prefill_batch(self, group: Group, seqs: list[Sequence], all_positions: bool) -> None:
         fresh = SequenceBatch(self.target_runner, group.adapter, want_hidden=self.speculator.needs_target_hidden)
-        result = fresh.prefill([s.prompt_ids for s in seqs], self.pad_id)
+        result = fresh.prefill([s.prompt_ids for s in seqs], self.pad_id, all_positions=all_positions)
         for row, seq in enumerate(seqs):
-            seq.emit([select_token(result.logits[row, -1], seq.params, position=0)], self.eos_ids)
+            logits = result.logits[row]  # [prompt positions or 1, V]; the prompt ends at the last one
+            if seq.params.prompt_logprobs is not None:  # position i predicts prompt token i + 1
+                count = len(seq.prompt_ids)
+                seq.prompt_logprobs = token_logprobs(logits[-count:-1], seq.prompt_ids[1:], seq.params.prompt_logprobs)
+            token = select_token(logits[-1], seq.params, position=0)
+            top = seq.params.logprobs
+            seq.emit([token], self.eos_ids, None if top is None else token_logprobs(logits[-1:], [token], top))
         group.target.merge(fresh)
         self.speculator.add_rows(group.spec_state, seqs, result)
         group.seqs.extend(seqs)
@@ -444,8 +498,9 @@ class Engine:
 
         # 4. roll back both caches to what was accepted
         group.target.commit([1 + n for n in accepted])
-        for seq, tokens in zip(seqs, emitted):
-            seq.emit(tokens, self.eos_ids)
+        for row, (seq, tokens) in enumerate(zip(seqs, emitted)):
+            top = seq.params.logprobs  # logprobs: the target's distributions at the emitted positions
+            seq.emit(tokens, self.eos_ids, None if top is None else token_logprobs(verify.logits[row, : len(tokens)], tokens, top))
         self.speculator.commit(group.spec_state, seqs, accepted, proposal, verify)
 
         # 5. learn and report

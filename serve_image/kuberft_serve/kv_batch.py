@@ -115,10 +115,19 @@ class SequenceBatch:
         return self.valid.shape[1]
 
     # ------------------------------------------------------------------ feeding tokens
-    def prefill(self, prompts: list[list[int]], pad_id: int) -> ForwardResult:
-        """Start a new batch from prompts (left padded); returns the last position's outputs."""
+    def prefill(self, prompts: list[list[int]], pad_id: int, *, all_positions: bool = False) -> ForwardResult:
+        """Start a new batch from prompts (left padded); returns the last position's outputs, or
+        every position's with `all_positions` (prompts end at the last one). Equal prompts (the n
+        samples of a request) share one row of the forward pass, whose KV row is then copied."""
         if self.size:
             raise RuntimeError("prefill starts a new batch; merge it into a running one with `merge`")
+        distinct = list(dict.fromkeys(map(tuple, prompts)))
+        if len(distinct) < len(prompts):
+            row_of = {prompt: row for row, prompt in enumerate(distinct)}
+            rows = [row_of[tuple(prompt)] for prompt in prompts]
+            result = self.prefill([list(prompt) for prompt in distinct], pad_id, all_positions=all_positions)
+            self.select(rows)
+            return ForwardResult(result.logits[rows], None if result.hidden is None else result.hidden[rows])
         device = self.runner.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -135,7 +144,7 @@ class SequenceBatch:
             positions,
             adapter=self.adapter,
             want_hidden=self.want_hidden,
-            last_only=True,
+            last_only=not all_positions,
         )
         self.valid = valid
         self.holes = not bool(valid.all())

@@ -6,6 +6,10 @@ j and the target's distribution there: speculative decoding with a deterministic
 (ngram, heads, greedy draft) emits token-for-token what plain seeded sampling emits, and a
 request with a seed is reproducible whatever else shares its batch.
 
+`token_logprobs` reports what a request asks with `logprobs`: the target's raw distribution (its
+log-softmax before temperature and top-p, vLLM's default `raw_logprobs`) at each emitted
+position, the same whether the token was verified from a proposal or decoded alone.
+
 `accept_proposals` is the verification rule, one row at a time:
 - temperature 0: accept while the proposal equals the target's argmax (exact greedy output);
 - sampling with a stochastic draft distribution q: Leviathan et al. 2023, Algorithm 1 / Chen et
@@ -42,7 +46,14 @@ class SamplingParams:
     seed: int = 0
     """Every request has a seed; the server draws one when the request gives none."""
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Tokens that end the output, kept in it (vLLM's `stop_token_ids`)."""
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """Per generated token, record its log-probability and those of the `logprobs` most likely
+    tokens (0: its own only); None records nothing (and costs nothing)."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first (computed at prefill)."""
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +92,34 @@ def select_token(logits: torch.Tensor, params: SamplingParams, position: int) ->
     if params.greedy:
         return int(logits.argmax())
     return sample(warp(logits, params.temperature, params.top_p), keyed_uniform(params.seed, position))
+
+
+@dataclass
+class TokenLogprob:
+    """One position's log-probabilities under the target's raw distribution."""
+
+    token: int
+    logprob: float
+    rank: int
+    """1 for the most likely token."""
+    top: list[tuple[int, float]]
+    """The most likely tokens and their log-probabilities, best first."""
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The log-probabilities of `tokens` under logits [n, V] (row i gives tokens[i]), each with
+    its rank and the `top` most likely tokens."""
+    if not tokens:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])  # [n, 1]
+    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)
+        best = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        best = [[] for _ in tokens]
+    return [TokenLogprob(t, lp, r, b) for t, lp, r, b in zip(tokens, chosen[:, 0].tolist(), ranks, best)]
 
 
 def accept_proposals(

@@ -2,10 +2,13 @@
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as
 server-sent events), `GET /v1/models` (the base model and every adapter; a request's `model`
-field picks one), `GET /healthz`, `GET /metrics` (Prometheus, `kuberft_serve_*`).
+field picks one), `GET /v1/models/{model}`, `GET /health` (vLLM's: 200 with an empty body while
+the engine runs), `GET /healthz`, `GET /metrics` (Prometheus, `kuberft_serve_*`).
 
-The engine decodes in a background thread; each request becomes one `Sequence` per prompt
-whose text pieces come back to the request's event loop through an asyncio queue.
+The engine decodes in a background thread; each request becomes `n` (or `best_of`) `Sequence`s
+per prompt whose text pieces come back to the request's event loop through an asyncio queue.
+When the client hangs up, aiohttp cancels the request's handler (`handler_cancellation`), which
+cancels its sequences: the engine drops them at its next step, streamed or not.
 
 Starting it in-process (the local runner, tests):
 
@@ -23,13 +26,15 @@ Starting it in-process (the local runner, tests):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import threading
 import time
 import uuid
-from typing import Any
+from dataclasses import replace
+from typing import Any, Callable
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -40,6 +45,7 @@ from kuberft_core.probes import metrics_routes
 from .config import ServeConfig
 from .engine import Engine, Sequence
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error
+from .responses import chat_logprobs, completion_logprobs, prompt_logprobs
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -56,7 +62,7 @@ def _json_error(err: ApiError) -> web.Response:
 
 @web.middleware
 async def openai_errors(request: web.Request, handler):
-    """Every failure answers in the OpenAI error shape."""
+    """Every failure answers in the OpenAI error shape, a bug included (never a plain-text 500)."""
     try:
         return await handler(request)
     except ApiError as err:
@@ -65,50 +71,90 @@ async def openai_errors(request: web.Request, handler):
         if err.status < 400:
             raise
         return _json_error(ApiError(err.status, err.reason, type="invalid_request_error" if err.status < 500 else "server_error"))
+    except Exception as err:
+        log.exception("%s %s failed", request.method, request.path)
+        return _json_error(ApiError(500, f"internal error: {type(err).__name__}", type="server_error"))
 
 
 class Served:
-    """What one HTTP request asks the engine for, and how its answer is reported."""
+    """What one HTTP request asks the engine for, and how its answer comes back: `samples`
+    sequences per prompt (`best_of`, else `n`) seeded seed, seed + 1, ... (as vLLM seeds the
+    samples of a request), of which the `n` best are reported."""
 
-    def __init__(self, app: web.Application, model: str, prompts: list[list[int]], params: SamplingParams):
+    def __init__(self, app: web.Application, kind: str, model: str, prompts: list[list[int]], params: SamplingParams,
+                 n: int = 1, samples: int = 1):
         self.app = app
         self.engine: Engine = app[ENGINE]
+        self.id = f"{kind}-{uuid.uuid4().hex}"
         self.model = model
+        self.prompts = prompts
+        self.n = n
+        self.samples = samples
         config: ServeConfig = app[CONFIG]
         adapter = None if model == config.base_name else model
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.started = time.monotonic()
+        if samples > n and params.logprobs is None:
+            params = replace(params, logprobs=0)  # ranking by cumulative logprob needs every token's
 
-        def on_update(seq: Sequence, delta: str) -> None:  # engine thread: snapshot the finish reason now
-            loop.call_soon_threadsafe(self.events.put_nowait, (seq, delta, seq.finish_reason))
+        def on_update(seq: Sequence, delta: str) -> None:  # engine thread: snapshot the finish reason and token count now
+            if seq.finished:
+                self._record(seq)
+            loop.call_soon_threadsafe(self.events.put_nowait, (seq, delta, seq.finish_reason, len(seq.output_ids)))
 
-        self.seqs = [Sequence(ids, params, adapter, on_update) for ids in prompts]
-        self.index = {id(seq): i for i, seq in enumerate(self.seqs)}
+        self.seqs = [
+            Sequence(ids, replace(params, seed=params.seed + i), adapter, on_update) for ids in prompts for i in range(samples)
+        ]
+        self.position = {id(seq): i for i, seq in enumerate(self.seqs)}
 
-    def submit(self) -> None:
+    def prompt_index(self, seq: Sequence) -> int:
+        return self.position[id(seq)] // self.samples
+
+    @contextlib.asynccontextmanager
+    async def decoding(self):
+        """Submit the sequences; on leaving (done, failed, or the client hung up: logged as one
+        line) cancel those still decoding, which frees their batch slots."""
         for seq in self.seqs:
             self.engine.submit(seq)
-
-    def cancel(self) -> None:
-        for seq in self.seqs:
-            if not seq.finished:
-                self.engine.cancel(seq)
+        try:
+            yield
+        except (asyncio.CancelledError, ConnectionResetError):
+            tokens = sum(len(seq.output_ids) for seq in self.seqs)
+            log.info("%s: the client hung up; decoding cancelled after %d tokens", self.id, tokens)
+            raise
+        finally:
+            for seq in self.seqs:
+                if not seq.finished:
+                    self.engine.cancel(seq)
 
     async def updates(self):
-        """(choice index, text delta, finish reason or None) until every sequence finished."""
+        """(sequence, text delta, finish reason or None, its token count then) until every
+        sequence finished; a sequence's choice index is its position (streams have samples == n)."""
         remaining = len(self.seqs)
         while remaining:
-            seq, delta, reason = await self.events.get()
+            seq, delta, reason, count = await self.events.get()
             if reason is not None:
                 remaining -= 1
-                self._record(seq)
                 if reason == "error":
                     raise ApiError(500, "the engine failed while decoding this request", type="server_error")
-            yield self.index[id(seq)], delta, reason
+            yield seq, delta, reason, count
+
+    async def results(self) -> list[Sequence]:
+        """Wait for every sequence; returns the reported ones in choice order: per prompt, its
+        samples, or with best_of > n the n of highest cumulative logprob, best first."""
+        async for _ in self.updates():
+            pass
+        chosen = []
+        for start in range(0, len(self.seqs), self.samples):
+            samples = self.seqs[start : start + self.samples]
+            if self.samples > self.n:
+                samples = sorted(samples, key=lambda seq: seq.cumulative_logprob, reverse=True)[: self.n]
+            chosen.extend(samples)
+        return chosen
 
     def usage(self) -> dict[str, int]:
-        prompt = sum(len(s.prompt_ids) for s in self.seqs)
+        """Each prompt counted once, every generated token (best_of's unreported samples too)."""
+        prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(s.output_ids) for s in self.seqs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -126,11 +172,21 @@ class Served:
 
 
 # --------------------------------------------------------------------------- helpers
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or (content_type.startswith("application/") and content_type.endswith("+json"))
+
+
 async def _read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object. A body sent as another type (a form) is refused, as by vLLM;
+    one without a Content-Type is read as JSON."""
+    if "Content-Type" in request.headers and not _is_json(request.content_type):
+        raise ApiError(400, f"the request body must be JSON (Content-Type: application/json), not {request.content_type}")
     try:
-        body = await request.json()
+        body = json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -156,7 +212,7 @@ def _model_names(app: web.Application) -> list[str]:
     return [config.base_name, *config.adapters]
 
 
-def _sampling(app: web.Application, req, prompts: list[list[int]], default_max: int | None) -> SamplingParams:
+def _sampling(app: web.Application, req, prompts: list[list[int]], default_max: int | None, logprobs: int | None) -> SamplingParams:
     engine = app[ENGINE]
     limit = engine.max_positions
     longest = max(len(p) for p in prompts)
@@ -177,9 +233,18 @@ def _sampling(app: web.Application, req, prompts: list[list[int]], default_max: 
     for prompt in prompts:
         if any(not 0 <= t < vocab for t in prompt):
             raise ApiError(400, f"prompt: token ids must lie in [0, {vocab})", param="prompt")
+    stop_token_ids = req.stop_token_ids or []
+    if any(not 0 <= t < vocab for t in stop_token_ids):
+        raise ApiError(400, f"stop_token_ids: token ids must lie in [0, {vocab})", param="stop_token_ids")
     config = app[CONFIG]
     seed = req.seed if req.seed is not None else (config.seed if config.seed is not None else random.getrandbits(63))
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed, stop=req.stop_list)
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed, stop=req.stop_list,
+                          stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                          prompt_logprobs=req.prompt_logprobs)
+
+
+def _prompt_logprobs(tokenizer, seq: Sequence) -> list | None:
+    return None if seq.prompt_logprobs is None else prompt_logprobs(tokenizer, seq.prompt_ids, seq.prompt_logprobs)
 
 
 def _sse(data) -> bytes:
@@ -192,29 +257,52 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = _parse(CompletionRequest, await _read_json(request))
     _check_model(app, req.model)
     tokenizer = app[ENGINE].tokenizer
-    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
-    params = _sampling(app, req, prompts, default_max=16)
-    served = Served(app, req.model, prompts, params)
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": req.model}
+    texts = req.prompts()
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in texts]
+    params = _sampling(app, req, prompts, default_max=16, logprobs=req.logprobs)
+    if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
+        params = replace(params, prompt_logprobs=req.logprobs)  # echoed prompt tokens get their logprobs too (vLLM)
+    echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in texts]
+    served = Served(app, "cmpl", req.model, prompts, params, req.n, req.samples)
+    head = {"id": served.id, "object": "text_completion", "created": int(time.time()), "model": req.model}
+
+    def logprobs(seq: Sequence, start: int, end: int, echo: bool, offset: int = 0) -> dict | None:
+        """Of the output tokens [start, end), after the prompt's when echoing."""
+        if req.logprobs is None:
+            return None
+        ids, entries = seq.output_ids[start:end], seq.logprobs[start:end]
+        if echo:
+            ids, entries = seq.prompt_ids + ids, [None, *seq.prompt_logprobs, *entries]
+        return completion_logprobs(tokenizer, ids, entries, offset)
 
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        offsets = [0 for _ in served.seqs]  # per choice, the text offset of its next token
 
-        def chunk(index, text, reason):
-            return {**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+        def chunk(index: int, seq: Sequence, delta: str, reason: str | None, start: int, end: int) -> dict:
+            echo = req.echo and start == 0  # the first chunk of a choice carries the prompt
+            choice_logprobs = logprobs(seq, start, end, echo, offsets[index])
+            if choice_logprobs and choice_logprobs["tokens"]:
+                offsets[index] = choice_logprobs["text_offset"][-1] + len(choice_logprobs["tokens"][-1])
+            text = echoes[served.prompt_index(seq)] + delta if echo else delta
+            choice = {"index": index, "text": text, "logprobs": choice_logprobs, "finish_reason": reason,
+                      "stop_reason": seq.stop_reason if reason else None}
+            return {**head, "choices": [choice]}
 
-        return await _stream(request, served, chunk, [], include_usage, head)
+        return await _stream(request, served, chunk, [], req.stream_options, head)
 
-    texts = ["" for _ in prompts]
-    reasons: list[str | None] = [None for _ in prompts]
-    served.submit()
-    try:
-        async for index, delta, reason in served.updates():
-            texts[index] += delta
-            reasons[index] = reason or reasons[index]
-    finally:
-        served.cancel()
-    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+    async with served.decoding():
+        seqs = await served.results()
+    choices = []
+    for index, seq in enumerate(seqs):
+        text = echoes[served.prompt_index(seq)] + seq.output_text if req.echo else seq.output_text
+        choices.append({
+            "index": index,
+            "text": text,
+            "logprobs": logprobs(seq, 0, len(seq.output_ids), req.echo),
+            "finish_reason": seq.finish_reason,
+            "stop_reason": seq.stop_reason,
+            "prompt_logprobs": _prompt_logprobs(tokenizer, seq),
+        })
     return web.json_response({**head, "choices": choices, "usage": served.usage()})
 
 
@@ -226,64 +314,93 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, f"model `{req.model}` has no chat template; use /v1/completions", param="messages")
     prompt = list(tokenizer.apply_chat_template(req.chat(), add_generation_prompt=True, tokenize=True, return_dict=False))
-    params = _sampling(app, req, [prompt], default_max=None)
-    served = Served(app, req.model, [prompt], params)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+    params = _sampling(app, req, [prompt], default_max=None, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    served = Served(app, "chatcmpl", req.model, [prompt], params, req.n, req.samples)
+    head = {"id": served.id, "created": int(time.time()), "model": req.model}
+
+    def logprobs(seq: Sequence, start: int, end: int) -> dict | None:
+        return chat_logprobs(tokenizer, seq.output_ids[start:end], seq.logprobs[start:end]) if req.logprobs else None
 
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         head["object"] = "chat.completion.chunk"
 
-        def chunk(index, text, reason):
-            delta = {"content": text} if text or reason is None else {}
-            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+        def chunk(index: int, seq: Sequence, delta: str, reason: str | None, start: int, end: int) -> dict:
+            content = {"content": delta} if delta or reason is None else {}
+            choice = {"index": index, "delta": content, "logprobs": logprobs(seq, start, end), "finish_reason": reason,
+                      "stop_reason": seq.stop_reason if reason else None}
+            return {**head, "choices": [choice]}
 
-        opening = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}]
-        return await _stream(request, served, chunk, opening, include_usage, head)
+        opening = [
+            {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+            for i in range(len(served.seqs))
+        ]
+        return await _stream(request, served, chunk, opening, req.stream_options, head)
 
-    text, finish = "", None
-    served.submit()
-    try:
-        async for _, delta, reason in served.updates():
-            text += delta
-            finish = reason or finish
-    finally:
-        served.cancel()
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-    return web.json_response({**head, "object": "chat.completion", "choices": [choice], "usage": served.usage()})
+    async with served.decoding():
+        seqs = await served.results()
+    choices = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": seq.output_text},
+            "logprobs": logprobs(seq, 0, len(seq.output_ids)),
+            "finish_reason": seq.finish_reason,
+            "stop_reason": seq.stop_reason,
+        }
+        for index, seq in enumerate(seqs)
+    ]
+    body = {**head, "object": "chat.completion", "choices": choices, "usage": served.usage(),
+            "prompt_logprobs": _prompt_logprobs(tokenizer, served.seqs[0])}
+    return web.json_response(body)
 
 
-async def _stream(request, served: Served, chunk, opening: list, include_usage: bool, head: dict) -> web.StreamResponse:
+async def _stream(request: web.Request, served: Served, chunk: Callable[..., dict], opening: list, stream_options, head: dict) -> web.StreamResponse:
+    """Server-sent events: the opening chunks, then one chunk per text piece of a choice, the
+    last one carrying its finish reason (as vLLM sends it), then the usage chunk when asked
+    (empty `choices`), then `[DONE]`."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    served.submit()
+    counts = [0 for _ in served.seqs]  # per choice, the tokens reported so far
     try:
-        for event in opening:
-            await response.write(_sse(event))
-        async for index, delta, reason in served.updates():
-            if delta:
-                await response.write(_sse(chunk(index, delta, None)))
-            if reason is not None:
-                await response.write(_sse(chunk(index, "", reason)))
-        if include_usage:
-            await response.write(_sse({**head, "choices": [], "usage": served.usage()}))
-        await response.write(_sse("[DONE]"))
-    except ApiError as err:
-        await response.write(_sse(err.body()))
-    finally:
-        served.cancel()  # a client that went away stops its decoding
-    await response.write_eof()
+        async with served.decoding():
+            for event in opening:
+                await response.write(_sse(event))
+            try:
+                async for seq, delta, reason, count in served.updates():
+                    index = served.position[id(seq)]
+                    await response.write(_sse(chunk(index, seq, delta, reason, counts[index], count)))
+                    counts[index] = count
+                if stream_options is not None and stream_options.include_usage:
+                    await response.write(_sse({**head, "choices": [], "usage": served.usage()}))
+                await response.write(_sse("[DONE]"))
+            except ApiError as err:
+                await response.write(_sse(err.body()))
+        await response.write_eof()
+    except ConnectionResetError:  # the client hung up (logged by `decoding` if it was still decoding)
+        pass
     return response
 
 
-async def models(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    created = int(request.app[STARTED])
-    data = [{"id": config.base_name, "object": "model", "created": created, "owned_by": "kuberft", "root": config.model.name, "parent": None}]
+def _model_cards(app: web.Application) -> list[dict[str, Any]]:
+    config = app[CONFIG]
+    created = int(app[STARTED])
+    cards = [{"id": config.base_name, "object": "model", "created": created, "owned_by": "kuberft", "root": config.model.name, "parent": None}]
     for name, path in config.adapters.items():
-        data.append({"id": name, "object": "model", "created": created, "owned_by": "kuberft", "root": path, "parent": config.base_name})
-    return web.json_response({"object": "list", "data": data})
+        cards.append({"id": name, "object": "model", "created": created, "owned_by": "kuberft", "root": path, "parent": config.base_name})
+    return cards
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": _model_cards(request.app)})
+
+
+async def model_card(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    _check_model(request.app, name)
+    return web.json_response(next(card for card in _model_cards(request.app) if card["id"] == name))
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[ENGINE].alive else 503)
 
 
 def engine_health(engine: Engine) -> dict[str, Any]:
@@ -304,6 +421,8 @@ def create_app(engine: Engine, config: ServeConfig, metrics=None) -> web.Applica
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model_card)  # Hub names hold a slash
+    app.router.add_get("/health", health)
     app.add_routes(metrics_routes(engine.metrics, lambda: engine_health(engine)))
 
     async def start_engine(_app):
@@ -330,7 +449,7 @@ def run_server(config: ServeConfig) -> None:
     """Serve until interrupted (the `kuberft serve` command)."""
     app = build(config)
     log.info("serving %s on http://%s:%d (speculator %s)", ", ".join(_model_names(app)), config.host, config.port, config.speculator.type)
-    web.run_app(app, host=config.host, port=config.port, print=None)
+    web.run_app(app, host=config.host, port=config.port, print=None, handler_cancellation=True)
 
 
 class BackgroundServer:
@@ -341,7 +460,7 @@ class BackgroundServer:
         self.host = host
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(app)
+        self._runner = web.AppRunner(app, handler_cancellation=True)
         self._error: BaseException | None = None
         self.port = port
         self._thread = threading.Thread(target=self._serve, name="kuberft-serve-http", daemon=True)

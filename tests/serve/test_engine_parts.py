@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kuberft_serve.engine import SpeculationController, TextTracker
-from kuberft_serve.sampling import keyed_uniform, sample, warp
+from kuberft_serve.engine import Sequence, SpeculationController, TextTracker
+from kuberft_serve.sampling import SamplingParams, TokenLogprob, keyed_uniform, sample, warp
 from kuberft_serve.speculators import NgramSpeculator
 
 
@@ -84,3 +84,19 @@ def test_text_is_streamed_without_ever_showing_part_of_a_stop_string(stop):
             break
     assert tracker.stopped
     assert shown == "hello EN, then E "
+
+
+def test_a_stop_inside_a_multi_token_step_ends_the_output_where_one_token_steps_would():
+    """A speculative step emits several tokens at once; the output (and its logprobs) ends with
+    the token that completed the stop string or was the stop token, as in plain decoding."""
+    def step_logprobs(text):
+        return [TokenLogprob(ord(c), -0.5, 1, []) for c in text]
+
+    for stop, text, reason in [({"stop": ["END"]}, "abc", "END"), ({"stop_token_ids": [ord("D")]}, "abcEND", ord("D"))]:
+        seq = Sequence([1], SamplingParams(max_tokens=50, logprobs=0, **stop), text=TextTracker(CharTokenizer(), stop.get("stop", [])))
+        seq.emit([ord(c) for c in "ab"], set(), step_logprobs("ab"))
+        assert not seq.finished
+        seq.emit([ord(c) for c in "cENDxy"], set(), step_logprobs("cENDxy"))
+        assert "".join(map(chr, seq.output_ids)) == "abcEND"
+        assert [e.token for e in seq.logprobs] == seq.output_ids
+        assert (seq.finish_reason, seq.stop_reason, seq.output_text) == ("stop", reason, text)

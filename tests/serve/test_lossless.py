@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from kuberft_core.api import ModelSpec, SpeculatorSpec
 from kuberft_serve.config import ServeConfig
-from kuberft_serve.engine import Engine
+from kuberft_serve.engine import Engine, Sequence
 from kuberft_serve.heads import MedusaHeads
 from kuberft_serve.loading import build_engine
 from kuberft_serve.sampling import SamplingParams, accept_proposals, keyed_uniform, sample
@@ -111,6 +111,73 @@ def test_seeded_sampling_with_a_deterministic_speculator_equals_plain_seeded_sam
         params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=seed, ignore_eos=True)
         ids = encode(plain, text)
         assert engine.generate(ids, params, "tuned") == plain.generate(ids, params, "tuned")
+
+
+def decode(engine: Engine, prompt: list[int], params: SamplingParams, adapter=None) -> Sequence:
+    seq = engine.submit(Sequence(prompt, params, adapter))
+    while not seq.finished:
+        engine.step()
+    return seq
+
+
+@pytest.fixture(scope="module")
+def plain_decode(plain):
+    """Plain decoding of (prompt, params, adapter), each decoded once for all speculators."""
+    done = {}
+
+    def run(prompt: list[int], params: SamplingParams, adapter) -> Sequence:
+        key = (tuple(prompt), repr(params), adapter)
+        if key not in done:
+            done[key] = decode(plain, prompt, params, adapter)
+        return done[key]
+
+    return run
+
+
+@pytest.mark.parametrize("speculator", ["ngram", "draft", "heads"])
+def test_logprobs_and_stops_are_the_same_with_speculation(plain_decode, tiny_dir, adapter_dir, draft_dir, heads_dir, speculator):
+    """The reported logprobs (the target's raw distribution at each position) match plain
+    decoding's, and a stop string or stop token ends the output at the same token even when a
+    step emits several tokens past it; seeded sampling too with the deterministic speculators."""
+    engine = make_engine(tiny_dir, adapter_dir, draft_dir, heads_dir, speculator, k=4)
+    for text, temperature in [(PROMPTS[0], 0.0), (PROMPTS[3], 0.0), (PROMPTS[3], 0.8)]:
+        if temperature and speculator == "draft":
+            continue  # a sampling draft keeps the distribution, not the seeded tokens
+        ids = encode(engine, text)
+        params = SamplingParams(max_tokens=30, temperature=temperature, seed=11, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+        free = plain_decode(ids, params, "tuned").output_ids
+        stop_text = engine.tokenizer.decode(free[9:20])  # long: speculative steps run past where it completes
+        for stops in ({}, {"stop": [stop_text]}, {"stop_token_ids": [free[9]]}):
+            stopped = SamplingParams(**{**params.__dict__, **stops})
+            expected, got = plain_decode(ids, stopped, "tuned"), decode(engine, ids, stopped, "tuned")
+            assert got.output_ids == expected.output_ids, (text, temperature, stops)
+            assert (got.finish_reason, got.stop_reason) == (expected.finish_reason, expected.stop_reason)
+            assert len(got.logprobs) == len(got.output_ids)
+            for mine, theirs in zip(got.logprobs + got.prompt_logprobs, expected.logprobs + expected.prompt_logprobs):
+                assert (mine.token, mine.rank, [t for t, _ in mine.top]) == (theirs.token, theirs.rank, [t for t, _ in theirs.top])
+                assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-5)
+        assert len(expected.output_ids) < 30  # the last stop did stop
+
+
+def test_the_samples_of_one_prompt_share_one_prefill_row(plain):
+    """n copies of a prompt are prefilled as one row whose KV row is copied; each then decodes
+    exactly as the prompt alone."""
+    rows = []
+    forward = plain.target_runner.forward
+
+    def counting(input_ids, *args, **kwargs):
+        rows.append(input_ids.shape)
+        return forward(input_ids, *args, **kwargs)
+
+    plain.target_runner.forward = counting
+    try:
+        prompts = [encode(plain, PROMPTS[0])] * 3 + [encode(plain, PROMPTS[1])]
+        outputs = plain.generate_batch(prompts, [GREEDY] * 4)
+    finally:
+        del plain.target_runner.forward
+    assert rows[0][0] == 2  # the prefill: two distinct prompts
+    assert outputs[:3] == [plain.generate(prompts[0], GREEDY)] * 3
+    assert outputs[3] == plain.generate(prompts[3], GREEDY)
 
 
 # --------------------------------------------------------------------------- distributions

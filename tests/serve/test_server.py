@@ -145,7 +145,7 @@ def test_a_list_of_prompts_gets_one_choice_each(client):
     [
         ({"max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
         ({"temperature": 3}, "temperature: Input should be less than or equal to 2"),
-        ({"n": 2}, "n: only n=1 is supported"),
+        ({"n": 0}, "n: Input should be greater than or equal to 1"),
         ({"max_tokens": 5000}, "maximum context length is 1024 tokens"),
         ({"extra_body": {"max_token": 5}}, "Unrecognized request argument supplied: max_token"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop: at most 4 stop sequences"),
