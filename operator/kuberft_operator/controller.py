@@ -538,13 +538,10 @@ class Controller:
         if cached is not None and key in self._applied_views and cached.get("view") != self._applied_views[key]:
             log.info("%s %s/%s changed since the operator applied it: applying again", *key)
             self.metrics.drift_corrections.labels(kind=key[0]).inc()
-        applied = None
-        if cached is None:
-            # A plain create is much cheaper for the API server than a server-side apply; an
-            # existing object (the cache may simply not have seen it yet) falls back to apply.
-            applied = await self.client.create(manifest)
-        if applied is None:
-            applied = await self.client.apply(manifest)
+        # Always a server-side apply, creation included: a child created with a plain POST has its
+        # fields owned by an Update entry, and a later apply that leaves a field out (a node
+        # selector taken out of the spec) would not remove it.
+        applied = await self.client.apply(manifest)
         # Remember what we wrote at once, so the next reconcile skips it even before the watch event.
         slim = _slim(manifest["kind"], applied)
         self._applied_views[key] = slim["view"]

@@ -360,9 +360,12 @@ def test_a_rollout_server_jobs_trainer_starts_once_its_rollout_servers_are_ready
     wait_for(lambda: condition(cluster, namespace, "served", "Running").get("reason") == "WaitingForRolloutServers", 30, "WaitingForRolloutServers")
     assert get(cluster, namespace, "job", "served-trainer") is None
 
-    # Then on the CPU nodes, where kwok makes them ready: only then is the trainer created.
-    cpu_nodes = {"nodeSelector": {"kuberft.io/pool": "cpu"}}
-    cluster.kubectl("patch", "rftjob", "served", "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"rollout": {"placement": cpu_nodes}}}))
+    # Then without the selector, on any node, where kwok makes them ready: only then is the trainer
+    # created. (Taking the selector out of the spec must take it off the Deployment too.)
+    cluster.kubectl("patch", "rftjob", "served", "-n", namespace, "--type=merge", "-p",
+                    json.dumps({"spec": {"rollout": {"placement": {"nodeSelector": None}}}}))
+    wait_for(lambda: "nodeSelector" not in get(cluster, namespace, "deployment", "served-rollout")["spec"]["template"]["spec"],
+             30, "the node selector to leave the rollout Deployment")
     ready = wait_for(lambda: (c := condition(cluster, namespace, "served", "RolloutReady")).get("status") == "True" and c, 60, "RolloutReady=True")
     assert ready["message"] == "2/2 rollout pods ready"
     job = wait_for(lambda: get(cluster, namespace, "job", "served-trainer"), 30, "the trainer Job")

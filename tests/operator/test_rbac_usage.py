@@ -49,7 +49,10 @@ def _requests(cluster, user: str) -> tuple[set[tuple[str, str, str]], list[str]]
         if (event.get("responseStatus") or {}).get("code") == 403:
             refused.append(f"{event['verb']} {event['requestURI']}")
         elif ref.get("resource"):  # not discovery (/api, /apis, /version), which every user may read
-            used.add((ref.get("apiGroup", ""), ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else ""), event["verb"]))
+            resource = (ref.get("apiGroup", ""), ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else ""))
+            used.add((*resource, event["verb"]))
+            if event["verb"] == "patch" and (event.get("responseStatus") or {}).get("code") == 201:
+                used.add((*resource, "create"))  # a server-side apply that created the object: authorized as create too
     return used, refused
 
 
