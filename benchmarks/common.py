@@ -32,3 +32,9 @@ def median_tokens_per_second(produce, rounds: int) -> float:
         rollout = produce()
         rates.append(int(rollout.completion_mask.sum()) / (time.perf_counter() - started))
     return statistics.median(rates)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The value at quantile q (0..1) of `values`, nearest rank (q = 0.5: the median, 0.99: p99)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]

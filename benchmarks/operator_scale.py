@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
+from common import percentile  # noqa: E402
 from kuberft_core.api import RFTJobSpec  # noqa: E402
 from kuberft_operator.builders import LABEL_MANAGED_BY, Images, Owner, rftjob_children  # noqa: E402
 from kuberft_operator.kube import Credentials, KubeClient  # noqa: E402
@@ -111,11 +112,6 @@ class Watcher:
                             self.seen.setdefault((kind, f"{obj['metadata']['namespace']}/{obj['metadata']['name']}", owner), time.perf_counter())  # type: ignore[arg-type]
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 await asyncio.sleep(0.2)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def proc_stats(pid: int) -> tuple[float, float]:
