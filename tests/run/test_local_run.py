@@ -60,8 +60,9 @@ def test_the_trainer_runs_as_two_sharded_processes_with_nproc(tmp_path):
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump(document))
     output = tmp_path / "out"
+    # An empty model cache, as on a fresh machine: both processes want tiny:countdown built.
     done = subprocess.run([*KUBERFT, "run", str(manifest), "--steps", "2", "--nproc", "2", "--output", str(output), "--no-progress"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "KUBERFT_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "model sharded over 2 processes" in done.stderr and "local-countdown: 2/2 steps" in done.stdout
     assert [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -136,6 +136,9 @@ class Trainer:
         self.job_name = job_name
         self.on_step = on_step
         self.status = status
+        # A tiny model is built on first use, and built before the process group exists: once
+        # there is one, transformers writes a model's files from rank 0 only.
+        resolve_model_path(spec.model.name)
         self.dist = Distributed()
         self.device = device or default_device(self.dist.local_rank)
         self.metrics = metrics or component_metrics("trainer")
