@@ -92,7 +92,7 @@ def test_a_second_reconcile_of_an_unchanged_job_writes_nothing():
         await ctl.reconcile(key)
         await asyncio.sleep(0)  # background Events
         first = list(kube.writes)
-        assert ("create", "ConfigMap", "demo-config") in first
+        assert ("apply", "ConfigMap", "demo-config") in first
         assert ("patch", "RFTJob", "demo") in first
         assert kube.events == [("Normal", "ChildrenCreated")]
         kube.writes.clear()
