@@ -5,8 +5,10 @@ one speculator state). New requests join a running group after a batched prefill
 prompts, such as the n samples of one request, share one row of it); finished or cancelled
 ones leave at the next step. `speculative_step` is the whole decoding algorithm:
 
-    1. propose  k tokens per row (the speculator; k = 0 is plain decoding),
-    2. verify   all of them in one forward pass of the target ([last token, proposals]),
+    1. propose  k tokens per row (the speculator; k = 0 is plain decoding); a row with a
+                `response_format` keeps the longest prefix its grammar accepts,
+    2. verify   all of them in one forward pass of the target ([last token, proposals]); a
+                row's grammar masks the target's logits at each position,
     3. accept   per row with `sampling.accept_proposals` (greedy match, or the rejection rule),
     4. roll back the target's and the speculator's KV caches to the accepted prefix,
     5. emit     the accepted tokens plus the target's own next token.
@@ -25,13 +27,16 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .kv_batch import ModelRunner, SequenceBatch
-from .sampling import SamplingParams, TokenLogprob, accept_proposals, select_token, token_logprobs
+from .sampling import SamplingParams, TokenLogprob, accept_proposals, apply_token_bitmask, select_token, token_logprobs
 from .speculators import Proposal, Speculator
+
+if TYPE_CHECKING:
+    from .structured import GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,8 @@ class Sequence:
     adapter: str | None = None
     on_update: Callable[["Sequence", str], None] | None = None
     """Called from the engine thread with each new piece of text (and once more when finished)."""
+    grammar: GrammarState | None = None
+    """The grammar the output follows (`response_format`), None for free text."""
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """Per output token, when `params.logprobs` is set."""
@@ -154,6 +161,8 @@ class Sequence:
             self.finish_reason, self.stop_reason = "stop", self.text.stop_string
             end = self.text.tokens_to_stop(self.output_ids, known)
             del self.output_ids[end:], self.logprobs[end:]
+        if self.grammar is not None and not self.finished:
+            self.grammar.advance(self.output_ids[known:])
         self._notify()
 
     def finish(self, reason: str) -> None:
@@ -295,6 +304,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.eos_ids = self._eos_ids()
         self.max_positions = getattr(target.config.get_text_config(), "max_position_embeddings", None)
+        self.vocab_size = target.config.get_text_config().vocab_size
         self.groups: dict[str | None, Group] = {}
         self.controllers: dict[str | None, SpeculationController] = {}
         self.waiting: deque[Sequence] = deque()
@@ -321,6 +331,8 @@ class Engine:
         """Queue a request (thread-safe); `seq.on_update` and `seq.done` report progress."""
         if not seq.prompt_ids:
             raise ValueError("prompt is empty: give at least one token")
+        if seq.grammar is not None and seq.params.ignore_eos:
+            raise ValueError("ignore_eos cannot be used with a grammar: the output ends where the grammar does")
         if seq.text is None:
             seq.text = TextTracker(self.tokenizer, seq.params.stop, self.eos_ids)
         self.inbox.put(seq)
@@ -443,6 +455,8 @@ class Engine:
     def _prefill_batch(self, group: Group, seqs: list[Sequence], all_positions: bool) -> None:
         fresh = SequenceBatch(self.target_runner, group.adapter, want_hidden=self.speculator.needs_target_hidden)
         result = fresh.prefill([s.prompt_ids for s in seqs], self.pad_id, all_positions=all_positions)
+        for row, mask in self._grammar_masks(seqs, [[] for _ in seqs]).items():
+            apply_token_bitmask(result.logits[row, -1:], mask)
         for row, seq in enumerate(seqs):
             logits = result.logits[row]  # [prompt positions or 1, V]; the prompt ends at the last one
             if seq.params.prompt_logprobs is not None:  # position i predicts prompt token i + 1
@@ -477,12 +491,15 @@ class Engine:
             tokens[: max(0, min(k, seq.params.max_tokens - len(seq.output_ids) - 1))]
             for tokens, seq in zip(proposal.tokens, seqs)
         ]
+        masks = self._grammar_masks(seqs, proposed)
         proposed_at = time.perf_counter()
 
         # 2. verify: one forward pass of the target over [last token, proposals] for every row
         width = 1 + max(len(p) for p in proposed)
         feed = [[seq.output_ids[-1]] + p + [self.pad_id] * (width - 1 - len(p)) for seq, p in zip(seqs, proposed)]
         verify = group.target.extend(torch.tensor(feed, device=self.target_runner.device))
+        for row, mask in masks.items():
+            apply_token_bitmask(verify.logits[row, : len(mask)], mask)
 
         # 3. accept, row by row
         accepted, emitted = [], []
@@ -508,6 +525,19 @@ class Engine:
         lengths = [len(p) for p in proposed]
         group.controller.observe(k, lengths, accepted, proposed_at - started, finished_at - proposed_at)
         self._record(lengths, accepted, sum(len(t) for t in emitted), finished_at - started)
+
+    def _grammar_masks(self, seqs: list[Sequence], proposed: list[list[int]]) -> dict[int, torch.Tensor]:
+        """For each row with a grammar: cut its proposals to the longest prefix the grammar
+        accepts, and give the token bitmask [1 + proposals kept, ceil(V / 32)] of the positions the
+        target scores in that row. Rows without a grammar cost a None check."""
+        masks = {}
+        for row, seq in enumerate(seqs):
+            if seq.grammar is not None:
+                mask = torch.full((1 + len(proposed[row]), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+                kept = seq.grammar.masks(proposed[row], mask)
+                proposed[row] = proposed[row][:kept]
+                masks[row] = mask[: 1 + kept]
+        return masks
 
     def _record(self, proposed: list[int], accepted: list[int], emitted: int, seconds: float) -> None:
         steps = sum(1 for p in proposed if p)

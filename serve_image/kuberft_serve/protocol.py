@@ -66,6 +66,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchema(BaseModel):
+    """`response_format.json_schema`: the schema the output follows. It is always enforced
+    (`strict` is accepted, as by vLLM, and changes nothing)."""
+
+    model_config = STRICT
+    name: str
+    description: Optional[str] = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    """`text` (unconstrained), `json_object` (any JSON object) or `json_schema`."""
+
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchema] = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise FieldError("response_format.json_schema", "response_format.json_schema is given exactly when type is json_schema")
+        return self
+
+
 class _Request(BaseModel):
     model_config = STRICT
 
@@ -87,6 +112,7 @@ class _Request(BaseModel):
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
     prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    response_format: Optional[ResponseFormat] = None
 
     @field_validator("stop")
     @classmethod
@@ -130,7 +156,14 @@ class _Request(BaseModel):
                 raise FieldError("best_of", "best_of > n cannot be streamed: the best n are known only at the end")
         if self.stream and self.prompt_logprobs:
             raise FieldError("prompt_logprobs", "`prompt_logprobs` are not available when `stream=True`.")
+        if self.ignore_eos and self.constrained:
+            raise FieldError("ignore_eos", "ignore_eos cannot be used with a response_format: the output ends where its grammar does")
         return self
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the output follows a grammar (`response_format` other than text)."""
+        return self.response_format is not None and self.response_format.type != "text"
 
     @property
     def samples(self) -> int:
@@ -193,7 +226,6 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
-    response_format: Optional[dict[str, Any]] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     parallel_tool_calls: Optional[bool] = None
@@ -204,8 +236,6 @@ class ChatCompletionRequest(_Request):
     def _supported(self):
         if self.tools:
             raise ValueError("tools are not supported")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported")
         if self.top_logprobs and not self.logprobs:
             raise FieldError("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true.")
         return self

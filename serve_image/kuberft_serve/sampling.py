@@ -10,6 +10,9 @@ request with a seed is reproducible whatever else shares its batch.
 log-softmax before temperature and top-p, vLLM's default `raw_logprobs`) at each emitted
 position, the same whether the token was verified from a proposal or decoded alone.
 
+`apply_token_bitmask` is structured output's part: a grammar's mask on the logits, before any
+choice of token (so after it the rest of this module samples within the grammar).
+
 `accept_proposals` is the verification rule, one row at a time:
 - temperature 0: accept while the proposal equals the target's argmax (exact greedy output);
 - sampling with a stochastic draft distribution q: Leviathan et al. 2023, Algorithm 1 / Chen et
@@ -85,6 +88,16 @@ def sample(probs: torch.Tensor, u: float) -> int:
     cdf = probs.double().cumsum(dim=0)
     index = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True))
     return min(index, probs.shape[0] - 1)
+
+
+@torch.inference_mode()  # the logits are inference tensors
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Structured output: set to -inf, in place, the logits [..., V] of the tokens a grammar
+    disallows. bitmask [..., ceil(V / 32)] int32 holds token t as bit t % 32 of word t // 32
+    (1: allowed), as xgrammar fills it."""
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = (bitmask.to(logits.device).unsqueeze(-1) >> bits) & 1  # [..., W, 32]
+    logits.masked_fill_(allowed.flatten(-2)[..., : logits.shape[-1]] == 0, float("-inf"))
 
 
 def select_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:

@@ -38,21 +38,24 @@ from typing import Any, Callable
 
 from aiohttp import web
 from pydantic import ValidationError
+from xgrammar import CompiledGrammar
 
 from kuberft_core.metrics import component_metrics
 from kuberft_core.probes import metrics_routes
 
 from .config import ServeConfig
 from .engine import Engine, Sequence
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, FieldError, validation_error
 from .responses import chat_logprobs, completion_logprobs, prompt_logprobs
 from .sampling import SamplingParams
+from .structured import Grammars, GrammarState
 
 log = logging.getLogger(__name__)
 
 ENGINE = web.AppKey("engine", Engine)
 CONFIG = web.AppKey("config", ServeConfig)
 METRICS = web.AppKey("metrics", object)
+GRAMMARS = web.AppKey("grammars", Grammars)
 STARTED = web.AppKey("started", float)
 
 
@@ -79,10 +82,11 @@ async def openai_errors(request: web.Request, handler):
 class Served:
     """What one HTTP request asks the engine for, and how its answer comes back: `samples`
     sequences per prompt (`best_of`, else `n`) seeded seed, seed + 1, ... (as vLLM seeds the
-    samples of a request), of which the `n` best are reported."""
+    samples of a request), of which the `n` best are reported. With a `grammar` (the request's
+    response_format), each sequence follows it on its own."""
 
     def __init__(self, app: web.Application, kind: str, model: str, prompts: list[list[int]], params: SamplingParams,
-                 n: int = 1, samples: int = 1):
+                 n: int = 1, samples: int = 1, grammar: CompiledGrammar | None = None):
         self.app = app
         self.engine: Engine = app[ENGINE]
         self.id = f"{kind}-{uuid.uuid4().hex}"
@@ -103,7 +107,9 @@ class Served:
             loop.call_soon_threadsafe(self.events.put_nowait, (seq, delta, seq.finish_reason, len(seq.output_ids)))
 
         self.seqs = [
-            Sequence(ids, replace(params, seed=params.seed + i), adapter, on_update) for ids in prompts for i in range(samples)
+            Sequence(ids, replace(params, seed=params.seed + i), adapter, on_update, None if grammar is None else GrammarState(grammar))
+            for ids in prompts
+            for i in range(samples)
         ]
         self.position = {id(seq): i for i, seq in enumerate(self.seqs)}
 
@@ -243,6 +249,18 @@ def _sampling(app: web.Application, req, prompts: list[list[int]], default_max: 
                           prompt_logprobs=req.prompt_logprobs)
 
 
+async def _grammar(app: web.Application, req) -> CompiledGrammar | None:
+    """The compiled grammar of the request's response_format (None for text), compiled off the
+    event loop: up to a few hundred ms for a large vocabulary, then cached (the first request
+    also has the vocabulary described to xgrammar: seconds for 128k tokens)."""
+    if not req.constrained:
+        return None
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, app[GRAMMARS].compile, req.response_format)
+    except FieldError as err:
+        raise ApiError(400, str(err), param=err.param) from None
+
+
 def _prompt_logprobs(tokenizer, seq: Sequence) -> list | None:
     return None if seq.prompt_logprobs is None else prompt_logprobs(tokenizer, seq.prompt_ids, seq.prompt_logprobs)
 
@@ -263,7 +281,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
         params = replace(params, prompt_logprobs=req.logprobs)  # echoed prompt tokens get their logprobs too (vLLM)
     echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in texts]
-    served = Served(app, "cmpl", req.model, prompts, params, req.n, req.samples)
+    served = Served(app, "cmpl", req.model, prompts, params, req.n, req.samples, await _grammar(app, req))
     head = {"id": served.id, "object": "text_completion", "created": int(time.time()), "model": req.model}
 
     def logprobs(seq: Sequence, start: int, end: int, echo: bool, offset: int = 0) -> dict | None:
@@ -315,7 +333,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f"model `{req.model}` has no chat template; use /v1/completions", param="messages")
     prompt = list(tokenizer.apply_chat_template(req.chat(), add_generation_prompt=True, tokenize=True, return_dict=False))
     params = _sampling(app, req, [prompt], default_max=None, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-    served = Served(app, "chatcmpl", req.model, [prompt], params, req.n, req.samples)
+    served = Served(app, "chatcmpl", req.model, [prompt], params, req.n, req.samples, await _grammar(app, req))
     head = {"id": served.id, "created": int(time.time()), "model": req.model}
 
     def logprobs(seq: Sequence, start: int, end: int) -> dict | None:
@@ -417,6 +435,7 @@ def create_app(engine: Engine, config: ServeConfig, metrics=None) -> web.Applica
     if engine.metrics is None:
         engine.metrics = metrics if metrics is not None else component_metrics("serve")
     app[METRICS] = engine.metrics
+    app[GRAMMARS] = Grammars(engine.tokenizer, engine.vocab_size, engine.eos_ids)
     app[STARTED] = time.time()
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
