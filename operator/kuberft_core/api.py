@@ -279,16 +279,17 @@ class BuiltinDataset(ApiModel):
     """Generator options (e.g. countdown `numbers`, `maxNumber`)."""
 
 
-class DatasetSpec(ApiModel):
-    """Training prompts: exactly one source of rows. Each row is an object with a prompt field;
-    every other field (a task id, a target, an answer) is passed to the reward functions."""
+SOURCE_RULE = CelRule(
+    "[has(self.rows), has(self.configMap), has(self.uri), has(self.builtin)].filter(x, x).size() == 1",
+    "exactly one of rows, configMap, uri or builtin must be set",
+)
 
-    cel_rules: ClassVar[tuple[CelRule, ...]] = (
-        CelRule(
-            "[has(self.rows), has(self.configMap), has(self.uri), has(self.builtin)].filter(x, x).size() == 1",
-            "exactly one of rows, configMap, uri or builtin must be set",
-        ),
-    )
+
+class DatasetSource(ApiModel):
+    """Exactly one source of rows. Each row is an object with a prompt field; every other field
+    (a task id, a target, an answer) is passed to the reward functions."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (SOURCE_RULE,)
 
     rows: Optional[list[dict[str, Any]]] = Field(
         default=None, min_length=1, max_length=10_000, json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}
@@ -300,6 +301,22 @@ class DatasetSpec(ApiModel):
     """A JSONL file or a directory of JSONL files, as a path inside the trainer (e.g. on a mounted volume)."""
     builtin: Optional[BuiltinDataset] = None
     """A dataset generated from a task set shipped with kuberft."""
+
+
+class DatasetSpec(DatasetSource):
+    """Training prompts: exactly one source of rows (each an object with a prompt field; every
+    other field, a task id, a target, an answer, is passed to the reward functions), and where
+    the held-out rows come from: `evalFraction` of these rows, or a second source, `eval`."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        SOURCE_RULE,
+        CelRule(
+            "!has(self.eval) || !has(self.evalFraction) || self.evalFraction == 0.0",
+            "set evalFraction (rows held out of the training source) or eval (a source of held-out rows), not both",
+            ".evalFraction",
+        ),
+    )
+
     prompt_field: str = Field(default="prompt", min_length=1, max_length=128)
     """Row field holding the prompt (or the task source, when a template formats it)."""
     prompt_template: Optional[str] = Field(default=None, max_length=65536)
@@ -309,7 +326,11 @@ class DatasetSpec(ApiModel):
     use_chat_template: bool = True
     """Format prompts with the model's chat template when it has one."""
     eval_fraction: float = Field(default=0.0, ge=0.0, le=0.9)
-    """Fraction of rows held out for evaluation (pass@1 with greedy decoding)."""
+    """Fraction of rows held out for evaluation (pass@1 with greedy decoding); 0 with `eval`."""
+    eval: Optional[DatasetSource] = None
+    """Held-out rows from a source of their own (e.g. the held-out split of a task family), with
+    the same fields as the training rows, prompted and scored the same way; every training row
+    then trains. Evaluated with greedy decoding every `grpo.evalEvery` steps and at the end."""
 
 
 class RewardSpec(ApiModel):

@@ -8,6 +8,8 @@ CONFIG_KEY = "job.json"
 """The ConfigMap key (and file name under CONFIG_DIR) holding the RFTJob spec in wire form."""
 DATASET_DIR = "/etc/kuberft/dataset"
 """Where a `dataset.configMap` is mounted (the trainer reads `$KUBERFT_DATASET_DIR`, this by default)."""
+EVAL_DATASET_DIR = "/etc/kuberft/eval-dataset"
+"""Where a `dataset.eval.configMap` is mounted (the trainer reads `$KUBERFT_EVAL_DATASET_DIR`, this by default)."""
 CHECKPOINT_DIR = "/checkpoints"
 """Where the checkpoint volume is mounted; each job writes under `<CHECKPOINT_DIR>/<job name>`."""
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from kuberft_core.api import API_VERSION, AdapterSource, PodPlacement, RFTJobSpec, TurboDeploymentSpec
 from kuberft_core.job_progress import progress_config_map_name
-from kuberft_core.paths import CHECKPOINT_DIR, CONFIG_DIR, CONFIG_KEY, DATASET_DIR  # shared with the trainer
+from kuberft_core.paths import CHECKPOINT_DIR, CONFIG_DIR, CONFIG_KEY, DATASET_DIR, EVAL_DATASET_DIR  # shared with the trainer
 
 from . import __version__
 
@@ -631,12 +631,16 @@ def trainer_pod_template(spec: RFTJobSpec, owner: Owner, images: Images) -> dict
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         {"name": "tmp", "emptyDir": {}},
     ]
-    if spec.dataset.config_map is not None:
-        # The trainer reads `dataset.configMap` rows from $KUBERFT_DATASET_DIR/<key>.
-        source = spec.dataset.config_map
-        volumes.append({"name": "dataset", "configMap": {"name": source.name, "items": [{"key": source.key, "path": source.key}]}})
-        container["volumeMounts"].append({"name": "dataset", "mountPath": DATASET_DIR, "readOnly": True})
-        container["env"].append({"name": "KUBERFT_DATASET_DIR", "value": DATASET_DIR})
+    # The trainer reads `dataset.configMap` rows from $KUBERFT_DATASET_DIR/<key>, and
+    # `dataset.eval.configMap` rows from $KUBERFT_EVAL_DATASET_DIR/<key>.
+    sources = [("dataset", spec.dataset, DATASET_DIR, "KUBERFT_DATASET_DIR"),
+               ("eval-dataset", spec.dataset.eval, EVAL_DATASET_DIR, "KUBERFT_EVAL_DATASET_DIR")]
+    for volume, source, folder, variable in sources:
+        if source is not None and source.config_map is not None:
+            ref = source.config_map
+            volumes.append({"name": volume, "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": ref.key}]}})
+            container["volumeMounts"].append({"name": volume, "mountPath": folder, "readOnly": True})
+            container["env"].append({"name": variable, "value": folder})
     resources = _resources(spec.trainer)
     if resources:
         container["resources"] = resources

@@ -1,5 +1,6 @@
-"""The report of a local run: `report.json` (config, per-step metrics, final evaluation) and
-`report.png` (reward curves per function, loss and KL over steps)."""
+"""The report of a local run: `report.json` (config, per-step metrics, the step each reward first
+reached 0.5, final evaluation) and `report.png` (reward curves per function, completions caught
+hacking, loss and KL over steps)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def reward_summary(steps: list[dict[str, Any]], window: int = 10) -> dict[str, d
     }
 
 
+def first_steps_at_half(steps: list[dict[str, Any]]) -> dict[str, int | None]:
+    """Per reward function, the first step whose mean score reached 0.5 (None: never): the order
+    the rewards were learnt in (for kernels: a well-formed program, then one that compiles, then
+    a correct one)."""
+    names = list(steps[0]["rewards"]) if steps else []
+    return {name: next((s["step"] for s in steps if s["rewards"].get(name, 0.0) >= 0.5), None) for name in names}
+
+
 def write_report(output_dir: Path, *, config: dict[str, Any], steps: list[dict[str, Any]],
                  final_eval: dict[str, Any] | None) -> tuple[Path, Path]:
     """Write report.json and report.png under `output_dir`; returns both paths."""
@@ -37,6 +46,7 @@ def write_report(output_dir: Path, *, config: dict[str, Any], steps: list[dict[s
         "config": config,
         "steps": steps,
         "summary": reward_summary(steps),
+        "first_step_at_half": first_steps_at_half(steps),
         "final_eval": final_eval,
     }
     json_path.write_text(json.dumps(report, indent=2))
@@ -53,22 +63,27 @@ def _plot(steps: list[dict[str, Any]], path: Path, title: str, kl_measured: bool
     import matplotlib.pyplot as plt
 
     xs = [s["step"] for s in steps]
-    figure, (rewards_ax, loss_ax, kl_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    figure, axes = plt.subplots(2, 2, figsize=(13, 8))
+    (rewards_ax, hacks_ax), (loss_ax, kl_ax) = axes
     if steps:
-        for name in steps[0]["rewards"]:
-            rewards_ax.plot(xs, [s["rewards"][name] for s in steps], label=name, alpha=0.8)
+        for name, first in first_steps_at_half(steps).items():
+            reached = "never 0.5" if first is None else f"0.5 at step {first}"
+            rewards_ax.plot(xs, [s["rewards"].get(name, float("nan")) for s in steps], label=f"{name} ({reached})", alpha=0.8)
         totals = [s["reward"] if s["reward"] is not None else float("nan") for s in steps]
         rewards_ax.plot(xs, _smooth(totals), label="total (smoothed)", color="black")
+        rewards_ax.legend(loc="lower right", fontsize=8)
+        hacks_ax.bar(xs, [s.get("hacked", 0) for s in steps], color="tab:red")
         loss_ax.plot(xs, [s["loss"] for s in steps], color="tab:red")
         if kl_measured:
             kl_ax.plot(xs, [s["kl"] for s in steps], color="tab:purple")
-    rewards_ax.set(title="mean reward per function", xlabel="step", ylabel="reward")
-    rewards_ax.legend(loc="lower right", fontsize=8)
+    rewards_ax.set(title="mean reward per function (when its mean first reached 0.5)", xlabel="step", ylabel="reward")
+    hacks_ax.set(title="completions caught hacking per step", xlabel="step", ylabel="completions")
+    hacks_ax.yaxis.get_major_locator().set_params(integer=True)
     loss_ax.set(title="policy loss", xlabel="step")
     kl_ax.set(title="KL to the base model", xlabel="step")
     if not kl_measured:
         kl_ax.text(0.5, 0.5, "grpo.beta = 0: no KL term, not measured", ha="center", va="center", transform=kl_ax.transAxes)
-    for ax in (rewards_ax, loss_ax, kl_ax):
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()

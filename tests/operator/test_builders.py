@@ -130,6 +130,19 @@ def test_a_config_map_dataset_is_mounted_where_the_trainer_reads_it():
     assert {"name": "dataset", "mountPath": "/etc/kuberft/dataset", "readOnly": True} in container["volumeMounts"]
     assert {"name": "KUBERFT_DATASET_DIR", "value": "/etc/kuberft/dataset"} in container["env"]
     assert {"name": "config", "mountPath": "/etc/kuberft/job.json", "subPath": "job.json", "readOnly": True} in container["volumeMounts"]
+    assert not any(v["name"] == "eval-dataset" for v in pod["volumes"])
+
+
+def test_a_config_map_eval_dataset_is_mounted_beside_the_training_rows():
+    spec = _example_spec().model_copy(deep=True)
+    spec.dataset = spec.dataset.model_validate({"configMap": {"name": "prompts", "key": "rows.jsonl"},
+                                                "eval": {"configMap": {"name": "held-out", "key": "rows.jsonl"}}})
+    pod = trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert {"name": "eval-dataset", "configMap": {"name": "held-out", "items": [{"key": "rows.jsonl", "path": "rows.jsonl"}]}} in pod["volumes"]
+    assert {"name": "eval-dataset", "mountPath": "/etc/kuberft/eval-dataset", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "KUBERFT_EVAL_DATASET_DIR", "value": "/etc/kuberft/eval-dataset"} in container["env"]
+    assert {"name": "KUBERFT_DATASET_DIR", "value": "/etc/kuberft/dataset"} in container["env"]
 
 
 def test_more_than_one_gpu_uses_torchrun():

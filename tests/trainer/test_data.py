@@ -8,7 +8,7 @@ import pytest
 
 from kuberft_core.api import DatasetSpec
 from kuberft_core.models import build_char_tokenizer
-from kuberft_trainer.data import DatasetError, PromptFormatter, PromptSampler, load_rows, split_rows
+from kuberft_trainer.data import DatasetError, PromptFormatter, PromptSampler, load_rows, split_rows, train_and_eval_rows
 
 
 def dataset(**fields) -> DatasetSpec:
@@ -52,6 +52,35 @@ def test_the_split_holds_out_a_seeded_fraction_and_keeps_at_least_one_row_to_tra
     assert split_rows(rows, 0.0, seed=3) == (rows, [])
     with pytest.raises(DatasetError, match="leaves none to train on"):
         split_rows(rows[:1], 0.5, seed=0)
+
+
+def test_an_eval_source_gives_the_held_out_rows_and_every_training_row_trains(tmp_path, monkeypatch):
+    rows = [{"prompt": str(i)} for i in range(10)]
+    train, held_out = train_and_eval_rows(dataset(rows=rows, eval={"rows": [{"prompt": "h1"}, {"prompt": "h2"}]}), seed=3)
+    assert (train, [r["prompt"] for r in held_out]) == (rows, ["h1", "h2"])
+    assert train_and_eval_rows(dataset(rows=rows, evalFraction=0.2), seed=3) == split_rows(rows, 0.2, seed=3)
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "from the eval configmap"}\n')
+    monkeypatch.setenv("KUBERFT_EVAL_DATASET_DIR", str(tmp_path))
+    spec = dataset(rows=rows, eval={"configMap": {"name": "held-out", "key": "rows.jsonl"}})
+    assert train_and_eval_rows(spec, seed=0)[1] == [{"prompt": "from the eval configmap"}]
+
+
+def test_a_family_split_as_the_eval_source_holds_out_other_tasks_than_training():
+    spec = dataset(builtin={"name": "triton-family", "size": 10, "options": {"split": "train", "kinds": ["ew"]}},
+                   eval={"builtin": {"name": "triton-family", "size": 20, "options": {"split": "heldout", "kinds": ["ew"]}}})
+    train, held_out = train_and_eval_rows(spec, seed=0)
+    assert (len(train), len(held_out)) == (10, 20)
+    assert not {r["task"] for r in train} & {r["task"] for r in held_out}
+
+
+def test_eval_source_problems_name_the_eval_fields(tmp_path):
+    with pytest.raises(DatasetError, match=r"dataset.eval.uri: .*missing.jsonl does not exist"):
+        train_and_eval_rows(dataset(rows=[{"prompt": "p"}], eval={"uri": str(tmp_path / "missing.jsonl")}), seed=0)
+    with pytest.raises(DatasetError, match=r"dataset.eval.rows: row 0 has no field 'prompt' \(dataset.promptField\)"):
+        train_and_eval_rows(dataset(rows=[{"prompt": "p"}], eval={"rows": [{"question": "q"}]}), seed=0)
+    bad_split = {"builtin": {"name": "triton-family", "options": {"split": "test"}}}
+    with pytest.raises(DatasetError, match=r"^dataset.eval.builtin.options.split: must be one of train, heldout"):
+        train_and_eval_rows(dataset(rows=[{"prompt": "p"}], eval=bad_split), seed=0)
 
 
 def test_prompts_use_the_template_and_the_chat_template_with_the_system_prompt():

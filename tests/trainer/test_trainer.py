@@ -229,6 +229,37 @@ def test_a_step_whose_rewards_all_failed_changes_nothing(tiny_model, tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+class HackedBackend:
+    """Every third completion is caught hacking (outcome `hacked`, score 0); the others pass."""
+
+    async def evaluate(self, request):
+        caught = RewardResult(score=0.0, outcome="hacked", reason="forged frame")
+        passed = RewardResult(score=1.0, outcome="ok", reason="")
+        return EvaluateResponse(results=[
+            ItemResult(rewards={r.effective_name: caught if i % 3 == 0 else passed for r in request.rewards}, hacked=i % 3 == 0)
+            for i in range(len(request.items))
+        ])
+
+
+def test_each_step_counts_its_outcomes_and_the_completions_caught_hacking(tiny_model, tmp_path):
+    with Trainer(toy_spec(tiny_model, steps=1), tmp_path, HackedBackend()) as trainer:
+        trainer.run()
+    step = read_metrics(tmp_path)[-1]
+    assert step["hacked"] == 11  # completions 0, 3, ..., 30 of 32
+    assert step["reward_outcomes"] == {"digits": {"hacked": 11, "ok": 21}}
+
+
+def test_held_out_rows_come_from_the_eval_source_and_every_training_row_trains(tiny_model, tmp_path):
+    spec = toy_spec(tiny_model, steps=1)
+    held_out = [{"prompt": f"Held out {i}:", "allowed": "0123456789"} for i in range(3)]
+    dataset = spec.dataset.model_validate({**spec.dataset.to_wire(), "evalFraction": 0.0, "eval": {"rows": held_out}})
+    with Trainer(spec.model_copy(update={"dataset": dataset}), tmp_path, ToyRewardBackend()) as trainer:
+        trainer.run()
+        assert len(trainer.train_rows) == 16
+    samples = [json.loads(line) for line in (tmp_path / "samples" / "step-00000001.jsonl").read_text().splitlines()]
+    assert [s["row"]["prompt"] for s in samples] == ["Held out 0:", "Held out 1:", "Held out 2:"]
+
+
 def test_step_metrics_reach_prometheus_with_stable_names(tiny_model, tmp_path):
     with Trainer(toy_spec(tiny_model, steps=1), tmp_path, ToyRewardBackend(), job_name="demo") as trainer:
         trainer.run()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -58,6 +59,11 @@ class StepMetrics:
     rollout_is_capped: Optional[float] = None
     rollout_logprob_diff_mean: Optional[float] = None
     rollout_logprob_diff_max: Optional[float] = None
+    reward_outcomes: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per reward function, how many of the step's completions got each outcome (`ok`, `wrong`,
+    `invalid`, `crash`, `timeout`, `hacked`, ...; `error`: the pool could not score it)."""
+    hacked: int = 0
+    """Completions an anti-hacking check of the evaluator caught (outcome `hacked` in any reward)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +108,15 @@ def reward_statistics(scores: torch.Tensor, totals: torch.Tensor, names: list[st
     return {
         "reward": reward, "reward_std": reward_std, "rewards": rewards, "rewards_std": rewards_std,
         "reward_failures": int(torch.isnan(scores).sum()), "frac_reward_zero_std": zero_std,
+    }
+
+
+def outcome_statistics(outcomes: list[dict[str, str]], names: list[str]) -> dict[str, Any]:
+    """The outcome fields of `StepMetrics` from the whole step's outcomes (per completion:
+    reward name -> outcome)."""
+    return {
+        "reward_outcomes": {name: dict(Counter(o[name] for o in outcomes)) for name in names},
+        "hacked": sum(1 for o in outcomes if "hacked" in o.values()),
     }
 
 

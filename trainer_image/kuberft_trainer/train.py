@@ -55,7 +55,7 @@ from kuberft_core.metrics import ComponentMetrics, component_metrics
 from kuberft_core.models import limit_cpu_threads_for_small_models, resolve_model_path
 
 from . import checkpoint as ckpt
-from .data import DatasetError, PromptFormatter, PromptSampler, load_rows, split_rows
+from .data import DatasetError, PromptFormatter, PromptSampler, train_and_eval_rows
 from .distributed import (
     Distributed,
     default_device,
@@ -78,6 +78,7 @@ from .step_metrics import (
     StepMetrics,
     TrainResult,
     length_statistics,
+    outcome_statistics,
     publish,
     read_metrics,
     reward_statistics,
@@ -152,8 +153,7 @@ class Trainer:
         self._seed_everything(self.grpo.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
-        rows = load_rows(spec.dataset)
-        self.train_rows, self.eval_rows = split_rows(rows, spec.dataset.eval_fraction, self.grpo.seed)
+        self.train_rows, self.eval_rows = train_and_eval_rows(spec.dataset, self.grpo.seed)
         self.sampler = PromptSampler(len(self.train_rows), self.grpo.seed)
 
         base, self.tokenizer = load_model_and_tokenizer(spec.model, self.device)
@@ -444,6 +444,7 @@ class Trainer:
             phase_seconds={"generate": generated - started, "reward": scored - generated, "train": trained - scored},
             step_seconds=trained - started,
             **reward_statistics(scores, totals, self.reward_names, G),
+            **outcome_statistics([o for part in self.dist.gather_list(matrix.outcomes) for o in part], self.reward_names),
             **self._mean_over_processes(correction),
             **length_statistics(torch.cat(self.dist.gather_list(rollout.lengths.cpu())),
                                 torch.cat(self.dist.gather_list(rollout.truncated.cpu())), generate_seconds),
