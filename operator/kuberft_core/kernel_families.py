@@ -198,7 +198,9 @@ def _composition(kind: str, tokens: list[str]) -> Composition | None:
 # --------------------------------------------------------------------------- rendering
 
 
-def _apply(step: Step, operand: tuple[str, int]) -> tuple[str, int]:
+def apply_torch(step: Step, operand: tuple[str, int]) -> tuple[str, int]:
+    """The PyTorch expression (text, precedence) of `step` applied to `operand`, parenthesised
+    where precedence needs it."""
     text, precedence = operand
     if precedence < step.operand:
         text = f"({text})"
@@ -208,11 +210,11 @@ def _apply(step: Step, operand: tuple[str, int]) -> tuple[str, int]:
 def torch_expression(c: Composition) -> str:
     expression = (BINARY[c.binary].torch, BINARY[c.binary].precedence) if c.binary else ("x", ATOM)
     for op in c.ops:
-        expression = _apply(UNARY[op], expression)
+        expression = apply_torch(UNARY[op], expression)
     if c.reduction:
-        expression = _apply(REDUCTIONS[c.reduction], expression)
+        expression = apply_torch(REDUCTIONS[c.reduction], expression)
     if c.scale:
-        expression = _apply(UNARY[c.scale], expression)
+        expression = apply_torch(UNARY[c.scale], expression)
     return expression[0]
 
 
@@ -265,11 +267,17 @@ def solution(c: Composition) -> str:
         lines.append(f"out = {UNARY[op].triton.format(v='out' if lines else 'x')}")
     if c.reduction:
         return SOLUTION_HEADER + _row_solution(c, name, lines)
-    args, pointers = ("x, y", "x_ptr, y_ptr") if c.binary else ("x", "x_ptr")
+    return elementwise_program(name, lines, binary=bool(c.binary))
+
+
+def elementwise_program(name: str, lines: list[str], binary: bool = False) -> str:
+    """A one-kernel elementwise program over x (and y when `binary`) whose kernel `name` runs
+    `lines` (Triton statements on the loaded x and y, leaving the result in `out`)."""
+    args, pointers = ("x, y", "x_ptr, y_ptr") if binary else ("x", "x_ptr")
     loads = "".join(f"    {v} = tl.load({v}_ptr + offsets, mask=mask, other=0.0)\n" for v in args.split(", "))
     body = "".join(f"    {line}\n" for line in lines)
-    contiguous = "x, y = x.contiguous(), y.contiguous()" if c.binary else "x = x.contiguous()"
-    signature = "x: torch.Tensor, y: torch.Tensor" if c.binary else "x: torch.Tensor"
+    contiguous = "x, y = x.contiguous(), y.contiguous()" if binary else "x = x.contiguous()"
+    signature = "x: torch.Tensor, y: torch.Tensor" if binary else "x: torch.Tensor"
     return SOLUTION_HEADER + f'''@triton.jit
 def {name}({pointers}, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
     pid = tl.program_id(0)

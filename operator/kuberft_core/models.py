@@ -1,6 +1,6 @@
 """Base models by name, shared by the trainer and the server: what a `model.name` resolves to,
 the dtype a `model.dtype` means on a device, and tiny causal LMs built in code (a character-level
-tokenizer and a small Llama, saved in the Hugging Face format so everything downstream loads them
+or byte-pair tokenizer and a small Llama, saved in the Hugging Face format so everything downstream loads them
 exactly like a real model by path; tests, benchmarks and the local demo use them, as no model hub
 is reachable there). Needs the torch extra: torch and transformers are imported inside the
 functions, so importing this module costs nothing."""
@@ -41,9 +41,29 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET, chat_template: bool =
     return tokenizer
 
 
+def build_line_bpe_tokenizer(texts: list[str], vocab_size: int, max_token_length: int, alphabet: str = DEFAULT_ALPHABET):
+    """A byte-pair-encoding tokenizer learnt from `texts` (deterministic for the same texts)
+    whose tokens never cross the end of a line and are at most `max_token_length` characters,
+    so a prompt ending with a newline tokenizes the same alone as before its completion; every
+    character of `alphabet` is a token, and decoding returns the exact text. No chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n"), behavior="merged_with_previous")
+    core.decoder = decoders.Fuse()
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=list(alphabet),
+        max_token_length=max_token_length, show_progress=False,
+    ))
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
+    tokenizer=None,
     alphabet: str = DEFAULT_ALPHABET,
     hidden_size: int = 64,
     num_layers: int = 2,
@@ -54,14 +74,16 @@ def build_tiny_model(
     seed: int = 0,
     chat_template: bool = True,
 ) -> Path:
-    """Build a randomly initialised tiny Llama and its tokenizer, save both to `out_dir`
-    (loadable with AutoModelForCausalLM / AutoTokenizer), and return the path."""
+    """Build a randomly initialised tiny Llama and its tokenizer (`tokenizer`, or one token per
+    character of `alphabet`), save both to `out_dir` (loadable with AutoModelForCausalLM /
+    AutoTokenizer), and return the path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_char_tokenizer(alphabet, chat_template=chat_template)
+    if tokenizer is None:
+        tokenizer = build_char_tokenizer(alphabet, chat_template=chat_template)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -4,9 +4,12 @@ Imports nothing heavy: kernel tasks are read as text.
 - `triton-kernels`: one row per shipped kernel task, `{"prompt", "task"}`; the reward pool
   finds the task by id.
 - `triton-family`: generated kernel tasks (`kernel_families`: elementwise compositions and
-  row-wise reductions), `{"prompt", "task", "solution"}`, from the training or the held-out
-  split; the reward pool rebuilds each task from its id; `solution` is the reference program
-  (labels for a supervised warm-up; the reward pool ignores it).
+  row-wise reductions), `{"prompt", "task", "solution", "completion", "expression"}`, from the
+  training or the held-out split; the reward pool rebuilds each task from its id; `solution`
+  is the reference program and `completion` the same as an answer (between <triton> tags):
+  labels for supervised fine-tuning (`spec.sft`), which the reward pool ignores; `expression`
+  is what Model.forward returns (`torch.relu(x) * 2 + 1`), for a short prompt
+  (`dataset.promptTemplate: "... {expression}"`) where the whole task source is too long.
 - `countdown`: generated puzzles `{"prompt": "Use 3 7 25 to make 46.\\n", "numbers": [3, 7, 25],
   "target": 46}`, answered by a plain arithmetic expression (`25+3*7`).
 """
@@ -91,10 +94,19 @@ def family_rows(size: int, seed: int, options: dict[str, Any]) -> list[dict[str,
         rng.shuffle(tasks)
         by_kind.append(tasks)
     taking_turns = [c for turn in itertools.zip_longest(*by_kind) for c in turn if c is not None]
-    return [
-        {"prompt": kernel_prompt(kernel_families.task_source(c)), "task": c.id, "solution": kernel_families.solution(c)}
-        for c in taking_turns[:size]
-    ]
+    return [family_row(c) for c in taking_turns[:size]]
+
+
+def family_row(c: kernel_families.Composition) -> dict[str, Any]:
+    """The triton-family row of one composition."""
+    solution = kernel_families.solution(c)
+    return {"prompt": kernel_prompt(kernel_families.task_source(c)), "task": c.id, "solution": solution,
+            "completion": kernel_completion(solution), "expression": kernel_families.torch_expression(c)}
+
+
+def kernel_completion(program: str) -> str:
+    """A program as the answer the triton.* rewards read: between <triton> and </triton>."""
+    return f"<triton>\n{program}</triton>\n"
 
 
 def countdown_rows(size: int, seed: int, options: dict[str, Any]) -> list[dict[str, Any]]:

@@ -15,6 +15,12 @@ Recipes:
                    sampling noise: answers that are well formed, that run or crash, and that
                    are correct only on matching tasks, which exercises every reward of the
                    pipeline (it does not learn to write kernels).
+- `tiny:triton-shape` answers `Triton kernel for <expression>` (a triton-family row's
+                   `expression`) with a program in the family's reference style; pretrained on
+                   single-op family tasks and generic op chains (`TritonShapeMaterial` says
+                   exactly what it saw), never on two family ops next to each other: the
+                   starting point of `benchmarks/rft_vs_sft.py`. A byte-pair tokenizer learnt
+                   from the same texts keeps a program near 90 tokens.
 """
 
 from __future__ import annotations
@@ -160,8 +166,89 @@ def _build_triton(out: Path) -> None:
     _supervised_pretrain(out, solutions, iterations=400, batch_size=4, learning_rate=3e-3, seed=0)
 
 
+# `tiny:triton-shape` answers the prompt of `examples/local-rft-vs-sft.yaml` (its
+# dataset.promptTemplate, over a triton-family row's `expression`).
+TRITON_SHAPE_PROMPT = "Triton kernel for {expression}\n"
+SHAPE_FAMILY_RATE = 0.6
+"""How often an op of a generic chain is a family op (never next to another family op)."""
+SHAPE_SINGLES = 0.3
+"""The share of single-op family tasks among the pretraining texts."""
+
+
+class TritonShapeMaterial:
+    """The pretraining texts of `tiny:triton-shape`, prompt + answer in the experiment's format.
+    What it sees:
+
+    - every single-op elementwise family task (`ew.relu`, `ew.mul2`, ...: `singles`), each
+      family op alone, applied to the input, with its reference answer;
+    - chains of 1-3 ops (`chain`) of a generic vocabulary that is not the family's (sin, cos,
+      log, sqrt, floor, ceil, `/ c`, `clamp(max=c)`), an op being a family op instead
+      SHAPE_FAMILY_RATE of the time, never next to another family op, and never a chain of
+      family ops alone, rendered like the family's reference programs.
+
+    So it knows the program skeleton, each family op alone and inside generic chains, and how a
+    nested expression becomes one `out = ...` line per op, innermost first; it never saw two
+    family ops next to each other, which is what every multi-op family task is made of (in the
+    training split and the held-out split alike)."""
+
+    def __init__(self):
+        from . import kernel_families as kf
+
+        self.kf = kf
+        generic = {f: kf.Step(f"torch.{f}({{v}})", kf.ATOM, 0, f"tl.{f}({{v}})", None)
+                   for f in ("sin", "cos", "log", "sqrt", "floor", "ceil")}  # value: never evaluated
+        generic |= {f"div{c}": kf.Step(f"{{v}} / {c}", kf.MUL, kf.MUL, f"{{v}} / {float(c)!r}", None) for c in (4, 8, 10)}
+        generic |= {f"min{c}": kf.Step(f"torch.clamp({{v}}, max={c})", kf.ATOM, 0, f"tl.minimum({{v}}, {float(c)!r})", None)
+                    for c in (0, 1, 2)}
+        self.generic = list(generic)
+        self.steps = {**generic, **kf.UNARY}
+        self.singles = [self.text([c.ops[0]]) for c in kf.catalogue() if c.kind == "ew" and len(c.ops) == 1]
+
+    def chain_ops(self, rng: random.Random) -> list[str]:
+        kf, ops = self.kf, []
+        length = rng.randint(1, 3)
+        while len(ops) < length:
+            op = rng.choice(list(kf.UNARY) if rng.random() < SHAPE_FAMILY_RATE else self.generic)
+            if not ops and op in kf.RESIDUALS:
+                continue
+            if ops and (kf.op_kind(op) == kf.op_kind(ops[-1]) or (op in kf.UNARY and ops[-1] in kf.UNARY)):
+                continue
+            ops.append(op)
+        return ops if any(op in self.generic for op in ops) else self.chain_ops(rng)
+
+    def text(self, ops: list[str]) -> str:
+        """The prompt and the reference-style answer of `x` through `ops` in order."""
+        from .tasksets import kernel_completion
+
+        kf, expression, lines = self.kf, ("x", self.kf.ATOM), []
+        for op in ops:
+            expression = kf.apply_torch(self.steps[op], expression)
+            lines.append(f"out = {self.steps[op].triton.format(v='out' if lines else 'x')}")
+        program = kf.elementwise_program("_".join(map(kf.op_kind, ops)) + "_kernel", lines)
+        return TRITON_SHAPE_PROMPT.format(expression=expression[0]) + kernel_completion(program)
+
+    def chain(self, rng: random.Random) -> str:
+        return self.text(self.chain_ops(rng))
+
+
+def _build_triton_shape(out: Path) -> None:
+    from .models import build_line_bpe_tokenizer, build_tiny_model
+
+    material = TritonShapeMaterial()
+    corpus = material.singles * 10 + [material.chain(random.Random(i)) for i in range(600)]
+    tokenizer = build_line_bpe_tokenizer(corpus, vocab_size=512, max_token_length=16)
+    build_tiny_model(out, tokenizer=tokenizer, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
+                     intermediate_size=256, max_positions=512, seed=0)
+
+    def texts(rng: random.Random, n: int) -> list[str]:
+        return [rng.choice(material.singles) if rng.random() < SHAPE_SINGLES else material.chain(rng) for _ in range(n)]
+
+    _supervised_pretrain(out, texts, iterations=600, batch_size=32, learning_rate=3e-3, seed=0)
+
+
 RECIPES: dict[str, Recipe] = {
     "random": Recipe(1, _build_random, "untrained tiny Llama"),
     "countdown": Recipe(3, _build_countdown, "pretrained on the Countdown answer format"),
     "triton": Recipe(3, _build_triton, "pretrained to imitate the shipped Triton solutions"),
+    "triton-shape": Recipe(1, _build_triton_shape, "pretrained on single-op family tasks and generic op chains"),
 }

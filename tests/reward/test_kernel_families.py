@@ -20,6 +20,7 @@ from kuberft_core import tasksets
 from kuberft_core.kernel_tasks import TaskError, TaskSet, check_task_source
 from kuberft_core.manifests import check_document
 from kuberft_core.reward_protocol import EvaluateRequest
+from kuberft_reward.program import extract_program
 
 from .conftest import KERNEL_REWARDS, tagged
 
@@ -183,9 +184,11 @@ def test_triton_family_rows_carry_the_prompt_the_task_id_and_the_reference_solut
     assert [r["task"].split(".")[0] for r in rows] == ["ew", "bin", "row"] * 4  # the kinds take turns
     train_ids = {c.id for c in TRAIN}
     for row in rows:
-        assert set(row) == {"prompt", "task", "solution"} and row["task"] in train_ids
+        assert set(row) == {"prompt", "task", "solution", "completion", "expression"} and row["task"] in train_ids
+        assert extract_program(row["completion"]) == row["solution"].strip("\n")  # what the rewards grade
         composition = kf.parse(row["task"])
         assert row["prompt"] == tasksets.kernel_prompt(TaskSet().get(row["task"]).source)
+        assert f"        return {row['expression']}\n" in TaskSet().get(row["task"]).source
         assert row["solution"] == kf.solution(composition) and "tl.load(" not in row["prompt"]
 
 
