@@ -90,14 +90,16 @@ def sample(probs: torch.Tensor, u: float) -> int:
     return min(index, probs.shape[0] - 1)
 
 
-@torch.inference_mode()  # the logits are inference tensors
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Structured output: set to -inf, in place, the logits [..., V] of the tokens a grammar
     disallows. bitmask [..., ceil(V / 32)] int32 holds token t as bit t % 32 of word t // 32
-    (1: allowed), as xgrammar fills it."""
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = (bitmask.to(logits.device).unsqueeze(-1) >> bits) & 1  # [..., W, 32]
-    logits.masked_fill_(allowed.flatten(-2)[..., : logits.shape[-1]] == 0, float("-inf"))
+    (1: allowed), as xgrammar fills it. xgrammar's own kernel: on the CPU 2.5x faster than the
+    same masking in torch ops (benchmarks/structured_output.py), and a mask is applied to every
+    constrained row of every step."""
+    import xgrammar
+
+    with torch.inference_mode():  # the logits are inference tensors
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
 
 
 def select_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
