@@ -298,9 +298,8 @@ SETUPS = {  # setup -> (speculator, with adapters, concurrency levels)
 }
 
 
-KUBERFT_ADAPTERS_NOTE = ("kuberft decodes the requests of each adapter as a group of their own (engine.Group), the groups "
-                         "one after another in each engine step, through transformers + peft (its lean CPU forward serves "
-                         "only a model without adapters); vLLM mixes the adapters in one batch")
+KUBERFT_ADAPTERS_NOTE = ("kuberft mixes the adapters' requests in one batch with one forward pass per step (segmented LoRA "
+                         "in its lean CPU forward, lora.py), as vLLM does")
 
 
 def race(args, model_dir: Path, adapters: dict[str, Path], prompts: list[str], warm_prompts: list[str]) -> tuple[dict, dict, dict]:
@@ -308,7 +307,8 @@ def race(args, model_dir: Path, adapters: dict[str, Path], prompts: list[str], w
     results: dict[tuple[str, int], dict[str, Load]] = {}
     loads: dict[tuple[str, str], float] = {}
     errors: dict[str, str] = {}
-    for setup, (speculator, with_adapters, levels) in SETUPS.items():
+    for setup in args.setups:
+        speculator, with_adapters, levels = SETUPS[setup]
         names = list(adapters) if with_adapters else [BASE]
         count = args.adapter_requests if with_adapters else args.requests
         requests = [(i, prompts[i % len(prompts)], names[i % len(names)]) for i in range(count)]
@@ -423,6 +423,8 @@ def main() -> int:
     parser.add_argument("--prompt-chars", type=int, default=128, help="length of each prompt in characters (= tokens)")
     parser.add_argument("--train-steps", type=int, default=200, help="training steps of the model on stdlib source")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/kuberft-serve-vs-vllm"), help="model, adapters and server logs")
+    parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS),
+                        help="which setups to race (default: all; `adapters` alone loads each server once)")
     parser.add_argument("--quick", action="store_true", help="16 requests per configuration, a model trained 40 steps: a smoke run")
     args = parser.parse_args()
     if args.quick:

@@ -21,7 +21,13 @@ Speculators:
 
 API: POST /v1/completions, POST /v1/chat/completions (stream: true for server-sent events),
 GET /v1/models (the base model and each adapter; the request's `model` field picks one),
-GET /healthz, GET /metrics (Prometheus).
+POST /v1/load_lora_adapter {"lora_name", "lora_path"} and POST /v1/unload_lora_adapter
+{"lora_name"} (as vLLM's; with --enable-runtime-lora-updating), GET /health, GET /healthz, GET /metrics (Prometheus).
+
+Adapters: on the CPU, requests for different adapters and the base model are decoded in one
+batch (one forward pass per step, each row with its adapter's LoRA). --max-loras and
+--max-lora-memory bound the adapters kept in memory: the least recently used idle one is
+evicted, and reloaded from its directory when a request names it again.
 
 A TurboDeployment's pods run `kuberft serve --config FILE`: FILE is the deployment's spec as one
 JSON document (the operator mounts it, the adapter resolved to a directory); a TurboDeployment
@@ -73,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--config", type=Path, metavar="FILE",
                        help="a TurboDeployment spec (JSON or YAML) to serve, as the operator mounts it in a serve pod; "
-                       "then only --host, --device, --seed, --served-model-name and --train-heads-data may be added")
+                       "then only --host, --device, --seed, --served-model-name, --train-heads-data and the LoRA "
+                       "memory flags may be added")
     _add_model_options(serve)
     # Defaults of the speculator's fields are SpeculatorSpec's (None here: "not given").
     serve.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
@@ -96,6 +103,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, help="listen port (default: 8000)")
     serve.add_argument("--served-model-name", help="name of the base model in the API (default: the --model value)")
     serve.add_argument("--seed", type=int, help="seed for requests that give none (default: random per request)")
+    serve.add_argument("--max-loras", type=int, metavar="N", help="LoRA adapters in memory at once (default: no limit)")
+    serve.add_argument("--max-lora-memory", type=float, metavar="MIB",
+                       help="memory the adapters in memory may take, in MiB (default: no limit)")
+    serve.add_argument("--enable-runtime-lora-updating", dest="runtime_lora_updating", action="store_true",
+                       help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default, as in vLLM: "
+                       "whoever reaches the server may then load any directory it can read)")
     serve.set_defaults(handler=_serve, serve_parser=serve)
 
     commands = serve.add_subparsers(dest="serve_command", metavar="COMMAND")
@@ -224,7 +237,14 @@ def _serve(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "served_model_name": args.served_model_name,
         "train_heads_data": args.train_heads_data,
+        "max_loras": args.max_loras,
+        "max_lora_memory_mib": args.max_lora_memory,
+        "runtime_lora_updating": args.runtime_lora_updating,
     }
+    if args.max_loras is not None and args.max_loras < 1:
+        parser.error("--max-loras must be at least 1")
+    if args.max_lora_memory is not None and args.max_lora_memory <= 0:
+        parser.error("--max-lora-memory must be more than 0 MiB")
     if args.config:
         given = [flag for dest, (flag, _) in SPEC_FLAGS.items() if getattr(args, dest) not in (None, [])]
         if given:

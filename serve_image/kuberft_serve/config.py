@@ -41,6 +41,16 @@ class ServeConfig:
     """Name of the base model in the API (default: the model's name)."""
     seed: int | None = None
     """Seed of requests that give none (default: a random one per request)."""
+    max_loras: int | None = None
+    """LoRA adapters resident in memory at once (None: no limit). More may be known (listed at
+    start-up or loaded with `POST /v1/load_lora_adapter`): the least recently used one that no
+    running request uses is evicted to make room, and reloaded from its directory when asked for."""
+    max_lora_memory_mib: float | None = None
+    """Memory the resident adapters' weights may take, in MiB (None: no limit); evicts as `max_loras` does."""
+    runtime_lora_updating: bool = False
+    """Whether `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` exist (vLLM's, which it
+    enables with VLLM_ALLOW_RUNTIME_LORA_UPDATING). Off by default, as in vLLM: they let whoever
+    reaches the server load any directory the server can read."""
 
     @property
     def base_name(self) -> str:

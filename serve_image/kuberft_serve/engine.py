@@ -1,9 +1,12 @@
 """The decoding engine: continuous batching of requests, one speculative step at a time.
 
-Requests for the same adapter are decoded together in a `Group` (one KV batch of the target,
-one speculator state). New requests join a running group after a batched prefill (equal
-prompts, such as the n samples of one request, share one row of it); finished or cancelled
-ones leave at the next step. `speculative_step` is the whole decoding algorithm:
+Requests are decoded together in a `Group` (one KV batch of the target, one speculator state).
+With a runner that `mixes_adapters` (the lean forward) there is one group for every adapter and
+the base model: each row carries its adapter and one forward pass serves them all (segmented
+LoRA, `lora.py`); with transformers+peft, a group per adapter, decoded one after the other. New
+requests join a running group after a batched prefill (equal prompts, such as the n samples of
+one request, share one row of it); finished or cancelled ones leave at the next step.
+`speculative_step` is the whole decoding algorithm:
 
     1. propose  k tokens per row (the speculator; k = 0 is plain decoding); a row with a
                 `response_format` keeps the longest prefix its grammar accepts,
@@ -14,9 +17,15 @@ ones leave at the next step. `speculative_step` is the whole decoding algorithm:
     5. emit     the accepted tokens plus the target's own next token.
 
 Plain decoding is the same step with no proposals, through the same KV-cache path, which is
-what the losslessness tests compare against. `SpeculationController` picks k per group from the
-observed acceptance rate and measured step costs (expected tokens per second, Leviathan et al.
-eq. 1 with a measured verify cost), when adaptive.
+what the losslessness tests compare against. `SpeculationController` picks k per served model
+(the base, each adapter) from its observed acceptance rate and measured step costs (expected
+tokens per second, Leviathan et al. eq. 1 with a measured verify cost), when adaptive. In a
+group of several adapters, each row proposes up to its own adapter's k; the verify pass is as
+wide as the largest (shorter rows are padded), so an adapter whose proposals are rarely accepted
+keeps its own k low without holding back the others.
+
+Adapters are known and resident through an `AdapterPool` (LRU under `max_loras` and a memory
+budget); a request for an evicted adapter reloads it at admission.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .adapter_pool import AdapterPool
 from .kv_batch import ModelRunner, SequenceBatch
+from .lora import AdapterError
 from .sampling import SamplingParams, TokenLogprob, accept_proposals, apply_token_bitmask, select_token, token_logprobs
 from .speculators import Proposal, Speculator
 
@@ -274,11 +285,17 @@ class SpeculationController:
 # --------------------------------------------------------------------------- the engine
 @dataclass(eq=False)
 class Group:
+    """Requests decoded together: their rows of the target's KV batch and the speculator's
+    state, in the order of `seqs`. `adapter` is the adapter of every row, or `MIXED`."""
+
     adapter: str | None
     target: SequenceBatch
     spec_state: object
-    controller: SpeculationController
     seqs: list[Sequence] = field(default_factory=list)
+
+
+MIXED = "<mixed>"
+"""The key of the one group of a runner that mixes adapters in a forward pass."""
 
 
 class Engine:
@@ -292,8 +309,12 @@ class Engine:
         adaptive: bool = True,
         max_batch_size: int = 8,
         metrics=None,
+        adapters: AdapterPool | None = None,
     ):
         self.target_runner = target
+        self.adapters = adapters if adapters is not None else AdapterPool(target)
+        """The adapters requests may name, and those resident now."""
+        self.mixes_adapters = getattr(target, "mixes_adapters", False)
         self.tokenizer = tokenizer
         self.speculator = speculator or Speculator()
         self.speculating = self.speculator.name != "none"
@@ -310,8 +331,12 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.inbox: queue.Queue[Sequence] = queue.Queue()
         self._recent = deque(maxlen=64)  # (proposed, accepted, row-steps) per step, for the gauges
-        self.stats = {"proposed": 0, "accepted": 0, "spec_steps": 0, "steps": 0, "emitted": 0}
-        """Totals since start (the benchmark reads them; Prometheus gets the same numbers)."""
+        self.stats = {"proposed": 0, "accepted": 0, "spec_steps": 0, "steps": 0, "emitted": 0, "forwards": 0}
+        """Totals since start (the benchmark reads them; Prometheus gets the same numbers);
+        `forwards` counts the target's verify passes (one per group and step)."""
+        self.stats_by_model: dict[str | None, dict[str, int]] = {}
+        """Speculation totals per served model (adapter name, None for the base): proposed,
+        accepted, spec_steps (row-steps that proposed), emitted."""
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.lock = threading.Lock()
@@ -333,6 +358,8 @@ class Engine:
             raise ValueError("prompt is empty: give at least one token")
         if seq.grammar is not None and seq.params.ignore_eos:
             raise ValueError("ignore_eos cannot be used with a grammar: the output ends where the grammar does")
+        if seq.adapter is not None and seq.adapter not in self.adapters:
+            raise ValueError(f"adapter {seq.adapter!r} is not loaded")
         if seq.text is None:
             seq.text = TextTracker(self.tokenizer, seq.params.stop, self.eos_ids)
         self.inbox.put(seq)
@@ -340,6 +367,21 @@ class Engine:
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter in `path` as `name` (thread-safe: its weights are read before
+        taking the engine's lock). Raises `lora.AdapterError` when it cannot be served."""
+        weights = self.target_runner.read_adapter(path)
+        with self.lock:
+            self.adapters.register(name, path, weights)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving `name` (KeyError if unknown); requests decoding with it finish first."""
+        with self.lock:
+            self.adapters.unregister(name, self._busy_adapters())
+
+    def _busy_adapters(self) -> set:
+        return {seq.adapter for group in self.groups.values() for seq in group.seqs if seq.adapter is not None}
 
     @property
     def running(self) -> int:
@@ -402,38 +444,61 @@ class Engine:
                 except queue.Empty:
                     break
             self._admit()
-            for adapter in list(self.groups):
-                group = self.groups[adapter]
+            for key in list(self.groups):
+                group = self.groups[key]
                 self._drop_finished(group)
                 if group.seqs:
                     self.speculative_step(group)
                     self._drop_finished(group)
                 if not group.seqs:
-                    del self.groups[adapter]
+                    del self.groups[key]
+            self.adapters.release_forgotten(self._busy_adapters())
             if self.metrics is not None:
                 self.metrics.running_requests.set(self.running)
                 self.metrics.waiting_requests.set(len(self.waiting) + self.inbox.qsize())
 
     def _admit(self) -> None:
+        """Move waiting requests into groups while the batch has room. A request whose adapter
+        is not resident loads it (evicting an idle one); when every resident adapter is busy and
+        there is no room, it keeps its place in the queue and the requests behind it go first."""
         free = self.max_batch_size - self.running
         admitted: dict[str | None, list[Sequence]] = {}
+        busy = self._busy_adapters()
+        deferred = []
         while free > 0 and self.waiting:
             seq = self.waiting.popleft()
             if seq.cancelled:
                 seq.finish("abort")
                 continue
-            admitted.setdefault(seq.adapter, []).append(seq)
+            if seq.adapter is not None:
+                if seq.adapter not in self.adapters and seq.adapter not in self.adapters.resident:
+                    log.info("adapter %s was unloaded before its request was admitted", seq.adapter)
+                    seq.finish("abort")
+                    continue
+                try:
+                    resident = self.adapters.acquire(seq.adapter, busy)
+                except (AdapterError, OSError) as err:  # its directory changed since it was loaded
+                    log.warning("adapter %s cannot be reloaded: %s", seq.adapter, err)
+                    seq.finish("error")
+                    continue
+                if not resident:
+                    deferred.append(seq)
+                    continue
+                busy.add(seq.adapter)
+            key = MIXED if self.mixes_adapters else seq.adapter
+            admitted.setdefault(key, []).append(seq)
             free -= 1
-        for adapter, seqs in admitted.items():
-            group = self.groups.get(adapter)
+        self.waiting.extendleft(reversed(deferred))
+        for key, seqs in admitted.items():
+            group = self.groups.get(key)
             if group is None:
+                adapter = None if self.mixes_adapters else key  # a mixed batch's rows name their own
                 group = Group(
-                    adapter,
+                    key,
                     SequenceBatch(self.target_runner, adapter, want_hidden=self.speculator.needs_target_hidden),
                     self.speculator.new_state(adapter),
-                    self._controller(adapter),
                 )
-                self.groups[adapter] = group
+                self.groups[key] = group
             self._prefill(group, seqs)
 
     def _controller(self, adapter: str | None) -> SpeculationController:
@@ -453,8 +518,9 @@ class Engine:
                 self._prefill_batch(group, batch, all_positions=batch is scored)
 
     def _prefill_batch(self, group: Group, seqs: list[Sequence], all_positions: bool) -> None:
-        fresh = SequenceBatch(self.target_runner, group.adapter, want_hidden=self.speculator.needs_target_hidden)
-        result = fresh.prefill([s.prompt_ids for s in seqs], self.pad_id, all_positions=all_positions)
+        fresh = SequenceBatch(self.target_runner, want_hidden=self.speculator.needs_target_hidden)
+        result = fresh.prefill([s.prompt_ids for s in seqs], self.pad_id, all_positions=all_positions,
+                               adapters=[s.adapter for s in seqs])
         for row, mask in self._grammar_masks(seqs, [[] for _ in seqs]).items():
             apply_token_bitmask(result.logits[row, -1:], mask)
         for row, seq in enumerate(seqs):
@@ -482,13 +548,15 @@ class Engine:
 
     def speculative_step(self, group: Group) -> None:
         seqs = group.seqs
-        k = group.controller.next_k() if self.speculating else 0
+        # each served model's controller picks its k; the speculator proposes up to the largest
+        ks = {adapter: self._controller(adapter).next_k() for adapter in dict.fromkeys(s.adapter for s in seqs)} if self.speculating else {}
+        k = max(ks.values(), default=0)
         started = time.perf_counter()
 
         # 1. propose (never past a request's max_tokens: the target's own token always follows)
         proposal = self.speculator.propose(group.spec_state, seqs, k) if k else Proposal([[] for _ in seqs])
         proposed = [
-            tokens[: max(0, min(k, seq.params.max_tokens - len(seq.output_ids) - 1))]
+            tokens[: max(0, min(ks.get(seq.adapter, 0), seq.params.max_tokens - len(seq.output_ids) - 1))]
             for tokens, seq in zip(proposal.tokens, seqs)
         ]
         masks = self._grammar_masks(seqs, proposed)
@@ -498,6 +566,7 @@ class Engine:
         width = 1 + max(len(p) for p in proposed)
         feed = [[seq.output_ids[-1]] + p + [self.pad_id] * (width - 1 - len(p)) for seq, p in zip(seqs, proposed)]
         verify = group.target.extend(torch.tensor(feed, device=self.target_runner.device))
+        self.stats["forwards"] += 1
         for row, mask in masks.items():
             apply_token_bitmask(verify.logits[row, : len(mask)], mask)
 
@@ -520,11 +589,14 @@ class Engine:
             seq.emit(tokens, self.eos_ids, None if top is None else token_logprobs(verify.logits[row, : len(tokens)], tokens, top))
         self.speculator.commit(group.spec_state, seqs, accepted, proposal, verify)
 
-        # 5. learn and report
+        # 5. learn and report, per served model (the step's times are the shared batch's)
         finished_at = time.perf_counter()
         lengths = [len(p) for p in proposed]
-        group.controller.observe(k, lengths, accepted, proposed_at - started, finished_at - proposed_at)
-        self._record(lengths, accepted, sum(len(t) for t in emitted), finished_at - started)
+        for adapter, k_model in ks.items():
+            rows = [row for row, seq in enumerate(seqs) if seq.adapter == adapter]
+            self.controllers[adapter].observe(k_model, [lengths[r] for r in rows], [accepted[r] for r in rows],
+                                              proposed_at - started, finished_at - proposed_at)
+        self._record(seqs, lengths, accepted, [len(t) for t in emitted], finished_at - started)
 
     def _grammar_masks(self, seqs: list[Sequence], proposed: list[list[int]]) -> dict[int, torch.Tensor]:
         """For each row with a grammar: cut its proposals to the longest prefix the grammar
@@ -539,7 +611,14 @@ class Engine:
                 masks[row] = mask[: 1 + kept]
         return masks
 
-    def _record(self, proposed: list[int], accepted: list[int], emitted: int, seconds: float) -> None:
+    def _record(self, seqs: list[Sequence], proposed: list[int], accepted: list[int], emitted_per_row: list[int], seconds: float) -> None:
+        for seq, p, a, e in zip(seqs, proposed, accepted, emitted_per_row):
+            model = self.stats_by_model.setdefault(seq.adapter, {"proposed": 0, "accepted": 0, "spec_steps": 0, "emitted": 0})
+            model["proposed"] += p
+            model["accepted"] += a
+            model["spec_steps"] += 1 if p else 0
+            model["emitted"] += e
+        emitted = sum(emitted_per_row)
         steps = sum(1 for p in proposed if p)
         self.stats["proposed"] += sum(proposed)
         self.stats["accepted"] += sum(accepted)

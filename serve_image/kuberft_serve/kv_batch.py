@@ -6,7 +6,9 @@ padding), and a verification step writes k+1 slots for every row, of which row b
 accepted prefix: the rest become holes, masked out of attention. Positions are tracked per row
 (`next_position`), so holes do not shift the rotary positions. Trailing slots that no row keeps
 are cut off (so a batch of one never has holes: its cache is exactly the plain decoding cache),
-and leading slots no row uses are dropped when rows leave.
+and leading slots no row uses are dropped when rows leave. Each row carries the adapter it is
+decoded with (`adapters`), added and removed with it; a runner that `mixes_adapters` takes them
+all in one forward pass, the others one adapter per batch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ class ForwardResult:
 
 
 class ModelRunner:
-    """Calls a causal LM (optionally a peft model with several adapters) with an explicit cache."""
+    """Calls a causal LM (optionally a peft model with several adapters) with an explicit cache.
+    peft switches adapters per call, so a forward pass serves one adapter."""
+
+    mixes_adapters = False
 
     def __init__(self, model, *, has_adapters: bool = False):
         self.model = model
@@ -37,6 +42,27 @@ class ModelRunner:
         # transformers 5.x names the argument `cache`; 4.x `past_key_values`
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.device = next(model.parameters()).device
+
+    # ------------------------------------------------------------------ adapters (peft)
+    def read_adapter(self, path: str) -> str:
+        """Check that `path` is a LoRA directory peft can load; peft reads it in `add_adapter`."""
+        from .lora import read_adapter_config
+
+        read_adapter_config(path)
+        return path
+
+    def add_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if not self.has_adapters:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval().requires_grad_(False)
+            self.has_adapters = True
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+            self.model.requires_grad_(False)
+
+    def remove_adapter(self, name: str) -> None:
+        self.model.delete_adapter(name)
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -65,6 +91,10 @@ class ModelRunner:
         }
         if last_only:
             kwargs["logits_to_keep"] = 1
+        if isinstance(adapter, list):
+            if len(set(adapter)) > 1:
+                raise ValueError("a transformers forward serves one adapter; rows of several need the lean runner")
+            adapter = adapter[0] if adapter else None
         if not self.has_adapters:
             out = self.model(**kwargs)
         elif adapter is None:
@@ -99,6 +129,9 @@ class SequenceBatch:
     def __init__(self, runner: ModelRunner, adapter: str | None = None, *, want_hidden: bool = False):
         self.runner = runner
         self.adapter = adapter
+        """The adapter of rows prefilled without naming one."""
+        self.adapters: list[str | None] = []
+        """Per row, the adapter it is decoded with (None: the base model)."""
         self.want_hidden = want_hidden
         self.cache = None
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=runner.device)  # [B, T]
@@ -115,17 +148,22 @@ class SequenceBatch:
         return self.valid.shape[1]
 
     # ------------------------------------------------------------------ feeding tokens
-    def prefill(self, prompts: list[list[int]], pad_id: int, *, all_positions: bool = False) -> ForwardResult:
-        """Start a new batch from prompts (left padded); returns the last position's outputs, or
-        every position's with `all_positions` (prompts end at the last one). Equal prompts (the n
+    def prefill(self, prompts: list[list[int]], pad_id: int, *, all_positions: bool = False,
+                adapters: list[str | None] | None = None) -> ForwardResult:
+        """Start a new batch from prompts (left padded), row b decoded with adapters[b] (default:
+        this batch's adapter); returns the last position's outputs, or every position's with
+        `all_positions` (prompts end at the last one). Equal prompts for the same adapter (the n
         samples of a request) share one row of the forward pass, whose KV row is then copied."""
         if self.size:
             raise RuntimeError("prefill starts a new batch; merge it into a running one with `merge`")
-        distinct = list(dict.fromkeys(map(tuple, prompts)))
+        adapters = list(adapters) if adapters is not None else [self.adapter] * len(prompts)
+        keys = [(adapter, tuple(prompt)) for adapter, prompt in zip(adapters, prompts)]
+        distinct = list(dict.fromkeys(keys))
         if len(distinct) < len(prompts):
-            row_of = {prompt: row for row, prompt in enumerate(distinct)}
-            rows = [row_of[tuple(prompt)] for prompt in prompts]
-            result = self.prefill([list(prompt) for prompt in distinct], pad_id, all_positions=all_positions)
+            row_of = {key: row for row, key in enumerate(distinct)}
+            rows = [row_of[key] for key in keys]
+            result = self.prefill([list(prompt) for _, prompt in distinct], pad_id, all_positions=all_positions,
+                                  adapters=[adapter for adapter, _ in distinct])
             self.select(rows)
             return ForwardResult(result.logits[rows], None if result.hidden is None else result.hidden[rows])
         device = self.runner.device
@@ -137,12 +175,13 @@ class SequenceBatch:
             valid[row, width - len(prompt) :] = True
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         self.cache = self.runner.new_cache()
+        self.adapters = adapters
         result = self.runner.forward(
             ids,
             self.cache,
             None if bool(valid.all()) else valid.long(),
             positions,
-            adapter=self.adapter,
+            adapter=self._adapter_argument(),
             want_hidden=self.want_hidden,
             last_only=not all_positions,
         )
@@ -161,8 +200,13 @@ class SequenceBatch:
         mask = self.valid.long() if self.holes else None
         self._pending += n
         return self.runner.forward(
-            tokens, self.cache, mask, positions, adapter=self.adapter, want_hidden=self.want_hidden
+            tokens, self.cache, mask, positions, adapter=self._adapter_argument(), want_hidden=self.want_hidden
         )
+
+    def _adapter_argument(self) -> str | list[str | None] | None:
+        """The runner's `adapter`: one name when every row has the same, else the per-row list."""
+        first = self.adapters[0] if self.adapters else self.adapter
+        return first if all(a == first for a in self.adapters) else list(self.adapters)
 
     def commit(self, keep: list[int]) -> None:
         """Of the slots fed since the last commit, row b keeps the first keep[b]; the others are
@@ -187,6 +231,7 @@ class SequenceBatch:
         index = torch.tensor(rows, dtype=torch.long, device=self.valid.device)
         self.valid = self.valid[index]
         self.next_position = self.next_position[index]
+        self.adapters = [self.adapters[row] for row in rows]
         if self.cache is not None:
             for layer in _cache_layers(self.cache):
                 if layer.keys is not None and layer.keys.numel():
@@ -206,6 +251,7 @@ class SequenceBatch:
         """Append the rows of `other` (a freshly prefilled batch) to this one."""
         if not self.size:
             self.cache, self.valid, self.next_position, self.holes = other.cache, other.valid, other.next_position, other.holes
+            self.adapters = list(other.adapters)
             return
         width = max(self.length, other.length)
         self._left_pad(width - self.length)
@@ -215,6 +261,7 @@ class SequenceBatch:
             mine.values = torch.cat([mine.values, theirs.values], dim=0)
         self.valid = torch.cat([self.valid, other.valid], dim=0)
         self.next_position = torch.cat([self.next_position, other.next_position], dim=0)
+        self.adapters = self.adapters + other.adapters
         self.holes = not bool(self.valid.all())
 
     # ------------------------------------------------------------------ helpers

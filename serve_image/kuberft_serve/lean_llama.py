@@ -11,6 +11,10 @@ layout that `SequenceBatch` rolls back (`cache.layers[i].keys / .values`, [B, kv
 `LeanRunner.supports(model)` says whether a loaded model can take this path (Llama and the
 Llama-shaped families without biases, sliding windows or rope scaling); `ModelRunner` is the
 fallback for everything else.
+
+LoRA adapters (`lora.py`) are held by name (`add_adapter`, `remove_adapter`); a forward takes
+one adapter for every row, or one per row (`adapter=[name or None, ...]`), so rows of different
+adapters and of the base model share one forward pass (`mixes_adapters`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from .kv_batch import ForwardResult
+from .lora import Factors, LeanLora, read_lora
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,8 @@ class Projection:
 class LeanRunner:
     """`ModelRunner`'s interface over the lean forward of a Llama model's weights."""
 
-    has_adapters = False
+    mixes_adapters = True
+    """Rows of different adapters go through one forward pass (the engine batches them together)."""
 
     @staticmethod
     def supports(model) -> bool:
@@ -123,6 +129,7 @@ class LeanRunner:
         self.embed = base.embed_tokens.weight
         self.final_norm = base.norm.weight
         self.lm_head = Projection(model.get_output_embeddings().weight)
+        self.adapters: dict[str, LeanLora] = {}
         self.layers = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -150,6 +157,63 @@ class LeanRunner:
         heads = weight.view(-1, 2, self.head_dim // 2, weight.shape[-1])  # [h, 2, D/2, hidden]
         return torch.stack([-heads[:, 1], heads[:, 0]], dim=1).reshape(weight.shape)
 
+    # ------------------------------------------------------------------ adapters
+    def read_adapter(self, path: str) -> LeanLora:
+        """An adapter directory in this model's fused layout (raises `AdapterError` with the reason
+        when it cannot be served). Reading touches no state of the runner: any thread may."""
+        config = self.config
+        sizes = {
+            "q_proj": self.num_heads * self.head_dim,
+            "k_proj": self.num_kv_heads * self.head_dim,
+            "v_proj": self.num_kv_heads * self.head_dim,
+            "o_proj": config.hidden_size,
+            "gate_proj": config.intermediate_size,
+            "up_proj": config.intermediate_size,
+            "down_proj": config.hidden_size,
+        }
+        return read_lora(path, out_sizes=sizes, num_layers=len(self.layers), rotate_half_rows=self._rotate_half_rows,
+                         dtype=self.embed.dtype, device=self.device)
+
+    def add_adapter(self, name: str, adapter: LeanLora) -> None:
+        self.adapters[name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        del self.adapters[name]
+
+    def _segments(self, adapter, batch: int) -> list[tuple[LeanLora, torch.Tensor | None]]:
+        """(adapter, its rows) for each adapter in the batch; rows None = every row."""
+        if adapter is None:
+            return []
+        if isinstance(adapter, str):
+            return [(self._adapter(adapter), None)]
+        rows: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter):
+            if name is not None:
+                rows.setdefault(name, []).append(row)
+        if len(rows) == 1 and len(next(iter(rows.values()))) == batch:
+            return [(self._adapter(next(iter(rows))), None)]
+        return [(self._adapter(name), torch.tensor(index, device=self.device)) for name, index in rows.items()]
+
+    def _adapter(self, name: str) -> LeanLora:
+        try:
+            return self.adapters[name]
+        except KeyError:
+            raise KeyError(f"adapter {name!r} is not loaded") from None
+
+    @staticmethod
+    def _project(projection: Projection, x: torch.Tensor, segments, layer: int, slot: int) -> torch.Tensor:
+        """projection(x) plus, for each adapter's rows, that adapter's LoRA delta (segmented LoRA)."""
+        y = projection(x)
+        for adapter, rows in segments:
+            factors: Factors | None = adapter.layers[layer][slot]
+            if factors is None:
+                continue
+            if rows is None:
+                y += factors.delta(x)
+            else:
+                y.index_add_(0, rows, factors.delta(x.index_select(0, rows)))
+        return y
+
     def new_cache(self) -> LeanCache:
         return LeanCache(len(self.layers))
 
@@ -161,13 +225,15 @@ class LeanRunner:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         *,
-        adapter: str | None = None,
+        adapter: str | list[str | None] | None = None,
         want_hidden: bool = False,
         last_only: bool = False,
     ) -> ForwardResult:
         """input_ids [B, n] at position_ids [B, n] after the cache's T slots; attention_mask
-        [B, T + n] (1 = a token of the row) or None when every slot is valid."""
+        [B, T + n] (1 = a token of the row) or None when every slot is valid. `adapter`: one
+        adapter name (or None, the base model) for every row, or a list of B of them."""
         batch, n = input_ids.shape
+        segments = self._segments(adapter, batch)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, n, D]
         sin = self.sin[position_ids].unsqueeze(1)
@@ -186,8 +252,9 @@ class LeanRunner:
                 mask = (mask & attention_mask[:, None, None, :].bool()) | own  # [B, 1, n, T + n]
         x = F.embedding(input_ids, self.embed)
         shape, eps = (x.shape[-1],), self.eps
+        project = self._project
         for index, (norm_1, qkv_proj, o_proj, norm_2, gate_up_proj, down_proj) in enumerate(self.layers):
-            qkv = qkv_proj(F.rms_norm(x, shape, norm_1, eps)).view(batch, n, 2 * heads + 3 * kv_heads, dim).transpose(1, 2)
+            qkv = project(qkv_proj, F.rms_norm(x, shape, norm_1, eps), segments, index, 0).view(batch, n, 2 * heads + 3 * kv_heads, dim).transpose(1, 2)
             qk, v, qk_rotated = qkv.split([heads + kv_heads, kv_heads, heads + kv_heads], dim=1)  # [B, h, n, D]
             q, k = (qk * cos + qk_rotated * sin).split([heads, kv_heads], dim=1)  # rotary
             if cache is not None:
@@ -199,9 +266,9 @@ class LeanRunner:
                     v = v.contiguous()
                 layer.keys, layer.values = k, v
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
-            x = x + o_proj(attn.transpose(1, 2).reshape(batch, n, heads * dim))
-            gate, up = gate_up_proj(F.rms_norm(x, shape, norm_2, eps)).chunk(2, dim=-1)
-            x = x + down_proj(F.silu(gate) * up)
+            x = x + project(o_proj, attn.transpose(1, 2).reshape(batch, n, heads * dim), segments, index, 1)
+            gate, up = project(gate_up_proj, F.rms_norm(x, shape, norm_2, eps), segments, index, 2).chunk(2, dim=-1)
+            x = x + project(down_proj, F.silu(gate) * up, segments, index, 3)
         if last_only:
             x = x[:, -1:]
         hidden = F.rms_norm(x, shape, self.final_norm, eps)

@@ -1,5 +1,6 @@
-"""Loading what a `ServeConfig` names: the base model and tokenizer, LoRA adapters (peft, all in
-one model, switched per batch), the draft model or the heads, and the engine around them."""
+"""Loading what a `ServeConfig` names: the base model and tokenizer, LoRA adapters (in the lean
+forward, mixed in one batch; or peft, switched per batch), the draft model or the heads, and the
+engine around them."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import torch
 
 from kuberft_core.models import resolve_dtype, resolve_model_path
 
+from .adapter_pool import AdapterPool
 from .config import ServeConfig
 from .engine import Engine
 from .heads import MedusaHeads, train_heads
 from .kv_batch import ModelRunner
 from .lean_llama import LeanRunner
+from .lora import AdapterError
 from .speculators import DraftSpeculator, HeadsSpeculator, NgramSpeculator, Speculator
 
 log = logging.getLogger(__name__)
@@ -40,21 +43,6 @@ def load_tokenizer(name: str, *, revision=None, trust_remote_code=False):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_model_path(name), revision=revision, trust_remote_code=trust_remote_code)
-
-
-def attach_adapters(model, adapters: dict[str, str]):
-    """Wrap `model` in one peft model holding every adapter under its served name."""
-    from peft import PeftModel
-
-    peft_model = None
-    for name, path in adapters.items():
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter {name!r}: {path} has no adapter_config.json (not a peft adapter directory)")
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name)
-        else:
-            peft_model.load_adapter(path, adapter_name=name)
-    return peft_model.eval().requires_grad_(False)
 
 
 def read_prompts(path: str | Path, tokenizer) -> list[list[int]]:
@@ -96,14 +84,21 @@ def unconditional_prompts(tokenizer, count: int = 32) -> list[list[int]]:
     return [[start] for _ in range(count)]
 
 
-def target_runner(model, *, has_adapters: bool, device: torch.device):
-    """On the CPU, a Llama-architecture model without adapters runs our lean forward (prepacked
-    weights: about half the time of transformers' pass at batch 1, and verification of k tokens
-    costs little more than one); adapters (peft) and accelerators go through transformers. The
-    lean forward keeps its own (fused, packed) copy of the weights: twice the model's memory."""
-    if not has_adapters and device.type == "cpu" and LeanRunner.supports(model):
-        return LeanRunner(model)
-    return ModelRunner(model, has_adapters=has_adapters)
+def target_runner(model, *, adapters: dict[str, str], device: torch.device):
+    """On the CPU, a Llama-architecture model runs our lean forward (prepacked weights: about half
+    the time of transformers' pass at batch 1, and verification of k tokens costs little more than
+    one), its LoRA adapters mixed in one batch. Accelerators, other architectures and adapters the
+    lean forward cannot serve (DoRA, ...) go through transformers and peft, one adapter per batch.
+    The lean forward keeps its own (fused, packed) copy of the weights: twice the model's memory."""
+    if device.type == "cpu" and LeanRunner.supports(model):
+        lean = LeanRunner(model)
+        try:
+            for path in adapters.values():
+                lean.read_adapter(path)
+            return lean
+        except AdapterError as err:
+            log.warning("serving the adapters through peft, one adapter per batch: %s", err)
+    return ModelRunner(model)
 
 
 def build_engine(config: ServeConfig, metrics=None) -> Engine:
@@ -114,15 +109,18 @@ def build_engine(config: ServeConfig, metrics=None) -> Engine:
     log.info("loading %s (%s on %s)", config.model.name, dtype, device)
     model = load_causal_lm(config.model.name, dtype=dtype, device=device, **load)
     tokenizer = load_tokenizer(config.model.name, **load)
-    if config.adapters:
-        model = attach_adapters(model, config.adapters)
-    runner = target_runner(model, has_adapters=bool(config.adapters), device=device)
+    runner = target_runner(model, adapters=config.adapters, device=device)
+    max_bytes = None if config.max_lora_memory_mib is None else int(config.max_lora_memory_mib * 2**20)
+    pool = AdapterPool(runner, max_loras=config.max_loras, max_bytes=max_bytes)
+    for name, path in config.adapters.items():
+        pool.register(name, path)
     spec = config.speculator
     options = {
         "num_speculative_tokens": spec.num_speculative_tokens,
         "adaptive": spec.adaptive,
         "max_batch_size": config.max_batch_size,
         "metrics": metrics,
+        "adapters": pool,
     }
     speculator: Speculator
     if spec.type == "none":

@@ -2,8 +2,10 @@
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as
 server-sent events), `GET /v1/models` (the base model and every adapter; a request's `model`
-field picks one), `GET /v1/models/{model}`, `GET /health` (vLLM's: 200 with an empty body while
-the engine runs), `GET /healthz`, `GET /metrics` (Prometheus, `kuberft_serve_*`).
+field picks one), `GET /v1/models/{model}`, `POST /v1/load_lora_adapter` {"lora_name",
+"lora_path"} and `POST /v1/unload_lora_adapter` {"lora_name"} (vLLM's: adapters served from
+then on, or no longer; only with `runtime_lora_updating=True`), `GET /health` (vLLM's: 200 with
+an empty body while the engine runs), `GET /healthz`, `GET /metrics` (Prometheus, `kuberft_serve_*`).
 
 The engine decodes in a background thread; each request becomes `n` (or `best_of`) `Sequence`s
 per prompt whose text pieces come back to the request's event loop through an asyncio queue.
@@ -43,8 +45,10 @@ from xgrammar import CompiledGrammar
 from kuberft_core.metrics import component_metrics
 from kuberft_core.probes import metrics_routes
 
+from .adapter_pool import AdapterNameTaken
 from .config import ServeConfig
 from .engine import Engine, Sequence
+from .lora import AdapterError
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, FieldError, validation_error
 from .responses import chat_logprobs, completion_logprobs, prompt_logprobs
 from .sampling import SamplingParams
@@ -120,6 +124,9 @@ class Served:
     async def decoding(self):
         """Submit the sequences; on leaving (done, failed, or the client hung up: logged as one
         line) cancel those still decoding, which frees their batch slots."""
+        adapter = self.seqs[0].adapter
+        if adapter is not None and adapter not in self.engine.adapters:  # unloaded since the model was checked
+            raise ApiError(404, f"The model `{self.model}` does not exist (unloaded)", param="model", code="model_not_found")
         for seq in self.seqs:
             self.engine.submit(seq)
         try:
@@ -214,8 +221,7 @@ def _check_model(app: web.Application, model: str) -> None:
 
 
 def _model_names(app: web.Application) -> list[str]:
-    config = app[CONFIG]
-    return [config.base_name, *config.adapters]
+    return [app[CONFIG].base_name, *app[ENGINE].adapters.names]
 
 
 def _sampling(app: web.Application, req, prompts: list[list[int]], default_max: int | None, logprobs: int | None) -> SamplingParams:
@@ -402,7 +408,7 @@ def _model_cards(app: web.Application) -> list[dict[str, Any]]:
     config = app[CONFIG]
     created = int(app[STARTED])
     cards = [{"id": config.base_name, "object": "model", "created": created, "owned_by": "kuberft", "root": config.model.name, "parent": None}]
-    for name, path in config.adapters.items():
+    for name, path in dict(app[ENGINE].adapters.paths).items():
         cards.append({"id": name, "object": "model", "created": created, "owned_by": "kuberft", "root": path, "parent": config.base_name})
     return cards
 
@@ -415,6 +421,49 @@ async def model_card(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     _check_model(request.app, name)
     return web.json_response(next(card for card in _model_cards(request.app) if card["id"] == name))
+
+
+def _lora_name(body: dict) -> str:
+    name = body.get("lora_name")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "lora_name: give the adapter's served name (a non-empty string)", param="lora_name")
+    return name
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    """vLLM's: serve the peft LoRA directory `lora_path` as model `lora_name` from now on."""
+    app = request.app
+    body = await _read_json(request)
+    name = _lora_name(body)
+    path = body.get("lora_path")
+    if not isinstance(path, str) or not path:
+        raise ApiError(400, "lora_path: give the adapter's directory (a non-empty string)", param="lora_path")
+    if name == app[CONFIG].base_name:
+        raise ApiError(400, f"lora_name: '{name}' is the base model's name", param="lora_name")
+    if name in app[ENGINE].adapters:
+        raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, app[ENGINE].load_adapter, name, path)
+    except AdapterNameTaken as err:
+        raise ApiError(400, str(err), param="lora_name") from None
+    except AdapterError as err:
+        raise ApiError(400, f"lora_path: {err}", param="lora_path") from None
+    log.info("adapter %s loaded from %s", name, path)
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    """vLLM's: stop serving `lora_name` (requests decoding with it finish first)."""
+    app = request.app
+    name = _lora_name(await _read_json(request))
+    if name == app[CONFIG].base_name:
+        raise ApiError(400, f"lora_name: '{name}' is the base model, not an adapter", param="lora_name")
+    try:
+        app[ENGINE].unload_adapter(name)
+    except KeyError:
+        raise ApiError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name", code="model_not_found") from None
+    log.info("adapter %s unloaded", name)
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -441,6 +490,9 @@ def create_app(engine: Engine, config: ServeConfig, metrics=None) -> web.Applica
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", model_card)  # Hub names hold a slash
+    if config.runtime_lora_updating:
+        app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     app.router.add_get("/health", health)
     app.add_routes(metrics_routes(engine.metrics, lambda: engine_health(engine)))
 

@@ -10,7 +10,11 @@ draft model rolls back its KV cache) and finished rows leave (`select`).
 - `DraftSpeculator`: a small causal LM with the same tokenizer, decoding k tokens ahead with its
   own KV cache; samples from its own (warped) distribution when the request samples, so the
   full rejection rule applies.
-- `HeadsSpeculator`: Medusa-style heads on the target's final hidden state (`heads.py`).
+- `HeadsSpeculator`: Medusa-style heads on the target's final hidden state (`heads.py`), the
+  heads of each row's adapter.
+
+A state may hold rows of several adapters (the lean target mixes them in one batch); what is
+per adapter (the heads) is looked up per row from `seq.adapter`.
 """
 
 from __future__ import annotations
@@ -179,12 +183,11 @@ class HeadsSpeculator(Speculator):
 
     @dataclass
     class State:
-        heads: MedusaHeads | None
         hidden: torch.Tensor | None = None
         """[B, H] final hidden state at the position that produced each row's last token."""
 
     def new_state(self, adapter):
-        return self.State(self.heads_by_adapter.get(adapter))  # no heads: plain decoding
+        return self.State()
 
     def add_rows(self, state, seqs, prefill):
         new = prefill.hidden[:, -1]
@@ -192,11 +195,21 @@ class HeadsSpeculator(Speculator):
 
     @torch.inference_mode()
     def propose(self, state, seqs, k):
-        if state.heads is None:
-            return Proposal([[] for _ in seqs])
-        emitted = torch.tensor([seq.output_ids[-1] for seq in seqs], device=state.hidden.device)
-        logits = self.lm_head(state.heads(state.hidden, count=k, emitted=emitted))  # [B, k, V]
-        return Proposal(logits.argmax(dim=-1).tolist())
+        """Each adapter's heads on its rows; rows of a model without heads propose nothing."""
+        tokens: list[list[int]] = [[] for _ in seqs]
+        rows_of: dict = {}
+        for row, seq in enumerate(seqs):
+            rows_of.setdefault(seq.adapter, []).append(row)
+        for adapter, rows in rows_of.items():
+            heads: MedusaHeads | None = self.heads_by_adapter.get(adapter)
+            if heads is None:
+                continue
+            index = torch.tensor(rows, device=state.hidden.device)
+            emitted = torch.tensor([seqs[row].output_ids[-1] for row in rows], device=state.hidden.device)
+            logits = self.lm_head(heads(state.hidden[index], count=k, emitted=emitted))  # [rows, k, V]
+            for row, proposal in zip(rows, logits.argmax(dim=-1).tolist()):
+                tokens[row] = proposal
+        return Proposal(tokens)
 
     def commit(self, state, seqs, accepted, proposal, verify):
         index = torch.tensor(accepted, device=verify.hidden.device)

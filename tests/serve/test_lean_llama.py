@@ -73,12 +73,19 @@ def test_a_torch_without_the_internal_onednn_ops_falls_back_to_a_plain_product(m
     torch.testing.assert_close(projection(x), torch.nn.functional.linear(x, weight))
 
 
-def test_the_target_runs_the_lean_forward_on_the_cpu_without_adapters_and_transformers_with_them(tiny_dir, adapter_dir):
+def test_the_target_runs_the_lean_forward_on_the_cpu_with_its_adapters_and_peft_for_dora(tiny_dir, adapter_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    dora.save_pretrained(tmp_path)
     model = ModelSpec(name=str(tiny_dir), dtype="float32")
-    plain = build_engine(ServeConfig(model=model, speculator=SpeculatorSpec(type="none"), device="cpu"))
-    adapted = build_engine(ServeConfig(model=model, adapters={"tuned": str(adapter_dir)}, speculator=SpeculatorSpec(type="none"), device="cpu"))
+    none = SpeculatorSpec(type="none")
+    plain = build_engine(ServeConfig(model=model, speculator=none, device="cpu"))
+    adapted = build_engine(ServeConfig(model=model, adapters={"tuned": str(adapter_dir)}, speculator=none, device="cpu"))
+    with_dora = build_engine(ServeConfig(model=model, adapters={"tuned": str(adapter_dir), "dora": str(tmp_path)}, speculator=none, device="cpu"))
     assert isinstance(plain.target_runner, LeanRunner)
-    assert isinstance(adapted.target_runner, ModelRunner)
+    assert isinstance(adapted.target_runner, LeanRunner) and list(adapted.target_runner.adapters) == ["tuned"]
+    assert isinstance(with_dora.target_runner, ModelRunner)
 
 
 @pytest.mark.parametrize("speculator", ["ngram", "draft", "heads"])
