@@ -247,6 +247,8 @@ def test_each_step_counts_its_outcomes_and_the_completions_caught_hacking(tiny_m
     step = read_metrics(tmp_path)[-1]
     assert step["hacked"] == 11  # completions 0, 3, ..., 30 of 32
     assert step["reward_outcomes"] == {"digits": {"hacked": 11, "ok": 21}}
+    caught = [json.loads(line) for line in (tmp_path / "samples" / "hacked-step-00000001.jsonl").read_text().splitlines()]
+    assert len(caught) == 11 and all(c["reasons"] == {"digits": "forged frame"} and "prompt" in c["row"] for c in caught)
 
 
 def test_held_out_rows_come_from_the_eval_source_and_every_training_row_trains(tiny_model, tmp_path):

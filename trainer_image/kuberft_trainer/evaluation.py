@@ -1,4 +1,5 @@
-"""Held-out evaluation: which greedy completions pass, and the samples file a user reads.
+"""Held-out evaluation: which greedy completions pass, and the samples files a user reads (the
+held-out completions of each evaluation; the training completions an anti-hacking check caught).
 
 A row passes when every positively weighted reward answered outcome `ok` (the reward pool's
 word for "passed its check": a correct countdown expression, a kernel matching the reference
@@ -53,4 +54,23 @@ def write_samples(output_dir: Path, step: int, rows: list[dict], prompts: list[s
     ]
     path = folder / f"step-{step:08d}.jsonl"
     write_atomically(path, "\n".join(lines) + "\n")
+    return path
+
+
+def hacked_items(texts: list[str], rows: list[dict], matrix: ScoreMatrix) -> list[dict]:
+    """The completions an anti-hacking check caught (outcome `hacked` in any reward), each with
+    its row, outcomes and the evaluator's reasons (what the check saw)."""
+    return [
+        {"completion": text, "outcomes": outcomes, "reasons": reasons, "row": row}
+        for text, row, outcomes, reasons in zip(texts, rows, matrix.outcomes, matrix.reasons)
+        if "hacked" in outcomes.values()
+    ]
+
+
+def write_hacked(output_dir: Path, step: int, items: list[dict]) -> Path:
+    """`samples/hacked-step-N.jsonl`: the training completions of step N caught hacking."""
+    folder = Path(output_dir) / SAMPLES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"hacked-step-{step:08d}.jsonl"
+    write_atomically(path, "".join(json.dumps(item, default=str) + "\n" for item in items))
     return path

@@ -13,6 +13,8 @@
   result with `interrupted=True`; a second SIGINT interrupts at once (the latest checkpoint stays).
 - At the end: `output_dir/adapter/` (peft format), `output_dir/config.json` (the spec),
   `output_dir/samples/step-N.jsonl` (eval completions with their rewards) per evaluation.
+- `output_dir/samples/hacked-step-N.jsonl`: the training completions of step N an anti-hacking
+  check caught, with the evaluator's reasons (only for steps that caught one).
 - Async reward backends run on the trainer's own event loop (`event_loop=` to share one).
 - Rollouts come from vLLM in this process (`rollout.VllmGenerator`) on a GPU where it is
   installed, or when `use_vllm=True` is given; from vLLM rollout servers (`vllm=` a
@@ -67,7 +69,7 @@ from .distributed import (
     shard_model,
     trainable_state,
 )
-from .evaluation import judge, write_samples
+from .evaluation import hacked_items, judge, write_hacked, write_samples
 from .grpo import combine_rewards, group_advantages, policy_loss, rollout_correction
 from .modeling import add_lora, load_model_and_tokenizer
 from .report import ProgressReporter
@@ -372,7 +374,11 @@ class Trainer:
         rollout = rollout.padded_to(self.dist.max_(rollout.completion_ids.shape[1]), self.pad_id)
         generated = time.perf_counter()
 
-        matrix, local_scores = self._score(self._decode(rollout), [row for row in rows for _ in range(G)])
+        texts, step_rows = self._decode(rollout), [row for row in rows for _ in range(G)]
+        matrix, local_scores = self._score(texts, step_rows)
+        hacked = [item for part in self.dist.gather_list(hacked_items(texts, step_rows, matrix)) for item in part]
+        if hacked and self.dist.main:
+            write_hacked(self.output_dir, self.step + 1, hacked)
         scored = time.perf_counter()
 
         # Advantages over the whole step (all processes), then this process's rows.
