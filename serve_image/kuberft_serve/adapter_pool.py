@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from pathlib import Path
 
 from .lora import AdapterError
 
@@ -97,8 +98,7 @@ class AdapterPool:
         nbytes = getattr(weights, "nbytes", None)
         if nbytes is not None:
             return nbytes
-        from pathlib import Path  # a peft directory: its weights file is what peft puts in memory
-
+        # a peft directory: its weights file is what peft puts in memory
         files = [f for f in Path(path).glob("adapter_model.*") if f.is_file()]
         return sum(f.stat().st_size for f in files)
 

@@ -85,20 +85,20 @@ def unconditional_prompts(tokenizer, count: int = 32) -> list[list[int]]:
 
 
 def target_runner(model, *, adapters: dict[str, str], device: torch.device):
-    """On the CPU, a Llama-architecture model runs our lean forward (prepacked weights: about half
-    the time of transformers' pass at batch 1, and verification of k tokens costs little more than
-    one), its LoRA adapters mixed in one batch. Accelerators, other architectures and adapters the
-    lean forward cannot serve (DoRA, ...) go through transformers and peft, one adapter per batch.
-    The lean forward keeps its own (fused, packed) copy of the weights: twice the model's memory."""
+    """(runner, the start-up `adapters` read for it by name). On the CPU, a Llama-architecture
+    model runs our lean forward (prepacked weights: about half the time of transformers' pass at
+    batch 1, and verification of k tokens costs little more than one), its LoRA adapters mixed in
+    one batch. Accelerators, other architectures and adapters the lean forward cannot serve (DoRA,
+    ...) go through transformers and peft, one adapter per batch. The lean forward keeps its own
+    (fused, packed) copy of the weights: twice the model's memory."""
     if device.type == "cpu" and LeanRunner.supports(model):
         lean = LeanRunner(model)
         try:
-            for path in adapters.values():
-                lean.read_adapter(path)
-            return lean
+            return lean, {name: lean.read_adapter(path) for name, path in adapters.items()}
         except AdapterError as err:
             log.warning("serving the adapters through peft, one adapter per batch: %s", err)
-    return ModelRunner(model)
+    runner = ModelRunner(model)
+    return runner, {name: runner.read_adapter(path) for name, path in adapters.items()}
 
 
 def build_engine(config: ServeConfig, metrics=None) -> Engine:
@@ -109,11 +109,11 @@ def build_engine(config: ServeConfig, metrics=None) -> Engine:
     log.info("loading %s (%s on %s)", config.model.name, dtype, device)
     model = load_causal_lm(config.model.name, dtype=dtype, device=device, **load)
     tokenizer = load_tokenizer(config.model.name, **load)
-    runner = target_runner(model, adapters=config.adapters, device=device)
+    runner, weights = target_runner(model, adapters=config.adapters, device=device)
     max_bytes = None if config.max_lora_memory_mib is None else int(config.max_lora_memory_mib * 2**20)
     pool = AdapterPool(runner, max_loras=config.max_loras, max_bytes=max_bytes)
     for name, path in config.adapters.items():
-        pool.register(name, path)
+        pool.register(name, path, weights[name])
     spec = config.speculator
     options = {
         "num_speculative_tokens": spec.num_speculative_tokens,
