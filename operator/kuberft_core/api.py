@@ -684,10 +684,36 @@ class AutoscalingSpec(ApiModel):
 class TurboDeploymentSpec(ApiModel):
     """Serve a base model plus a LoRA adapter with speculative decoding behind an OpenAI-compatible API."""
 
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule("!has(self.adapter) || !has(self.adapters)", "set adapter (one) or adapters (several), not both", ".adapters"),
+        CelRule(
+            "!has(self.adapters) || self.adapters.all(a, self.adapters.filter(b, b.name == a.name).size() == 1)",
+            "adapter names must be unique (each is a model id in the API)",
+            ".adapters",
+        ),
+        CelRule(
+            "!has(self.adapters) || self.adapters.all(a, a.name != self.model.name)",
+            "an adapter may not be named after the base model (both are model ids in the API)",
+            ".adapters",
+        ),
+    )
+
     model: ModelSpec
     """The base model."""
     adapter: Optional[AdapterSource] = None
-    """The LoRA adapter; absent serves the base model alone."""
+    """One LoRA adapter: the same as `adapters` with one entry (the v1alpha1 form, kept so
+    existing manifests keep working). Without `adapter` and `adapters` the base model is served
+    alone."""
+    adapters: Optional[list[AdapterSource]] = Field(default=None, min_length=1, max_length=64)
+    """LoRA adapters served together on the one base model, each under its `name` (requests for
+    different adapters and the base share a batch). Each is served once it is ready (an RFTJob's
+    once that job has Succeeded); the rest are listed in `status.adapters` until then."""
+    max_loaded_adapters: Optional[int] = Field(default=None, ge=1, le=1024)
+    """Adapters held in memory at once (default: all); the least recently used one that no request
+    is using is evicted to make room, and read again from its directory when asked for."""
+    max_adapter_memory_mib: Optional[int] = Field(default=None, ge=1, alias="maxAdapterMemoryMiB")
+    """Memory the loaded adapters' weights may take, in MiB (default: no limit); evicts as
+    `maxLoadedAdapters` does."""
     speculator: SpeculatorSpec = nested(SpeculatorSpec)
     """Speculative decoding."""
     replicas: int = Field(default=1, ge=0, le=1000)
@@ -700,6 +726,25 @@ class TurboDeploymentSpec(ApiModel):
     """HTTP port of the OpenAI-compatible API."""
     placement: PodPlacement = nested(PodPlacement)
     """Image, resources (GPUs) and scheduling of the serving pods."""
+
+    @property
+    def adapter_list(self) -> list[AdapterSource]:
+        """The adapters to serve, whichever of `adapter` and `adapters` lists them."""
+        return [self.adapter] if self.adapter is not None else list(self.adapters or [])
+
+
+class ServedAdapter(ApiModel):
+    """The state of one adapter of a TurboDeployment."""
+
+    name: str
+    """Its model id in the API."""
+    state: Literal["Serving", "Pending", "Failed"]
+    """Serving: in the serving pods' configuration; Pending: waiting for its RFTJob; Failed: it
+    will not become ready without a change (its RFTJob failed or wrote no adapter)."""
+    location: Optional[str] = None
+    """Where the adapter is (`uri`, or the RFTJob's `pvc://claim/path`)."""
+    message: Optional[str] = None
+    """Why it is Pending or Failed."""
 
 
 class TurboDeploymentStatus(ApiModel):
@@ -723,7 +768,12 @@ class TurboDeploymentStatus(ApiModel):
     url: Optional[str] = None
     """In-cluster URL of the OpenAI-compatible API."""
     adapter: Optional[str] = None
-    """The adapter being served."""
+    """Where the adapter of `spec.adapter` is (the one-adapter form)."""
+    adapters: list[ServedAdapter] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Each adapter of the spec: where it is and whether it is served."""
 
 
 # --------------------------------------------------------------------------- resources

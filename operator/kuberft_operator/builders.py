@@ -839,37 +839,40 @@ def serve_config_name(name: str) -> str:
     return f"{name}-serve"
 
 
-def adapter_mount(adapter: str) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]], str]:
-    """(volume, mount, path in the pod) for an adapter location; `pvc://claim/path` mounts the
-    claim read-only, anything else is passed to the server as is."""
-    if adapter.startswith("pvc://"):
-        claim, _, sub = adapter[len("pvc://"):].partition("/")
-        volume = {"name": "adapter", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        mount = {"name": "adapter", "mountPath": "/adapters", "readOnly": True}
-        return volume, mount, f"/adapters/{sub}".rstrip("/")
-    return None, None, adapter
+def adapter_volumes(locations: dict[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
+    """(volumes, mounts, adapter name -> directory in the pod) for adapter locations:
+    `pvc://claim/path` mounts the claim read-only at `/adapters/<claim>` (one volume per claim,
+    however many adapters it holds); anything else is passed to the server as is."""
+    claims = sorted({location[len("pvc://"):].partition("/")[0] for location in locations.values() if location.startswith("pvc://")})
+    volumes = [{"name": f"adapters-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}} for i, claim in enumerate(claims)]
+    mounts = [{"name": f"adapters-{i}", "mountPath": f"/adapters/{claim}", "readOnly": True} for i, claim in enumerate(claims)]
+    paths = {}
+    for name, location in locations.items():
+        if location.startswith("pvc://"):
+            claim, _, sub = location[len("pvc://"):].partition("/")
+            location = f"/adapters/{claim}/{sub}".rstrip("/")
+        paths[name] = location
+    return volumes, mounts, paths
 
 
-def serve_document(spec: TurboDeploymentSpec, adapter: Optional[str]) -> dict[str, Any]:
+def serve_document(spec: TurboDeploymentSpec, locations: dict[str, str]) -> dict[str, Any]:
     """What a serve pod runs (`kuberft serve --config`): the TurboDeploymentSpec as the API
-    serialises it, its adapter resolved to the directory in the pod (`adapter.uri`; `fromRFTJob`
-    resolved by the reconciler to `adapter`), less OPERATOR_ONLY_FIELDS."""
-    resolved = None
-    if adapter:
-        _, _, path = adapter_mount(adapter)
-        resolved = AdapterSource(uri=path, name=spec.adapter.name if spec.adapter else "default")
-    document = spec.model_copy(update={"adapter": resolved})
+    serialises it, with `adapters` the ones ready to serve (`locations`, by name; an RFTJob's
+    resolved by the reconciler) as directories in the pod, less OPERATOR_ONLY_FIELDS."""
+    _, _, paths = adapter_volumes(locations)
+    served = [AdapterSource(uri=paths[a.name], name=a.name) for a in spec.adapter_list if a.name in paths]
+    document = spec.model_copy(update={"adapter": None, "adapters": served or None})
     return document.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=OPERATOR_ONLY_FIELDS)
 
 
-def serve_config_map(spec: TurboDeploymentSpec, owner: Owner, adapter: Optional[str]) -> dict[str, Any]:
+def serve_config_map(spec: TurboDeploymentSpec, owner: Owner, locations: dict[str, str]) -> dict[str, Any]:
     """The serve document, mounted read-only in every serve pod."""
-    document = json.dumps(serve_document(spec, adapter), indent=2, sort_keys=True)
+    document = json.dumps(serve_document(spec, locations), indent=2, sort_keys=True)
     return _object("v1", "ConfigMap", serve_config_name(owner.name), owner, "config", data={SERVE_CONFIG_KEY: document})
 
 
-def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, adapter: Optional[str]) -> dict[str, Any]:
-    """`kuberft serve` pods, reading the serve document (model, adapter, speculator) from the
+def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, locations: dict[str, str]) -> dict[str, Any]:
+    """`kuberft serve` pods, reading the serve document (model, adapters, speculator) from the
     ConfigMap; its hash in the pod template rolls the pods when it changes."""
     role = "serve"
     volumes: list[dict[str, Any]] = [
@@ -880,11 +883,9 @@ def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, ad
         {"name": "config", "mountPath": f"{CONFIG_DIR}/{SERVE_CONFIG_KEY}", "subPath": SERVE_CONFIG_KEY, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    if adapter:
-        volume, mount, _ = adapter_mount(adapter)
-        if volume:
-            volumes.append(volume)
-            mounts.append(mount)
+    adapter_vols, adapter_mounts, _ = adapter_volumes(locations)
+    volumes += adapter_vols
+    mounts += adapter_mounts
     container = {
         "name": "serve",
         "image": spec.placement.image or images.serve,
@@ -907,7 +908,7 @@ def serve_deployment(spec: TurboDeploymentSpec, owner: Owner, images: Images, ad
         "template": {
             "metadata": {
                 "labels": _labels(owner, role),
-                "annotations": {ANNOTATION_CONFIG_HASH: content_hash(serve_document(spec, adapter))},
+                "annotations": {ANNOTATION_CONFIG_HASH: content_hash(serve_document(spec, locations))},
             },
             "spec": {
                 "automountServiceAccountToken": False,

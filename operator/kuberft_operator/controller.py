@@ -128,6 +128,12 @@ RBAC_RULES = (
 Key = tuple[str, str, str]  # (kind, namespace, name)
 
 
+def _adapter_rftjobs(spec: dict[str, Any]) -> set[str]:
+    """The RFTJobs a TurboDeployment's adapters come from (`fromRFTJob`), as its wire spec names them."""
+    sources = [spec.get("adapter")] + list(spec.get("adapters") or [])
+    return {s["fromRFTJob"] for s in sources if isinstance(s, dict) and isinstance(s.get("fromRFTJob"), str)}
+
+
 @dataclass
 class OperatorConfig:
     """How `kuberft operator` runs (all from command-line options)."""
@@ -394,16 +400,16 @@ class Controller:
             )
             plan = plan_rftjob(observed, self.config.images, now)
         else:
-            source = ((body.get("spec") or {}).get("adapter") or {}).get("fromRFTJob")
-            for refs in self._turbo_by_rftjob.values():
-                refs.discard(name)
-            rftjob = None
-            if source:
+            for (ref_namespace, _), refs in self._turbo_by_rftjob.items():
+                if ref_namespace == namespace:
+                    refs.discard(name)
+            sources = sorted(_adapter_rftjobs(body.get("spec") or {}))
+            for source in sources:
                 self._turbo_by_rftjob.setdefault((namespace, source), set()).add(name)
-                rftjob = await self.client.get(API_VERSION, "RFTJob", namespace, source)
+            found = await asyncio.gather(*(self.client.get(API_VERSION, "RFTJob", namespace, source) for source in sources))
             observed = TurboObserved(
                 body=body,
-                rftjob=rftjob,
+                rftjobs=dict(zip(sources, found)),
                 deployment=self._cached("Deployment", namespace, name, uid),
                 autoscaler=self._cached("HorizontalPodAutoscaler", namespace, name, uid),
             )

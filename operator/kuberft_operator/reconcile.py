@@ -25,7 +25,7 @@ from typing import Any, Optional, TypeVar, cast
 
 from pydantic import ValidationError
 
-from kuberft_core.api import ApiModel, RFTJobSpec, TurboDeploymentSpec
+from kuberft_core.api import AdapterSource, ApiModel, RFTJobSpec, ServedAdapter, TurboDeploymentSpec
 from kuberft_core.job_progress import read_progress
 from kuberft_core.manifests import problems_from
 from kuberft_core.paths import ADAPTER_DIR as TRAINER_ADAPTER_DIR  # where the trainer writes the final adapter in its output
@@ -151,8 +151,8 @@ class RFTJobObserved:
 @dataclass
 class TurboObserved:
     body: dict[str, Any]
-    rftjob: Optional[dict[str, Any]] = None
-    """The RFTJob named by `adapter.fromRFTJob`, if it exists."""
+    rftjobs: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
+    """The RFTJobs the adapters name (`fromRFTJob`) by name; None where none exists."""
     deployment: Optional[dict[str, Any]] = None
     autoscaler: Optional[dict[str, Any]] = None
 
@@ -773,40 +773,20 @@ def plan_turbo(observed: TurboObserved, images: Images, now: datetime) -> Plan:
         plan.status["phase"] = "Failed"
         return _finish_turbo(plan, conds)
 
-    adapter: Optional[str] = None
-    waiting: Optional[tuple[str, str, str]] = None  # (phase, reason, message)
-    if spec.adapter is None:
-        conds.set("AdapterReady", True, "NoAdapter", "serving the base model without an adapter")
-    elif spec.adapter.uri:
-        adapter = spec.adapter.uri
-        conds.set("AdapterReady", True, "AdapterURI", f"serving the adapter at {adapter}")
-    else:
-        job_name = spec.adapter.from_rft_job
-        job = observed.rftjob
-        job_status = (job or {}).get("status") or {}
-        if job is None:
-            waiting = ("Pending", "RFTJobNotFound", f"RFTJob {job_name} does not exist in namespace {namespace}")
-        elif job_status.get("phase") == "Failed":
-            waiting = ("Failed", "RFTJobFailed", f"RFTJob {job_name} failed, so it has no adapter to serve")
-        elif job_status.get("phase") == "Succeeded" and job_status.get("adapter"):
-            adapter = job_status["adapter"]
-            conds.set("AdapterReady", True, "RFTJobSucceeded", f"serving the adapter of RFTJob {job_name}: {adapter}")
-        elif job_status.get("phase") == "Succeeded":
-            waiting = ("Failed", "AdapterNotReported", f"RFTJob {job_name} succeeded but reports no adapter location (no checkpoint volume?)")
-        else:
-            phase = job_status.get("phase") or "Pending"
-            waiting = ("Pending", "WaitingForRFTJob", f"RFTJob {job_name} is {phase}; serving starts when it has Succeeded")
-    if waiting is not None:
-        phase, reason, message = waiting
-        conds.set("AdapterReady", False, reason, message)
-        if observed.deployment is None:
-            plan.status["phase"] = phase
-            return _finish_turbo(plan, conds)
-        # Keep serving what is deployed (e.g. the adapter of an RFTJob deleted since).
-        adapter = status.get("adapter")
+    resolved = _resolve_adapters(spec, observed.rftjobs, namespace, status)
+    waiting = _adapters_condition(resolved, conds)
+    if waiting and waiting[0] == "Failed":
+        _warn_once(plan, status.get("conditions") or [], "AdapterReady", waiting[1], waiting[2])
+    served = [adapter for adapter, _ in resolved]
+    locations = {a.name: a.location for a in served if a.state == "Serving" and a.location}
+    if spec.adapter_list and not locations and observed.deployment is None:
+        # Nothing of what was asked for can be served yet: no pods (they would serve the base model).
+        plan.status["adapters"] = [a.to_wire() for a in served]
+        plan.status["phase"] = waiting[0] if waiting else "Pending"
+        return _finish_turbo(plan, conds)
 
-    deployment_manifest = serve_deployment(spec, owner, images, adapter)
-    plan.apply = [serve_config_map(spec, owner, adapter), deployment_manifest, serve_service(spec, owner),
+    deployment_manifest = serve_deployment(spec, owner, images, locations)
+    plan.apply = [serve_config_map(spec, owner, locations), deployment_manifest, serve_service(spec, owner),
                   ingress_only_on(owner.name, owner, "serve", spec.port)]
     autoscaler = serve_autoscaler(spec, owner)
     if autoscaler:
@@ -826,8 +806,11 @@ def plan_turbo(observed: TurboObserved, images: Images, now: datetime) -> Plan:
             "url": serve_url(spec, name, namespace),
         }
     )
-    if adapter:
-        plan.status["adapter"] = adapter
+    plan.status["adapters"] = [a.to_wire() for a in served]
+    if spec.adapter is not None:
+        plan.status["adapter"] = locations.get(spec.adapter.name)
+    elif status.get("adapter") is not None:
+        plan.status["adapter"] = None
     stalled = next(
         (c for c in dep_status.get("conditions") or [] if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"),
         None,
@@ -850,10 +833,78 @@ def plan_turbo(observed: TurboObserved, images: Images, now: datetime) -> Plan:
     return _finish_turbo(plan, conds)
 
 
+def _resolve_adapter(source: AdapterSource, rftjobs: dict[str, Optional[dict[str, Any]]], namespace: str) -> tuple[ServedAdapter, str]:
+    """Where one adapter of the spec is now, and the condition reason that says so."""
+    if source.uri:
+        return ServedAdapter(name=source.name, state="Serving", location=source.uri, message=f"serving the adapter at {source.uri}"), "AdapterURI"
+    job_name = source.from_rft_job
+    job = rftjobs.get(job_name)
+    job_status = (job or {}).get("status") or {}
+    phase = job_status.get("phase")
+    if job is None:
+        return ServedAdapter(name=source.name, state="Pending", message=f"RFTJob {job_name} does not exist in namespace {namespace}"), "RFTJobNotFound"
+    if phase == "Failed":
+        return ServedAdapter(name=source.name, state="Failed", message=f"RFTJob {job_name} failed, so it has no adapter to serve"), "RFTJobFailed"
+    if phase == "Succeeded" and job_status.get("adapter"):
+        location = job_status["adapter"]
+        return ServedAdapter(name=source.name, state="Serving", location=location, message=f"serving the adapter of RFTJob {job_name}: {location}"), "RFTJobSucceeded"
+    if phase == "Succeeded":
+        message = f"RFTJob {job_name} succeeded but reports no adapter location (no checkpoint volume?)"
+        return ServedAdapter(name=source.name, state="Failed", message=message), "AdapterNotReported"
+    message = f"RFTJob {job_name} is {phase or 'Pending'}; serving starts when it has Succeeded"
+    return ServedAdapter(name=source.name, state="Pending", message=message), "WaitingForRFTJob"
+
+
+# Which reason the AdapterReady condition gives when several adapters are not ready: failures first.
+_FAILED_ADAPTER_REASONS = ("RFTJobFailed", "AdapterNotReported")
+_ADAPTER_REASON_ORDER = (*_FAILED_ADAPTER_REASONS, "RFTJobNotFound", "WaitingForRFTJob")
+
+
+def _resolve_adapters(spec: TurboDeploymentSpec, rftjobs: dict[str, Optional[dict[str, Any]]], namespace: str,
+                      status: dict[str, Any]) -> list[tuple[ServedAdapter, str]]:
+    """Each adapter of the spec, resolved. One that is not ready now but was served before (its
+    RFTJob deleted or run again since) keeps being served from where it was, and says so."""
+    before = {a.get("name"): a.get("location") for a in status.get("adapters") or [] if a.get("state") == "Serving"}
+    if spec.adapter is not None and status.get("adapter"):
+        before.setdefault(spec.adapter.name, status["adapter"])  # a status written before `adapters` existed
+    resolved = []
+    for source in spec.adapter_list:
+        adapter, reason = _resolve_adapter(source, rftjobs, namespace)
+        if adapter.state != "Serving" and before.get(source.name):
+            adapter = ServedAdapter(name=source.name, state="Serving", location=before[source.name],
+                                    message=f"{adapter.message}; still serving the adapter deployed before ({before[source.name]})")
+        resolved.append((adapter, reason))
+    return resolved
+
+
+def _adapters_condition(resolved: list[tuple[ServedAdapter, str]], conds: Conditions) -> Optional[tuple[str, str, str]]:
+    """Sets AdapterReady; returns (phase, reason, message) while an adapter is not ready."""
+    if not resolved:
+        conds.set("AdapterReady", True, "NoAdapter", "serving the base model without an adapter")
+        return None
+    not_ready = [(a, r) for a, r in resolved if r not in ("AdapterURI", "RFTJobSucceeded")]
+    if len(resolved) == 1:
+        (adapter, reason), = resolved
+        message = adapter.message or ""
+    elif not not_ready:
+        reason, message = "AdaptersReady", f"serving {len(resolved)} adapters: {', '.join(a.name for a, _ in resolved)}"
+    else:
+        reason = min((r for _, r in not_ready), key=_ADAPTER_REASON_ORDER.index)
+        message = "; ".join(f"adapter {a.name}: {a.message}" for a, _ in not_ready)
+    if not not_ready:
+        conds.set("AdapterReady", True, reason, message)
+        return None
+    conds.set("AdapterReady", False, reason, message)
+    failed = any(r in _FAILED_ADAPTER_REASONS for _, r in not_ready)
+    return ("Failed" if failed else "Pending", reason, message)
+
+
 def _finish_turbo(plan: Plan, conds: Conditions) -> Plan:
     plan.status["conditions"] = conds.items
     for transition in conds.transitions:
-        kind = "Warning" if transition.status == "False" and transition.reason in ("RFTJobFailed", "AdapterNotReported", "ProgressDeadlineExceeded") else event_type(transition)
+        if transition.type == "AdapterReady" and transition.reason in _FAILED_ADAPTER_REASONS:
+            continue  # announced by _warn_once, also when only the reason changed
+        kind = "Warning" if transition.status == "False" and transition.reason == "ProgressDeadlineExceeded" else event_type(transition)
         plan.events.append(Event(kind, transition.reason, transition.message or transition.type))
     return plan
 

@@ -137,7 +137,7 @@ SPEC_FLAGS = {
     "dtype": ("--dtype", "model.dtype"),
     "revision": ("--revision", "model.revision"),
     "trust_remote_code": ("--trust-remote-code", "model.trustRemoteCode"),
-    "adapter": ("--adapter", "adapter"),
+    "adapter": ("--adapter", "adapters"),
     "speculator": ("--speculator", "speculator.type"),
     "num_speculative_tokens": ("--num-speculative-tokens", "speculator.numSpeculativeTokens"),
     "adaptive": ("--no-adaptive", "speculator.adaptive"),
@@ -146,6 +146,8 @@ SPEC_FLAGS = {
     "train_heads": ("--train-heads", "speculator.trainHeads"),
     "max_batch_size": ("--max-batch-size", "maxBatchSize"),
     "port": ("--port", "port"),
+    "max_loras": ("--max-loras", "maxLoadedAdapters"),
+    "max_lora_memory": ("--max-lora-memory", "maxAdapterMemoryMiB"),
 }
 
 
@@ -224,7 +226,8 @@ def _config_from_flags(args: argparse.Namespace, local: dict):
         speculator=parts["speculator"],
         adapters=adapters,
         heads_by_model=heads_by_model,
-        **_given({"max_batch_size": args.max_batch_size, "port": args.port}),
+        **_given({"max_batch_size": args.max_batch_size, "port": args.port, "max_loras": args.max_loras,
+                  "max_lora_memory_mib": args.max_lora_memory}),
         **local,
     )
 
@@ -237,8 +240,6 @@ def _serve(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "served_model_name": args.served_model_name,
         "train_heads_data": args.train_heads_data,
-        "max_loras": args.max_loras,
-        "max_lora_memory_mib": args.max_lora_memory,
         "runtime_lora_updating": args.runtime_lora_updating,
     }
     if args.max_loras is not None and args.max_loras < 1:
@@ -248,7 +249,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config:
         given = [flag for dest, (flag, _) in SPEC_FLAGS.items() if getattr(args, dest) not in (None, [])]
         if given:
-            parser.error(f"{', '.join(given)}: not with --config (the file sets the model, adapter, speculator, batch size and port)")
+            parser.error(f"{', '.join(given)}: not with --config (the file sets the model, adapters, speculator, batch size, port and adapter limits)")
         from kuberft_core.manifests import ManifestError
 
         from .config import ServeConfig, load_spec_document

@@ -23,8 +23,7 @@ class ServeConfig:
     speculator: SpeculatorSpec = field(default_factory=SpeculatorSpec)
     """Speculative decoding. `headsPath` holds the heads of the default served model (`default_model`)."""
     adapters: dict[str, str] = field(default_factory=dict)
-    """LoRA adapters by served name (the `model` field of requests) -> peft directory. A
-    TurboDeployment has at most one; the command line may give several."""
+    """LoRA adapters by served name (the `model` field of requests) -> peft directory."""
     heads_by_model: dict[str, str] = field(default_factory=dict)
     """For `heads` with several served models: heads directories by served name, for the models
     other than the default one (the command line's `--heads NAME=DIR`)."""
@@ -63,32 +62,40 @@ class ServeConfig:
 
     @classmethod
     def from_spec(cls, spec: TurboDeploymentSpec, **local) -> "ServeConfig":
-        """A TurboDeployment's serving setup, its adapter resolved to a directory (`adapter.uri`),
+        """A TurboDeployment's serving setup, its adapters resolved to directories (`uri`),
         plus the process-local settings in `local` (host, device, seed, ...)."""
         adapters = {}
-        if spec.adapter is not None:
-            if spec.adapter.uri is None:
-                raise ValueError("adapter.fromRFTJob is not resolved to adapter.uri")
-            adapters[spec.adapter.name] = spec.adapter.uri
+        for adapter in spec.adapter_list:
+            if adapter.uri is None:
+                raise ValueError(f"adapter {adapter.name}: fromRFTJob is not resolved to uri")
+            adapters[adapter.name] = adapter.uri
         return cls(
             model=spec.model,
             speculator=spec.speculator,
             adapters=adapters,
             max_batch_size=spec.max_batch_size,
             port=spec.port,
+            max_loras=spec.max_loaded_adapters,
+            max_lora_memory_mib=spec.max_adapter_memory_mib,
             **local,
         )
 
 
 def load_spec_document(path: Path) -> TurboDeploymentSpec:
     """The TurboDeploymentSpec in `path`: the JSON document the operator mounts in a serve pod
-    (its adapter resolved to a path), or a TurboDeployment manifest. Raises ManifestError naming
+    (its adapters resolved to paths), or a TurboDeployment manifest. Raises ManifestError naming
     every problem with its field path."""
     _, spec = load_spec(path, TurboDeployment)
-    if spec.adapter is not None and spec.adapter.uri is None:
-        raise ManifestError([Problem(
+    where = ["adapter"] if spec.adapter is not None else [f"adapters[{i}]" for i in range(len(spec.adapter_list))]
+    problems = [
+        Problem(
             str(path),
-            "adapter.fromRFTJob",
-            "the operator resolves this to adapter.uri in a serve pod; to serve here, give adapter.uri (the adapter's directory)",
-        )])
+            f"{field_path}.fromRFTJob",
+            f"the operator resolves this to {field_path}.uri in a serve pod; to serve here, give {field_path}.uri (the adapter's directory)",
+        )
+        for field_path, adapter in zip(where, spec.adapter_list)
+        if adapter.uri is None
+    ]
+    if problems:
+        raise ManifestError(problems)
     return spec

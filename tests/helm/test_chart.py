@@ -263,7 +263,7 @@ def _pod_templates():
     return {
         "trainer": trainer_job(spec, owner, images)["spec"]["template"],
         "reward-pool": reward_deployment(spec, owner, images, 1)["spec"]["template"],
-        "serve": serve_deployment(turbo, Owner("TurboDeployment", "triton-kernels", "team-a", "uid-2"), images, "pvc://c/p")["spec"]["template"],
+        "serve": serve_deployment(turbo, Owner("TurboDeployment", "triton-kernels", "team-a", "uid-2"), images, {"triton-kernels": "pvc://c/p"})["spec"]["template"],
     }
 
 

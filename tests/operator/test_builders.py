@@ -13,7 +13,7 @@ from kuberft_operator.builders import (
     KUEUE_QUEUE_LABEL,
     Images,
     Owner,
-    adapter_mount,
+    adapter_volumes,
     job_config_map,
     longest_jobset_pod_name,
     reward_deployment,
@@ -419,11 +419,12 @@ def test_the_progress_config_map_is_an_owned_labelled_child_without_data():
 
 def test_serve_pods_read_the_resolved_spec_from_their_config_map_and_mount_a_pvc_adapter():
     spec = TurboDeploymentSpec.model_validate(
-        {"model": {"name": "Qwen/Qwen2.5-0.5B"}, "speculator": {"type": "draft", "draftModel": "tiny-draft", "numSpeculativeTokens": 5}, "port": 9000}
+        {"model": {"name": "Qwen/Qwen2.5-0.5B"}, "adapter": {"fromRFTJob": "triton-kernels"},
+         "speculator": {"type": "draft", "draftModel": "tiny-draft", "numSpeculativeTokens": 5}, "port": 9000}
     )
     owner = Owner("TurboDeployment", "chat", "team-a", "uid-2")
-    deployment = serve_deployment(spec, owner, IMAGES, adapter="pvc://ckpt/triton-kernels")
-    config = serve_config_map(spec, owner, adapter="pvc://ckpt/triton-kernels")
+    deployment = serve_deployment(spec, owner, IMAGES, {"default": "pvc://ckpt/triton-kernels"})
+    config = serve_config_map(spec, owner, {"default": "pvc://ckpt/triton-kernels"})
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["kuberft", "serve", "--config", "/etc/kuberft/serve.json"]
@@ -432,13 +433,14 @@ def test_serve_pods_read_the_resolved_spec_from_their_config_map_and_mount_a_pvc
     assert (config["kind"], config["metadata"]["name"], config["metadata"]["ownerReferences"][0]["uid"]) == ("ConfigMap", "chat-serve", "uid-2")
     assert json.loads(config["data"]["serve.json"]) == {
         "model": {"name": "Qwen/Qwen2.5-0.5B", "dtype": "auto", "trustRemoteCode": False},
-        "adapter": {"name": "default", "uri": "/adapters/triton-kernels"},
+        "adapters": [{"name": "default", "uri": "/adapters/ckpt/triton-kernels"}],
         "speculator": {"type": "draft", "draftModel": "tiny-draft", "numSpeculativeTokens": 5, "adaptive": True, "trainHeads": False},
         "maxBatchSize": 8,
         "port": 9000,
     }
     assert container["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"}]
-    assert {"name": "adapter", "persistentVolumeClaim": {"claimName": "ckpt", "readOnly": True}} in pod["volumes"]
+    assert {"name": "adapters-0", "persistentVolumeClaim": {"claimName": "ckpt", "readOnly": True}} in pod["volumes"]
+    assert {"name": "adapters-0", "mountPath": "/adapters/ckpt", "readOnly": True} in container["volumeMounts"]
     assert deployment["spec"]["replicas"] == 1
     assert serve_autoscaler(spec, owner) is None
 
@@ -447,8 +449,8 @@ def test_a_changed_serve_document_rolls_the_pods_and_scaling_does_not():
     owner = Owner("TurboDeployment", "chat", "team-a", "uid-2")
 
     def config_hash(wire, adapter="/models/a"):
-        spec = TurboDeploymentSpec.model_validate({"model": {"name": "m"}, **wire})
-        return serve_deployment(spec, owner, IMAGES, adapter)["spec"]["template"]["metadata"]["annotations"]["kuberft.io/config-hash"]
+        spec = TurboDeploymentSpec.model_validate({"model": {"name": "m"}, "adapter": {"uri": adapter}, **wire})
+        return serve_deployment(spec, owner, IMAGES, {"default": adapter})["spec"]["template"]["metadata"]["annotations"]["kuberft.io/config-hash"]
 
     first = config_hash({})
     assert config_hash({"replicas": 5}) == first
@@ -460,7 +462,7 @@ def test_a_changed_serve_document_rolls_the_pods_and_scaling_does_not():
 def test_autoscaled_serving_leaves_replicas_to_the_hpa():
     spec = TurboDeploymentSpec.model_validate({"model": {"name": "m"}, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}})
     owner = Owner("TurboDeployment", "chat", "team-a", "uid-2")
-    assert "replicas" not in serve_deployment(spec, owner, IMAGES, adapter=None)["spec"]
+    assert "replicas" not in serve_deployment(spec, owner, IMAGES, {})["spec"]
     hpa = serve_autoscaler(spec, owner)["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 5)
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
@@ -471,15 +473,43 @@ def test_the_example_turbo_deployment_trains_heads_at_start_up_for_its_named_ada
 
     turbo = load(EXAMPLES / "turbodeployment.yaml", TurboDeployment)
     owner = Owner("TurboDeployment", "triton-kernels", "team-a", "uid-3")
-    document = json.loads(serve_config_map(turbo.spec, owner, adapter="/models/adapter")["data"]["serve.json"])
+    document = json.loads(serve_config_map(turbo.spec, owner, {"triton-kernels": "/models/adapter"})["data"]["serve.json"])
     assert (document["model"]["name"], document["model"]["dtype"]) == ("Qwen/Qwen2.5-Coder-7B-Instruct", "bfloat16")
-    assert document["adapter"] == {"name": "triton-kernels", "uri": "/models/adapter"}
+    assert document["adapters"] == [{"name": "triton-kernels", "uri": "/models/adapter"}]
+    assert "adapter" not in document
     assert (document["speculator"]["type"], document["speculator"]["trainHeads"], document["maxBatchSize"]) == ("heads", True, 16)
     assert not {"replicas", "autoscaling", "placement"} & set(document)
 
 
-def test_adapter_paths_that_are_not_claims_pass_through():
-    assert adapter_mount("/models/adapter") == (None, None, "/models/adapter")
+def test_adapters_on_claims_mount_each_claim_once_and_other_paths_pass_through():
+    volumes, mounts, paths = adapter_volumes({
+        "a": "pvc://ckpt/job-a/adapter", "b": "pvc://ckpt/job-b/adapter", "c": "pvc://other/c", "d": "/models/d",
+    })
+    assert volumes == [{"name": "adapters-0", "persistentVolumeClaim": {"claimName": "ckpt", "readOnly": True}},
+                       {"name": "adapters-1", "persistentVolumeClaim": {"claimName": "other", "readOnly": True}}]
+    assert mounts == [{"name": "adapters-0", "mountPath": "/adapters/ckpt", "readOnly": True},
+                      {"name": "adapters-1", "mountPath": "/adapters/other", "readOnly": True}]
+    assert paths == {"a": "/adapters/ckpt/job-a/adapter", "b": "/adapters/ckpt/job-b/adapter", "c": "/adapters/other/c", "d": "/models/d"}
+
+
+def test_several_adapters_are_served_once_ready_and_in_the_order_the_spec_lists_them(tmp_path):
+    from kuberft_serve.config import ServeConfig, load_spec_document
+
+    spec = TurboDeploymentSpec.model_validate({
+        "model": {"name": "m"},
+        "adapters": [{"name": "sql", "fromRFTJob": "sql-job"}, {"name": "triton", "uri": "/models/triton"}, {"name": "later", "fromRFTJob": "j"}],
+        "maxLoadedAdapters": 2, "maxAdapterMemoryMiB": 512,
+    })
+    owner = Owner("TurboDeployment", "chat", "team-a", "uid-2")
+    locations = {"triton": "/models/triton", "sql": "pvc://ckpt/sql-job/adapter"}  # `later` is not ready
+    document = json.loads(serve_config_map(spec, owner, locations)["data"]["serve.json"])
+    assert document["adapters"] == [{"name": "sql", "uri": "/adapters/ckpt/sql-job/adapter"}, {"name": "triton", "uri": "/models/triton"}]
+    (tmp_path / "serve.json").write_text(json.dumps(document))
+    config = ServeConfig.from_spec(load_spec_document(tmp_path / "serve.json"))
+    assert list(config.adapters.items()) == [("sql", "/adapters/ckpt/sql-job/adapter"), ("triton", "/models/triton")]
+    assert (config.max_loras, config.max_lora_memory_mib) == (2, 512)
+    pod = serve_deployment(spec, owner, IMAGES, locations)["spec"]["template"]["spec"]
+    assert [v["name"] for v in pod["volumes"]] == ["config", "tmp", "adapters-0"]
 
 
 def test_every_command_the_operator_runs_is_accepted_by_the_kuberft_cli():
@@ -492,7 +522,7 @@ def test_every_command_the_operator_runs_is_accepted_by_the_kuberft_cli():
     commands = [
         trainer_job(spec, OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["command"],
         reward_deployment(spec, OWNER, IMAGES, replicas=1)["spec"]["template"]["spec"]["containers"][0]["command"],
-        serve_deployment(turbo, Owner("TurboDeployment", "t", "team-a", "u"), IMAGES, "pvc://c/p")["spec"]["template"]["spec"]["containers"][0]["command"],
+        serve_deployment(turbo, Owner("TurboDeployment", "t", "team-a", "u"), IMAGES, {"triton-kernels": "pvc://c/p"})["spec"]["template"]["spec"]["containers"][0]["command"],
         trainer_job(_rollout_server_spec(), OWNER, IMAGES)["spec"]["template"]["spec"]["containers"][0]["command"],
         rollout_deployment(_rollout_server_spec(), OWNER, IMAGES, replicas=1)["spec"]["template"]["spec"]["containers"][0]["command"],
     ]
@@ -510,10 +540,10 @@ def test_the_serve_document_is_what_kuberft_serve_config_reads(tmp_path):
     from kuberft_serve.config import ServeConfig, load_spec_document
 
     turbo = load(EXAMPLES / "turbodeployment.yaml", TurboDeployment).spec
-    config_map = serve_config_map(turbo, Owner("TurboDeployment", "t", "team-a", "u"), "pvc://c/p")
+    config_map = serve_config_map(turbo, Owner("TurboDeployment", "t", "team-a", "u"), {"triton-kernels": "pvc://c/p"})
     (tmp_path / "serve.json").write_text(config_map["data"]["serve.json"])
     config = ServeConfig.from_spec(load_spec_document(tmp_path / "serve.json"))
-    assert config.adapters == {"triton-kernels": "/adapters/p"}
+    assert config.adapters == {"triton-kernels": "/adapters/c/p"}
     assert (config.model, config.speculator) == (turbo.model, turbo.speculator)
     assert (config.max_batch_size, config.port) == (16, 8000)
 
@@ -533,7 +563,7 @@ def test_image_pull_secrets_and_secret_env_reach_every_pod_the_operator_creates(
         "trainer": trainer_job(spec, OWNER, images)["spec"]["template"]["spec"],
         "reward": reward_deployment(spec, OWNER, images, 1)["spec"]["template"]["spec"],
         "rollout": rollout_deployment(spec, OWNER, images, 1)["spec"]["template"]["spec"],
-        "serve": serve_deployment(turbo, Owner("TurboDeployment", "s", "team-a", "u"), images, None)["spec"]["template"]["spec"],
+        "serve": serve_deployment(turbo, Owner("TurboDeployment", "s", "team-a", "u"), images, {})["spec"]["template"]["spec"],
     }
     for name, pod in pods.items():
         assert pod["imagePullSecrets"] == [{"name": "regcred"}], name

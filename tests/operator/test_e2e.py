@@ -222,12 +222,49 @@ def test_kwok_completes_the_trainer_and_the_turbo_deployment_serves_its_adapter(
     assert deployment["spec"]["template"]["spec"]["containers"][0]["command"] == ["kuberft", "serve", "--config", "/etc/kuberft/serve.json"]
     config = get(cluster, namespace, "configmap", f"{name}-serve")
     document = json.loads(config["data"]["serve.json"])
-    assert (document["model"]["name"], document["adapter"]) == ("Qwen/Qwen2.5-Coder-7B-Instruct", {"name": "triton-kernels", "uri": "/adapters/kernels/adapter"})
+    assert (document["model"]["name"], document["adapters"]) == ("Qwen/Qwen2.5-Coder-7B-Instruct", [{"name": "triton-kernels", "uri": "/adapters/kernels-checkpoints/kernels/adapter"}])
     assert owned_by(config, "TurboDeployment", name)
     assert owned_by(deployment, "TurboDeployment", name)
     assert owned_by(get(cluster, namespace, "service", name), "TurboDeployment", name)
     table = cluster.kubectl("get", "turbodeployments", "-n", namespace).stdout.split("\n")
     assert table[0].split() == ["NAME", "PHASE", "READY", "URL", "AGE"]
+
+
+def test_a_turbo_deployment_of_several_adapters_serves_each_once_its_rftjob_succeeds(cluster, operator, namespace):
+    apply(cluster, namespace, job_manifest("sql", outcome="succeed", checkpoint={"storageSize": "1Gi"}))
+    td = yaml.safe_load((EXAMPLES / "turbodeployment.yaml").read_text())
+    del td["spec"]["adapter"], td["spec"]["speculator"]
+    td["metadata"]["name"] = "many"
+    td["spec"]["adapters"] = [{"name": "sql", "fromRFTJob": "sql"}, {"name": "math", "fromRFTJob": "math"}, {"name": "local", "uri": "/models/local"}]
+    td["spec"]["maxLoadedAdapters"] = 2
+    td["spec"]["placement"]["resources"]["requests"] = {"cpu": "1", "memory": "1Gi"}
+    duplicate = json.loads(json.dumps(td))
+    duplicate["spec"]["adapters"][1]["name"] = "sql"
+    refused = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(duplicate), check=False)
+    assert refused.returncode != 0 and "adapter names must be unique" in refused.stderr, refused.stderr
+    apply(cluster, namespace, td)
+
+    def served():
+        document = json.loads((get(cluster, namespace, "configmap", "many-serve") or {"data": {"serve.json": "{}"}})["data"]["serve.json"])
+        return [a["name"] for a in document.get("adapters", [])]
+
+    wait_phase(cluster, namespace, "sql", "Succeeded", timeout=90)
+    partial = wait_for(lambda: served() == ["sql", "local"] and get(cluster, namespace, "turbodeployment", "many")["status"], 60,
+                       "the ready adapters to be served")
+    assert partial["phase"] == "Pending"
+    assert [(a["name"], a["state"]) for a in partial["adapters"]] == [("sql", "Serving"), ("math", "Pending"), ("local", "Serving")]
+    assert next(c for c in partial["conditions"] if c["type"] == "AdapterReady")["message"] == (
+        f"adapter math: RFTJob math does not exist in namespace {namespace}")
+
+    apply(cluster, namespace, job_manifest("math", outcome="succeed", checkpoint={"storageSize": "1Gi"}))
+    ready = wait_for(lambda: (s := get(cluster, namespace, "turbodeployment", "many")["status"]).get("phase") == "Ready" and s, 120,
+                     "every adapter to be served")
+    assert served() == ["sql", "math", "local"]
+    assert [a["location"] for a in ready["adapters"]] == ["pvc://sql-checkpoints/sql/adapter", "pvc://math-checkpoints/math/adapter", "/models/local"]
+    pod = get(cluster, namespace, "deployment", "many")["spec"]["template"]["spec"]
+    assert sorted(v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v) == ["math-checkpoints", "sql-checkpoints"]
+    document = json.loads(get(cluster, namespace, "configmap", "many-serve")["data"]["serve.json"])
+    assert document["maxLoadedAdapters"] == 2
 
 
 # --------------------------------------------------------------------------- failures and lifecycle

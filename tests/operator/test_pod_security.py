@@ -110,7 +110,7 @@ def pod_templates() -> dict[str, dict]:
     workloads = [
         *rftjob_children(_rftjob_spec(), rft_owner, IMAGES, generation=1, reward_replicas=1, rollout_replicas=1),
         trainer_job(_rftjob_spec(), rft_owner, IMAGES),
-        serve_deployment(turbo, turbo_owner, IMAGES, "pvc://triton-kernels-checkpoints/triton-kernels/adapter"),
+        serve_deployment(turbo, turbo_owner, IMAGES, {"default": "pvc://triton-kernels-checkpoints/triton-kernels/adapter"}),
     ]
     pods = {}
     for workload in workloads:

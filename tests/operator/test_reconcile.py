@@ -210,9 +210,9 @@ def test_a_turbo_deployment_serves_the_operators_adapter_whatever_the_trainer_cl
         "metadata": {"name": "chat", "namespace": "ns", "uid": "t1", "generation": 1},
         "spec": {"model": {"name": "tiny:countdown"}, "adapter": {"fromRFTJob": "demo"}},
     }
-    serving = plan_turbo(TurboObserved(body=turbo, rftjob=rftjob(status=finished.status)), IMAGES, NOW)
+    serving = plan_turbo(TurboObserved(body=turbo, rftjobs={"demo": rftjob(status=finished.status)}), IMAGES, NOW)
     volumes = applied(serving, "Deployment")["spec"]["template"]["spec"]["volumes"]
-    assert {"name": "adapter", "persistentVolumeClaim": {"claimName": "demo-checkpoints", "readOnly": True}} in volumes
+    assert {"name": "adapters-0", "persistentVolumeClaim": {"claimName": "demo-checkpoints", "readOnly": True}} in volumes
 
 
 def test_a_failed_trainer_restart_is_counted_and_announced():
@@ -522,19 +522,102 @@ def test_a_turbo_deployment_waits_for_its_rftjob_then_serves_its_adapter():
         "metadata": {"name": "chat", "namespace": "ns", "uid": "t1", "generation": 1},
         "spec": {"model": {"name": "tiny:countdown"}, "adapter": {"fromRFTJob": "demo"}},
     }
-    waiting = plan_turbo(TurboObserved(body=turbo, rftjob=rftjob(status={"phase": "Running"})), IMAGES, NOW)
+    waiting = plan_turbo(TurboObserved(body=turbo, rftjobs={"demo": rftjob(status={"phase": "Running"})}), IMAGES, NOW)
     assert waiting.apply == []
     assert waiting.status["phase"] == "Pending"
     assert waiting.status["conditions"][0]["message"] == "RFTJob demo is Running; serving starts when it has Succeeded"
     done = rftjob(status={"phase": "Succeeded", "adapter": "pvc://demo-checkpoints/demo"})
-    serving = plan_turbo(TurboObserved(body=turbo, rftjob=done), IMAGES, NOW)
+    serving = plan_turbo(TurboObserved(body=turbo, rftjobs={"demo": done}), IMAGES, NOW)
     assert [c["kind"] for c in serving.apply] == ["ConfigMap", "Deployment", "Service", "NetworkPolicy"]
     document = json.loads(applied(serving, "ConfigMap")["data"]["serve.json"])
-    assert document["adapter"] == {"name": "default", "uri": "/adapters/demo"}
+    assert document["adapters"] == [{"name": "default", "uri": "/adapters/demo-checkpoints/demo"}]
+    assert serving.status["adapter"] == "pvc://demo-checkpoints/demo"
+    assert serving.status["adapters"] == [{"name": "default", "state": "Serving", "location": "pvc://demo-checkpoints/demo",
+                                           "message": "serving the adapter of RFTJob demo: pvc://demo-checkpoints/demo"}]
     assert serving.status["url"] == "http://chat.ns.svc:8000/v1"
     assert serving.status["phase"] == "Progressing"
-    failed = plan_turbo(TurboObserved(body=turbo, rftjob=rftjob(status={"phase": "Failed"})), IMAGES, NOW)
+    failed = plan_turbo(TurboObserved(body=turbo, rftjobs={"demo": rftjob(status={"phase": "Failed"})}), IMAGES, NOW)
     assert failed.status["phase"] == "Failed"
+
+
+def _turbo(adapters, status=None):
+    return {
+        "apiVersion": "kuberft.io/v1alpha1",
+        "kind": "TurboDeployment",
+        "metadata": {"name": "chat", "namespace": "ns", "uid": "t1", "generation": 1},
+        "spec": {"model": {"name": "base"}, "adapters": adapters},
+        **({"status": status} if status else {}),
+    }
+
+
+SEVERAL = [{"name": "sql", "fromRFTJob": "sql-job"}, {"name": "triton", "uri": "/models/triton"}, {"name": "math", "fromRFTJob": "math-job"}]
+RUNNING_DEPLOYMENT = {"spec": {"replicas": 1}, "status": {"replicas": 1, "readyReplicas": 1}}
+
+
+def test_several_adapters_serve_once_one_is_ready_and_the_status_names_each_one_still_waited_for():
+    jobs = {"sql-job": rftjob(status={"phase": "Running"}), "math-job": None}
+    plan = plan_turbo(TurboObserved(body=_turbo(SEVERAL), rftjobs=jobs), IMAGES, NOW)
+    document = json.loads(applied(plan, "ConfigMap")["data"]["serve.json"])
+    assert document["adapters"] == [{"name": "triton", "uri": "/models/triton"}]  # the ready one is served now
+    assert [(a["name"], a["state"]) for a in plan.status["adapters"]] == [("sql", "Pending"), ("triton", "Serving"), ("math", "Pending")]
+    ready = condition(plan, "AdapterReady")
+    assert (ready["status"], ready["reason"]) == ("False", "RFTJobNotFound")
+    assert ready["message"] == ("adapter sql: RFTJob sql-job is Running; serving starts when it has Succeeded; "
+                                "adapter math: RFTJob math-job does not exist in namespace ns")
+    assert plan.status["phase"] == "Pending"  # not everything asked for is served yet
+    assert "adapter" not in plan.status
+
+    jobs = {"sql-job": rftjob(status={"phase": "Succeeded", "adapter": "pvc://ckpt/sql-job/adapter"}),
+            "math-job": rftjob(status={"phase": "Succeeded", "adapter": "pvc://ckpt/math-job/adapter"})}
+    plan = plan_turbo(TurboObserved(body=_turbo(SEVERAL, plan.status), rftjobs=jobs, deployment=RUNNING_DEPLOYMENT), IMAGES, NOW)
+    document = json.loads(applied(plan, "ConfigMap")["data"]["serve.json"])
+    assert [a["name"] for a in document["adapters"]] == ["sql", "triton", "math"]
+    pod = applied(plan, "Deployment")["spec"]["template"]["spec"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v] == ["ckpt"]  # one claim, mounted once
+    ready = condition(plan, "AdapterReady")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("True", "AdaptersReady", "serving 3 adapters: sql, triton, math")
+    assert plan.status["phase"] == "Ready"
+
+
+def test_a_failed_adapter_fails_the_deployment_but_the_others_keep_serving():
+    jobs = {"sql-job": rftjob(status={"phase": "Failed"}), "math-job": rftjob(status={"phase": "Succeeded"})}
+    plan = plan_turbo(TurboObserved(body=_turbo(SEVERAL), rftjobs=jobs, deployment=RUNNING_DEPLOYMENT), IMAGES, NOW)
+    assert plan.status["phase"] == "Failed"
+    again = plan_turbo(TurboObserved(body=_turbo(SEVERAL, plan.status), rftjobs=jobs, deployment=RUNNING_DEPLOYMENT), IMAGES, NOW)
+    assert not [e for e in again.events if e.type == "Warning"]  # announced once
+    ready = condition(plan, "AdapterReady")
+    assert (ready["status"], ready["reason"]) == ("False", "RFTJobFailed")  # the failure is named first
+    assert "adapter math: RFTJob math-job succeeded but reports no adapter location" in ready["message"]
+    assert [(a["name"], a["state"]) for a in plan.status["adapters"]] == [("sql", "Failed"), ("triton", "Serving"), ("math", "Failed")]
+    assert condition(plan, "Available")["status"] == "True"
+    assert [e.reason for e in plan.events if e.type == "Warning"] == ["RFTJobFailed"]
+    assert json.loads(applied(plan, "ConfigMap")["data"]["serve.json"])["adapters"] == [{"name": "triton", "uri": "/models/triton"}]
+
+
+def test_an_adapter_whose_rftjob_is_run_again_keeps_serving_what_was_deployed():
+    before = {"adapters": [{"name": "sql", "state": "Serving", "location": "pvc://ckpt/sql-job/adapter"}]}
+    spec = [{"name": "sql", "fromRFTJob": "sql-job"}]
+    plan = plan_turbo(TurboObserved(body=_turbo(spec, before), rftjobs={"sql-job": rftjob(status={"phase": "Running"})},
+                                    deployment=RUNNING_DEPLOYMENT), IMAGES, NOW)
+    assert json.loads(applied(plan, "ConfigMap")["data"]["serve.json"])["adapters"] == [{"name": "sql", "uri": "/adapters/ckpt/sql-job/adapter"}]
+    [sql] = plan.status["adapters"]
+    assert (sql["state"], sql["location"]) == ("Serving", "pvc://ckpt/sql-job/adapter")
+    assert sql["message"].endswith("still serving the adapter deployed before (pvc://ckpt/sql-job/adapter)")
+    assert condition(plan, "AdapterReady")["status"] == "False"
+
+
+def test_adapter_lists_are_checked_names_unique_and_not_the_base_models():
+    for adapters, words in (
+        ([{"name": "a", "uri": "/x"}, {"name": "a", "uri": "/y"}], "adapter names must be unique"),
+        ([{"name": "base", "uri": "/x"}], "may not be named after the base model"),
+        ([], "at least 1 item"),
+    ):
+        plan = plan_turbo(TurboObserved(body=_turbo(adapters)), IMAGES, NOW)
+        failed = condition(plan, "Failed")
+        assert (failed["reason"], plan.status["phase"]) == ("InvalidSpec", "Failed") and words in failed["message"], failed
+    both = _turbo([{"name": "a", "uri": "/x"}])
+    both["spec"]["adapter"] = {"uri": "/y"}
+    assert "set adapter (one) or adapters (several), not both" in condition(plan_turbo(TurboObserved(body=both), IMAGES, NOW), "Failed")["message"]
 
 
 def test_each_distinct_spec_is_validated_once_and_a_broken_rule_still_fails_the_job():

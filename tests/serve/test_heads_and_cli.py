@@ -185,6 +185,8 @@ def test_named_heads_of_other_served_models_stay_apart_from_the_default_models(s
         ('{"model": {"name": "m"}, "maxBatchsize": 4}', "maxBatchsize: unknown field"),
         ('{"speculator": {"type": "ngram"}}', "model: required field is missing"),
         ('{"model": {"name": "m"}, "adapter": {"fromRFTJob": "demo"}}', "adapter.fromRFTJob: the operator resolves this to adapter.uri"),
+        ('{"model": {"name": "m"}, "adapters": [{"name": "a", "uri": "/a"}, {"name": "b", "fromRFTJob": "demo"}]}',
+         "adapters[1].fromRFTJob: the operator resolves this to adapters[1].uri"),
         ('{"model": {"name": "m"', "not valid YAML"),
     ],
 )
@@ -206,3 +208,17 @@ def test_a_turbo_deployment_manifest_serves_as_its_spec(tmp_path, served):
     assert main(["serve", "--config", str(tmp_path / "turbo.yaml")]) == 0
     assert (served[0].model.name, served[0].adapters) == ("Qwen/Qwen2.5-Coder-7B-Instruct", {"kernels": "/adapters/kernels"})
     assert (served[0].speculator.type, served[0].speculator.train_heads) == ("heads", True)
+
+
+def test_a_manifest_of_several_adapters_serves_them_all_within_its_adapter_limits(tmp_path, served, capsys):
+    import yaml
+
+    example = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "turbodeployment-adapters.yaml").read_text())
+    example["spec"]["adapters"] = [{"name": "kernels", "uri": "/adapters/kernels"}, {"name": "sql", "uri": "/adapters/sql"}]
+    (tmp_path / "turbo.yaml").write_text(yaml.safe_dump(example))
+    assert main(["serve", "--config", str(tmp_path / "turbo.yaml")]) == 0
+    assert served[0].adapters == {"kernels": "/adapters/kernels", "sql": "/adapters/sql"}
+    assert (served[0].max_loras, served[0].max_lora_memory_mib) == (8, None)
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(tmp_path / "turbo.yaml"), "--max-loras", "2"])
+    assert "--max-loras: not with --config" in capsys.readouterr().err

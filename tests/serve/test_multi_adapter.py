@@ -306,16 +306,18 @@ def test_an_adapter_the_lean_forward_cannot_serve_is_refused_at_load(server, tin
 
 
 # --------------------------------------------------------------------------- the command line
-def test_the_adapter_memory_flags_reach_the_config_also_with_a_spec_file(tmp_path, monkeypatch):
+def test_the_adapter_limits_come_from_the_flags_or_the_spec_file(tmp_path, monkeypatch):
     import kuberft_serve.server
     from kuberft_operator.cli import main
 
     served = []
     monkeypatch.setattr(kuberft_serve.server, "run_server", served.append)
-    (tmp_path / "serve.json").write_text(json.dumps({"model": {"name": "tiny:countdown"}}))
-    assert main(["serve", "--config", str(tmp_path / "serve.json"), "--max-loras", "3", "--max-lora-memory", "64"]) == 0
+    (tmp_path / "serve.json").write_text(json.dumps({"model": {"name": "tiny:countdown"}, "maxLoadedAdapters": 3, "maxAdapterMemoryMiB": 64}))
+    assert main(["serve", "--config", str(tmp_path / "serve.json")]) == 0
+    assert main(["serve", "--model", "tiny:countdown", "--max-loras", "2", "--max-lora-memory", "32.5"]) == 0
     assert main(["serve", "--model", "tiny:countdown", "--enable-runtime-lora-updating"]) == 0
-    assert [(c.max_loras, c.max_lora_memory_mib, c.runtime_lora_updating) for c in served] == [(3, 64.0, False), (None, None, True)]
+    assert [(c.max_loras, c.max_lora_memory_mib, c.runtime_lora_updating) for c in served] == [
+        (3, 64, False), (2, 32.5, False), (None, None, True)]
 
 
 @pytest.mark.parametrize(
