@@ -27,11 +27,17 @@ class ForwardResult:
     """[B, n, H] final (normalised) hidden states, when asked for."""
 
 
+PEFT_BASE = "__base__"
+"""peft's name for the base model among a mixed batch's `adapter_names`."""
+
+
 class ModelRunner:
     """Calls a causal LM (optionally a peft model with several adapters) with an explicit cache.
-    peft switches adapters per call, so a forward pass serves one adapter."""
+    Rows of one forward pass may name different adapters (and None, the base model): peft's
+    mixed-batch inference (`adapter_names`) applies each LoRA layer to its own rows' slice of the
+    batch; a pass whose rows all name the same adapter activates that one instead."""
 
-    mixes_adapters = False
+    mixes_adapters = True
 
     def __init__(self, model, *, has_adapters: bool = False):
         self.model = model
@@ -91,12 +97,14 @@ class ModelRunner:
         }
         if last_only:
             kwargs["logits_to_keep"] = 1
-        if isinstance(adapter, list):
-            if len(set(adapter)) > 1:
-                raise ValueError("a transformers forward serves one adapter; rows of several need the lean runner")
-            adapter = adapter[0] if adapter else None
+        if isinstance(adapter, list) and len(set(adapter)) == 1:
+            adapter = adapter[0]
         if not self.has_adapters:
+            if adapter is not None and (not isinstance(adapter, list) or any(a is not None for a in adapter)):
+                raise ValueError(f"adapter {adapter!r} is not loaded")
             out = self.model(**kwargs)
+        elif isinstance(adapter, list):
+            out = self.model(**kwargs, adapter_names=[PEFT_BASE if a is None else a for a in adapter])
         elif adapter is None:
             with self.model.disable_adapter():
                 out = self.model(**kwargs)

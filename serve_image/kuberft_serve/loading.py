@@ -89,14 +89,15 @@ def target_runner(model, *, adapters: dict[str, str], device: torch.device):
     model runs our lean forward (prepacked weights: about half the time of transformers' pass at
     batch 1, and verification of k tokens costs little more than one), its LoRA adapters mixed in
     one batch. Accelerators, other architectures and adapters the lean forward cannot serve (DoRA,
-    ...) go through transformers and peft, one adapter per batch. The lean forward keeps its own
+    ...) go through transformers and peft, whose mixed-batch inference also serves rows of several
+    adapters in one forward pass. The lean forward keeps its own
     (fused, packed) copy of the weights: twice the model's memory."""
     if device.type == "cpu" and LeanRunner.supports(model):
         lean = LeanRunner(model)
         try:
             return lean, {name: lean.read_adapter(path) for name, path in adapters.items()}
         except AdapterError as err:
-            log.warning("serving the adapters through peft, one adapter per batch: %s", err)
+            log.warning("serving the adapters through transformers and peft (slower than the lean forward): %s", err)
     runner = ModelRunner(model)
     return runner, {name: runner.read_adapter(path) for name, path in adapters.items()}
 

@@ -210,20 +210,55 @@ def test_the_lean_forward_refuses_what_it_cannot_serve_and_says_why(tiny_dir, tm
         lean.read_adapter(path)
 
 
-def test_the_peft_path_loads_evicts_and_reloads_adapters_one_group_each(tiny_dir, adapters, alone):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
-    runner = ModelRunner(model)
-    pool = AdapterPool(runner, max_loras=1)
-    engine = Engine(runner, load_tokenizer(str(tiny_dir)), adapters=pool)
-    for name in ("tuned", "mlp"):
+def peft_engine(tiny_dir, adapters, names, speculator=None, **pool) -> Engine:
+    """An engine on the transformers + peft runner (the path of accelerators and of what the lean
+    forward cannot serve), with these adapters loaded."""
+    runner = ModelRunner(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval())
+    engine = Engine(runner, load_tokenizer(str(tiny_dir)), speculator, max_batch_size=16, adapters=AdapterPool(runner, **pool))
+    for name in names:
         engine.load_adapter(name, adapters[name])
+    return engine
+
+
+def test_the_peft_runner_gives_each_row_of_a_mixed_batch_its_adapters_logits(tiny_dir, adapters):
+    runner = peft_engine(tiny_dir, adapters, adapters).target_runner
+    ids = torch.tensor([[3, 4, 5, 6, 7], [1, 2, 3, 4, 5], [5, 5, 5, 1, 2], [7, 1, 7, 1, 7]])
+    rows = ["tuned", None, "wide", "mlp"]
+    positions = torch.arange(5).expand(4, 5)
+    mixed = runner.forward(ids, runner.new_cache(), None, positions, adapter=rows, want_hidden=False).logits
+    for row, name in enumerate(rows):
+        alone = runner.forward(ids[row : row + 1], runner.new_cache(), None, positions[:1], adapter=name, want_hidden=False).logits
+        torch.testing.assert_close(mixed[row], alone[0], rtol=0, atol=1e-9)
+    base = runner.forward(ids[:1], runner.new_cache(), None, positions[:1], adapter=None, want_hidden=False).logits
+    assert (mixed[0] - base[0]).abs().max() > 1e-2  # row 0's adapter changes its logits
+    with pytest.raises(ValueError, match="'nope' is not loaded"):
+        ModelRunner(AutoModelForCausalLM.from_pretrained(tiny_dir)).forward(ids, None, None, positions, adapter="nope", want_hidden=False)
+
+
+@pytest.mark.parametrize("speculator", ["none", "ngram"])
+def test_the_peft_path_mixes_adapters_in_one_batch_and_one_forward_per_step(tiny_dir, adapters, alone, speculator, monkeypatch):
+    from kuberft_serve.speculators import NgramSpeculator
+
+    engine = peft_engine(tiny_dir, adapters, adapters, NgramSpeculator() if speculator == "ngram" else None)
+    forwards = []
+    forward = engine.target_runner.forward
+    monkeypatch.setattr(engine.target_runner, "forward", lambda *a, **kw: forwards.append(kw["adapter"]) or forward(*a, **kw))
+    reqs = requests(engine.tokenizer, sampled=False)
+    expected = [decode_all(alone[adapter], [(prompt, params, adapter)])[0] for prompt, params, adapter in reqs]
+    assert decode_all(engine, reqs) == expected
+    assert [None, "tuned", "wide", "mlp"] * 4 in forwards  # the first prefill: every row with its own adapter
+    assert engine.stats["forwards"] == engine.stats["steps"]
+
+
+def test_the_peft_path_loads_evicts_and_reloads_adapters(tiny_dir, adapters, alone):
+    engine = peft_engine(tiny_dir, adapters, ("tuned", "mlp"), max_loras=1)
     prompt = engine.tokenizer.encode("abc abc ab")
     params = SamplingParams(max_tokens=8, temperature=0.0)
     reqs = [(prompt, params, "tuned"), (prompt, params, "mlp"), (prompt, params, None)]
     expected = [decode_all(alone[a], [(p, sp, a)])[0] for p, sp, a in reqs]
     assert decode_all(engine, reqs) == expected
     engine.unload_adapter("tuned")
-    assert pool.names == ["mlp"] and "tuned" not in pool.resident
+    assert engine.adapters.names == ["mlp"] and "tuned" not in engine.adapters.resident
 
 
 # --------------------------------------------------------------------------- the HTTP endpoints
