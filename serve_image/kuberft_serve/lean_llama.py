@@ -25,11 +25,14 @@ import torch
 from torch.nn import functional as F
 
 from .kv_batch import ForwardResult
-from .lora import Factors, LeanLora, read_lora
+from .lora import AdapterStack, Factors, GroupedLora, LeanLora, read_lora
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = {"llama", "mistral"}
+
+MAX_ADAPTER_STACKS = 4
+"""Sets of adapters whose stacked factors are kept (each a copy of those adapters' factors)."""
 
 
 class _Layer:
@@ -130,6 +133,8 @@ class LeanRunner:
         self.final_norm = base.norm.weight
         self.lm_head = Projection(model.get_output_embeddings().weight)
         self.adapters: dict[str, LeanLora] = {}
+        self._stacks: dict[tuple[str, ...], AdapterStack] = {}
+        """The stacked factors of the sets of adapters recent batches mixed, least recently used first."""
         self.layers = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -175,24 +180,37 @@ class LeanRunner:
                          dtype=self.embed.dtype, device=self.device)
 
     def add_adapter(self, name: str, adapter: LeanLora) -> None:
+        self._forget_stacks(name)
         self.adapters[name] = adapter
 
     def remove_adapter(self, name: str) -> None:
+        self._forget_stacks(name)
         del self.adapters[name]
 
-    def _segments(self, adapter, batch: int) -> list[tuple[LeanLora, torch.Tensor | None]]:
-        """(adapter, its rows) for each adapter in the batch; rows None = every row."""
+    def _forget_stacks(self, name: str) -> None:
+        for names in [names for names in self._stacks if name in names]:
+            del self._stacks[names]
+
+    def _lora(self, adapter, batch: int) -> LeanLora | GroupedLora | None:
+        """The LoRA of a forward pass: none (the base model), one adapter for every row, or the
+        grouped LoRA of rows of several adapters (and the base)."""
         if adapter is None:
-            return []
+            return None
         if isinstance(adapter, str):
-            return [(self._adapter(adapter), None)]
-        rows: dict[str, list[int]] = {}
-        for row, name in enumerate(adapter):
-            if name is not None:
-                rows.setdefault(name, []).append(row)
-        if len(rows) == 1 and len(next(iter(rows.values()))) == batch:
-            return [(self._adapter(next(iter(rows))), None)]
-        return [(self._adapter(name), torch.tensor(index, device=self.device)) for name, index in rows.items()]
+            return self._adapter(adapter)
+        names = tuple(dict.fromkeys(name for name in adapter if name is not None))
+        if not names:
+            return None
+        if len(names) == 1 and None not in adapter:
+            return self._adapter(names[0])
+        stack = self._stacks.pop(names, None)
+        if stack is None:
+            stack = AdapterStack([self._adapter(name) for name in names])
+            while len(self._stacks) >= MAX_ADAPTER_STACKS:
+                del self._stacks[next(iter(self._stacks))]
+        self._stacks[names] = stack  # most recently used last
+        place = {name: i for i, name in enumerate(names)}
+        return stack.for_rows(torch.tensor([place.get(name, -1) for name in adapter], device=self.device))
 
     def _adapter(self, name: str) -> LeanLora:
         try:
@@ -201,17 +219,18 @@ class LeanRunner:
             raise KeyError(f"adapter {name!r} is not loaded") from None
 
     @staticmethod
-    def _project(projection: Projection, x: torch.Tensor, segments, layer: int, slot: int) -> torch.Tensor:
-        """projection(x) plus, for each adapter's rows, that adapter's LoRA delta (segmented LoRA)."""
+    def _project(projection: Projection, x: torch.Tensor, lora: LeanLora | GroupedLora | None, layer: int, slot: int) -> torch.Tensor:
+        """projection(x) plus its LoRA delta, each row's from its own adapter."""
         y = projection(x)
-        for adapter, rows in segments:
-            factors: Factors | None = adapter.layers[layer][slot]
-            if factors is None:
-                continue
-            if rows is None:
-                y += factors.delta(x)
-            else:
-                y.index_add_(0, rows, factors.delta(x.index_select(0, rows)))
+        if lora is None:
+            return y
+        if isinstance(lora, LeanLora):
+            factors: Factors | None = lora.layers[layer][slot]
+            delta = factors.delta(x) if factors is not None else None
+        else:
+            delta = lora.delta(x, layer, slot)
+        if delta is not None:
+            y += delta
         return y
 
     def new_cache(self) -> LeanCache:
@@ -233,7 +252,7 @@ class LeanRunner:
         [B, T + n] (1 = a token of the row) or None when every slot is valid. `adapter`: one
         adapter name (or None, the base model) for every row, or a list of B of them."""
         batch, n = input_ids.shape
-        segments = self._segments(adapter, batch)
+        lora = self._lora(adapter, batch)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, n, D]
         sin = self.sin[position_ids].unsqueeze(1)
@@ -254,7 +273,7 @@ class LeanRunner:
         shape, eps = (x.shape[-1],), self.eps
         project = self._project
         for index, (norm_1, qkv_proj, o_proj, norm_2, gate_up_proj, down_proj) in enumerate(self.layers):
-            qkv = project(qkv_proj, F.rms_norm(x, shape, norm_1, eps), segments, index, 0).view(batch, n, 2 * heads + 3 * kv_heads, dim).transpose(1, 2)
+            qkv = project(qkv_proj, F.rms_norm(x, shape, norm_1, eps), lora, index, 0).view(batch, n, 2 * heads + 3 * kv_heads, dim).transpose(1, 2)
             qk, v, qk_rotated = qkv.split([heads + kv_heads, kv_heads, heads + kv_heads], dim=1)  # [B, h, n, D]
             q, k = (qk * cos + qk_rotated * sin).split([heads, kv_heads], dim=1)  # rotary
             if cache is not None:
@@ -266,9 +285,9 @@ class LeanRunner:
                     v = v.contiguous()
                 layer.keys, layer.values = k, v
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
-            x = x + project(o_proj, attn.transpose(1, 2).reshape(batch, n, heads * dim), segments, index, 1)
-            gate, up = project(gate_up_proj, F.rms_norm(x, shape, norm_2, eps), segments, index, 2).chunk(2, dim=-1)
-            x = x + project(down_proj, F.silu(gate) * up, segments, index, 3)
+            x = x + project(o_proj, attn.transpose(1, 2).reshape(batch, n, heads * dim), lora, index, 1)
+            gate, up = project(gate_up_proj, F.rms_norm(x, shape, norm_2, eps), lora, index, 2).chunk(2, dim=-1)
+            x = x + project(down_proj, F.silu(gate) * up, lora, index, 3)
         if last_only:
             x = x[:, -1:]
         hidden = F.rms_norm(x, shape, self.final_norm, eps)

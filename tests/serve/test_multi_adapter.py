@@ -100,6 +100,57 @@ def test_the_lean_lora_gives_the_logits_of_peft_for_each_row_of_a_mixed_batch(ti
         torch.testing.assert_close(mixed[row], expected, rtol=0, atol=1e-6)
 
 
+def test_grouped_lora_gives_each_row_its_own_adapters_delta_and_the_base_rows_none(tiny_dir, adapters):
+    from kuberft_serve.lora import AdapterStack
+
+    lean = LeanRunner(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval())
+    loras = [lean.read_adapter(path) for path in adapters.values()]  # tuned, wide, mlp: different ranks and targets
+    stack = AdapterStack(loras)
+    row_adapter = torch.tensor([2, -1, 0, 1, 2])
+    grouped = stack.for_rows(row_adapter)
+    torch.manual_seed(0)
+    touched = 0
+    for layer in range(len(loras[0].layers)):
+        for slot in range(4):
+            factors = [lora.layers[layer][slot] for lora in loras]
+            if all(f is None for f in factors):
+                assert grouped.delta(torch.zeros(5, 3, 1, dtype=torch.float64), layer, slot) is None
+                continue
+            x = torch.randn(5, 3, next(f for f in factors if f is not None).a.shape[1], dtype=torch.float64)
+            delta = grouped.delta(x, layer, slot)
+            for row, owner in enumerate(row_adapter.tolist()):
+                own = factors[owner] if owner >= 0 else None
+                expected = own.delta(x[row]) if own is not None else torch.zeros_like(delta[row])
+                torch.testing.assert_close(delta[row], expected, rtol=0, atol=1e-12)
+                touched += own is not None
+    assert touched > 10
+    assert stack.nbytes() == sum(lora.nbytes for lora in loras)
+
+
+def test_an_adapter_replaced_or_removed_is_not_served_from_a_stale_stack(tiny_dir, adapters):
+    from kuberft_serve.lean_llama import MAX_ADAPTER_STACKS
+
+    lean = LeanRunner(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval())
+    for name, path in adapters.items():
+        lean.add_adapter(name, lean.read_adapter(path))
+    ids = torch.tensor([[3, 4, 5], [1, 2, 3]])
+    positions = torch.arange(3).expand(2, 3)
+
+    def logits(rows):
+        return lean.forward(ids, None, None, positions, adapter=rows).logits
+
+    before = logits(["tuned", "wide"])
+    lean.add_adapter("tuned", lean.read_adapter(adapters["mlp"]))  # the name now serves other weights
+    torch.testing.assert_close(logits(["tuned", "wide"])[0], logits(["mlp", "wide"])[0], rtol=0, atol=1e-12)
+    assert (logits(["tuned", "wide"])[0] - before[0]).abs().max() > 1e-3
+    lean.remove_adapter("wide")
+    with pytest.raises(KeyError, match="'wide' is not loaded"):
+        logits(["tuned", "wide"])
+    for rows in (["tuned", "mlp"], ["mlp", "tuned"], ["tuned", None], ["mlp", None], [None, "mlp"]):
+        logits(rows)
+    assert len(lean._stacks) <= MAX_ADAPTER_STACKS
+
+
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampling"])
 @pytest.mark.parametrize("speculator", ["none", "ngram"])
 def test_a_batch_mixing_three_adapters_and_the_base_gives_each_request_its_adapter_alone_tokens(tiny_dir, adapters, alone, speculator, sampled):
