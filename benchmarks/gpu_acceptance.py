@@ -17,7 +17,8 @@ stop the others; the exit status is 1 if any failed):
 3. reward_pool: the shipped reference solutions of a few Triton tasks through `RewardPool` with
    triton.format, .compile, .correctness and .speed: outcomes, scores, seconds per evaluation.
 4. serve: the serving engine with plain decoding and each speculator: tokens/s at concurrency 1
-   and 8, and whether the output equals plain greedy decoding.
+   and 8, and whether the output equals plain greedy decoding; then 4 adapters mixed in one batch
+   against each served alone (tokens/s, forwards, equal output).
 
 Models: a Llama with head dimension 128, ~440M parameters and a 32k vocabulary (a character
 tokenizer over CJK and Hangul characters), random weights, run in bfloat16; `--small`: hidden 256,
@@ -456,6 +457,64 @@ def serve(run: Run, figures: dict, problems: list[str]) -> None:
         del e
         release_memory()
     figures["decoded"] = f"{len(prompts)} prompts x {s.new_tokens} tokens, greedy, k = {k}"
+    figures["mixed_adapters"] = mixed_adapters(run, prompts, greedy, problems)
+
+
+def mixed_adapters(run: Run, prompts: list[list[int]], greedy, problems: list[str]) -> dict:
+    """4 random LoRA adapters served together (plain decoding): one batch of 8 requests, 2 per
+    adapter, against the same 8 requests with each adapter served alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kuberft_core.api import ModelSpec, SpeculatorSpec
+    from kuberft_serve.config import ServeConfig
+    from kuberft_serve.engine import Sequence
+    from kuberft_serve.loading import build_engine
+
+    names = [f"adapter-{i}" for i in range(4)]
+    for seed, name in enumerate(names):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(run.model_dir),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False))
+        model.save_pretrained(run.work / name)
+        del model
+    config = ServeConfig(model=ModelSpec(name=str(run.model_dir), dtype=run.dtype), adapters={n: str(run.work / n) for n in names},
+                         speculator=SpeculatorSpec(type="none"), device=run.device, max_batch_size=8)
+    engine = build_engine(config)
+    requests = [(prompts[i % len(prompts)], names[i % len(names)]) for i in range(8)]
+
+    def decode(batch: list[tuple[list[int], str]]) -> tuple[list[list[int]], float, int]:
+        started = time.perf_counter()
+        seqs = [engine.submit(Sequence(list(prompt), greedy, adapter)) for prompt, adapter in batch]
+        forwards = engine.stats["forwards"]
+        while not all(seq.finished for seq in seqs):
+            engine.step()
+        return [seq.output_ids for seq in seqs], time.perf_counter() - started, engine.stats["forwards"] - forwards
+
+    decode(requests[:1])  # warm-up
+    mixed, mixed_seconds, mixed_forwards = decode(requests)
+    alone, alone_seconds = [], 0.0
+    for name in names:
+        rows = [(prompt, adapter) for prompt, adapter in requests if adapter == name]
+        outputs, seconds, _ = decode(rows)
+        alone += outputs
+        alone_seconds += seconds
+    order = [i for name in names for i, (_, adapter) in enumerate(requests) if adapter == name]
+    found = agreement(alone, [mixed[i] for i in order])
+    if run.exact and not found["equal"]:
+        problems.append(f"mixed adapters: {found['rows_equal']} outputs equal to each adapter served alone")
+    runner = type(engine.target_runner).__name__  # ModelRunner (transformers + peft) on a GPU
+    engine = None  # frees the model before release_memory
+    release_memory()
+    return {
+        "runner": runner,
+        "tokens_per_second_mixed_batch": sum(map(len, mixed)) / mixed_seconds,
+        "tokens_per_second_one_adapter_at_a_time": sum(map(len, alone)) / alone_seconds,
+        "forwards_mixed_batch": mixed_forwards,
+        "equal_to_each_adapter_alone": found,
+        "shape": "4 adapters (rank 8, q/k/v/o) x 2 requests, plain greedy decoding",
+    }
 
 
 # --------------------------------------------------------------------------- running the parts

@@ -75,3 +75,6 @@ def test_every_part_of_the_acceptance_run_reports_its_figures_on_the_cpu(tmp_pat
     for kind in ("none", "ngram", "draft", "heads"):
         assert serve[kind]["tokens_per_second_concurrency_1"] > 0 and serve[kind]["tokens_per_second_concurrency_8"] > 0
         assert serve[kind]["equal_to_plain_concurrency_1"]["equal"] and serve[kind]["equal_to_plain_concurrency_8"]["equal"]
+    mixed = serve["mixed_adapters"]
+    assert mixed["equal_to_each_adapter_alone"]["equal"] and mixed["tokens_per_second_mixed_batch"] > 0
+    assert mixed["forwards_mixed_batch"] == 11  # one decoding forward per token after the prefill's, for all 4 adapters
