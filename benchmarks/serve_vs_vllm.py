@@ -13,7 +13,11 @@ random one repeats one character, this one writes text made of code's pieces (`s
 `the the`), still repetitive, so n-gram speculation is accepted often; the acceptance is printed.
 Adapters: 8 peft LoRA adapters (rank 8 on q/k/v/o) with random weights on that model.
 
-Each server is a subprocess on a free port of 127.0.0.1, both in float32, one at a time:
+Each server is a subprocess on a free port of 127.0.0.1, both in float32, one at a time, both
+with their default CPU threads: vLLM binds one OpenMP thread per core but one, which it leaves
+to its front end; kuberft computes with as many (one core fewer than it may use, the other for
+its HTTP server), so both compute on the same number of cores. Each side's count is printed
+and recorded (`compute_threads`), read from its log:
 - kuberft: `kuberft serve --dtype float32 --device cpu --max-batch-size 16` (one batch holds the
   c=16 load), with `--speculator none`, then `--speculator ngram` (its n-gram prompt lookup,
   adaptive k up to --k), then 8 `--adapter NAME=DIR` (plain decoding);
@@ -48,6 +52,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -217,6 +222,21 @@ def error_in_log(log: Path) -> str:
     return (errors or lines or ["(empty log)"])[-1][:500]
 
 
+def compute_threads(log: Path) -> int | None:
+    """The threads a server computes with, from its log: kuberft's start-up line ("N compute
+    threads"), vLLM's OpenMP binding ("core ids=[...]", one thread per core)."""
+    text = log.read_text(errors="replace")
+    if found := re.search(r"(\d+) compute threads", text):
+        return int(found.group(1))
+    if found := re.search(r"core ids=\[([\d, ]+)\]", text):
+        return len(found.group(1).split(","))
+    return None
+
+
+THREADS: dict[str, int | None] = {}
+"""Compute threads per side and setup, as `compute_threads` read them."""
+
+
 def spec_counters(url: str) -> dict[str, float]:
     """Speculation totals from a server's /metrics: proposed and accepted tokens, drafting steps."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -321,7 +341,8 @@ def race(args, model_dir: Path, adapters: dict[str, Path], prompts: list[str], w
             try:
                 with serving(side, command, args.work_dir / f"{side}-{setup}.log") as server:
                     loads[(setup, side)] = server.load_seconds
-                    print(f"  up in {server.load_seconds:.0f} s; warming up", flush=True)
+                    THREADS[f"{side}_{setup}"] = threads = compute_threads(server.log)
+                    print(f"  up in {server.load_seconds:.0f} s ({threads or '?'} compute threads); warming up", flush=True)
                     asyncio.run(drive(server.url, warm, len(warm), WARM_UP_TOKENS))
                     asyncio.run(drive(server.url, warm[:1], 1, WARM_UP_TOKENS))
                     for c in levels:
@@ -405,6 +426,7 @@ def report(args, results: dict, loads: dict, errors: dict, wall: float) -> dict:
         "greedy_equal": f"{equal_total}/{compared_total}",
         "goals": goals,
         "load_seconds": {f"{side}_{setup}": round(s, 1) for (setup, side), s in loads.items()},
+        "compute_threads": THREADS,
         "errors": errors,
         "settings": {"requests": args.requests, "adapter_requests": args.adapter_requests, "max_tokens": args.max_tokens, "k": args.k, "train_steps": args.train_steps,
                      "model": MODEL_SHAPE, "adapters": ADAPTERS, "lora_rank": LORA_RANK, "dtype": "float32"},

@@ -43,7 +43,7 @@ import torch
 from .adapter_pool import AdapterPool
 from .kv_batch import ModelRunner, SequenceBatch
 from .lora import AdapterError
-from .sampling import SamplingParams, TokenLogprob, accept_proposals, apply_token_bitmask, select_token, token_logprobs
+from .sampling import SamplingParams, TokenLogprob, accept_greedy, accept_proposals, apply_token_bitmask, select_token, token_logprobs
 from .speculators import Proposal, Speculator
 
 if TYPE_CHECKING:
@@ -54,14 +54,17 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- one request
 class TextTracker:
-    """Incremental detokenization with stop strings: which text is safe to stream now."""
+    """Incremental detokenization with stop strings: which text is safe to stream now. Without
+    stop strings the text is decoded when read, not at every step (a request that does not
+    stream reads it once, at the end)."""
 
     def __init__(self, tokenizer, stop: list[str], hidden: set[int] = frozenset()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.hidden = hidden
         """Token ids left out of the text (EOS)."""
-        self.text = ""
+        self._text = ""
+        self._pending: list[int] | None = None  # token ids whose text is not decoded yet
         self.sent = 0
         self.stopped = False
         self.stop_string: str | None = None
@@ -72,8 +75,21 @@ class TextTracker:
             token_ids = [t for t in token_ids if t not in self.hidden]
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    @property
+    def text(self) -> str:
+        if self._pending is not None:
+            self._text, self._pending = self._decode(self._pending), None
+        return self._text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._text, self._pending = value, None
+
     def update(self, token_ids: list[int]) -> None:
         if self.stopped:
+            return
+        if not self.stop:  # nothing to look for: decode when the text is read
+            self._pending = list(token_ids)
             return
         self.text = self._decode(token_ids)
         for stop in self.stop:
@@ -133,6 +149,9 @@ class Sequence:
     cancelled: bool = False
     text: TextTracker | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    stream: bool = True
+    """Whether `on_update` wants each piece of text as it comes; False: only the final call
+    (with the whole text), which spares the server a wake-up per token of each request."""
 
     @property
     def finished(self) -> bool:
@@ -184,9 +203,10 @@ class Sequence:
     def _notify(self) -> None:
         if self.finished and self.finish_time is None:
             self.finish_time = time.monotonic()
-        delta = self.text.take(final=self.finished) if self.text else ""
-        if self.on_update is not None and (delta or self.finished):
-            self.on_update(self, delta)
+        if self.on_update is not None and (self.stream or self.finished):
+            delta = self.text.take(final=self.finished) if self.text else ""
+            if delta or self.finished:
+                self.on_update(self, delta)
         if self.finished:
             self.done.set()
 
@@ -565,14 +585,20 @@ class Engine:
         # 2. verify: one forward pass of the target over [last token, proposals] for every row
         width = 1 + max(len(p) for p in proposed)
         feed = [[seq.output_ids[-1]] + p + [self.pad_id] * (width - 1 - len(p)) for seq, p in zip(seqs, proposed)]
-        verify = group.target.extend(torch.tensor(feed, device=self.target_runner.device))
+        verify = group.target.extend(torch.tensor(feed, device=self.target_runner.device), lengths=[1 + len(p) for p in proposed])
         self.stats["forwards"] += 1
         for row, mask in masks.items():
             apply_token_bitmask(verify.logits[row, : len(mask)], mask)
 
-        # 3. accept, row by row
+        # 3. accept, row by row (the greedy rows from one argmax of the whole batch)
         accepted, emitted = [], []
+        best = verify.logits.argmax(dim=-1).tolist() if any(seq.params.greedy for seq in seqs) else None
         for row, (seq, tokens) in enumerate(zip(seqs, proposed)):
+            if seq.params.greedy:
+                n, next_token = accept_greedy(best[row], tokens)
+                accepted.append(n)
+                emitted.append(tokens[:n] + [next_token])
+                continue
             draft_probs = proposal.draft_probs[row] if proposal.draft_probs else None
             if draft_probs is not None:
                 draft_probs = draft_probs[: len(tokens)]

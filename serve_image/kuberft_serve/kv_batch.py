@@ -198,17 +198,20 @@ class SequenceBatch:
         self.next_position = valid.sum(dim=1)
         return result
 
-    def extend(self, tokens: torch.Tensor) -> ForwardResult:
+    def extend(self, tokens: torch.Tensor, lengths: list[int] | None = None) -> ForwardResult:
         """Feed n tokens per row ([B, n]) after the slots fed so far; every fed slot counts as
-        valid until `commit` says how many of the slots fed since the last commit each row keeps."""
+        valid until `commit` says how many of the slots fed since the last commit each row keeps.
+        `lengths`: the tokens of each row that matter (the rest pad it to n; the row keeps at
+        most these, and their logits are not read); a runner that `packs_rows` skips the rest."""
         n = tokens.shape[1]
         # slots fed since the last commit come before these ones
         positions = self.next_position[:, None] + torch.arange(self._pending, self._pending + n, device=tokens.device)[None, :]
         self.valid = torch.cat([self.valid, torch.ones(self.size, n, dtype=torch.bool, device=tokens.device)], dim=1)
         mask = self.valid.long() if self.holes else None
         self._pending += n
+        packed = {"lengths": lengths} if lengths is not None and getattr(self.runner, "packs_rows", False) else {}
         return self.runner.forward(
-            tokens, self.cache, mask, positions, adapter=self._adapter_argument(), want_hidden=self.want_hidden
+            tokens, self.cache, mask, positions, adapter=self._adapter_argument(), want_hidden=self.want_hidden, **packed
         )
 
     def _adapter_argument(self) -> str | list[str | None] | None:

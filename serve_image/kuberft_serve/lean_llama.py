@@ -31,16 +31,62 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = {"llama", "mistral"}
 
+
 MAX_ADAPTER_STACKS = 4
 """Sets of adapters whose stacked factors are kept (each a copy of those adapters' factors)."""
 
+CACHE_SPARE_SLOTS = 64
+"""Free slots a layer's key and value buffers get past what they hold when (re)allocated."""
+
+
+def _buffered(buffer: torch.Tensor | None, held: torch.Tensor | None) -> bool:
+    """Whether `held` is the first slots of `buffer`, all its rows (so appending writes in place)."""
+    return (
+        buffer is not None
+        and held is not None
+        and held.data_ptr() == buffer.data_ptr()
+        and held.stride() == buffer.stride()
+        and held.shape[:2] == buffer.shape[:2]
+    )
+
 
 class _Layer:
-    __slots__ = ("keys", "values")
+    """One layer's keys and values, [B, kv_heads, T, head_dim]: views of the first T slots of
+    buffers with spare slots, so a forward writes its new slots in place instead of copying the
+    whole cache (torch.cat) every step. `SequenceBatch` may set `keys`/`values` to any tensor
+    (rows selected, slots cut off or merged): a view of the buffer's first slots, as rolling
+    back leaves, keeps the buffer; anything else moves to a new one at the next `append`."""
+
+    __slots__ = ("keys", "values", "_key_buffer", "_value_buffer")
 
     def __init__(self):
         self.keys = None
         self.values = None
+        self._key_buffer = None
+        self._value_buffer = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the slots k, v [B, kv_heads, n, head_dim] after the held ones; returns all of them."""
+        n = k.shape[2]
+        held = 0 if self.keys is None else self.keys.shape[2]
+        if not (
+            _buffered(self._key_buffer, self.keys)
+            and _buffered(self._value_buffer, self.values)
+            and held + n <= self._key_buffer.shape[2]
+            and self._key_buffer.shape[0] == k.shape[0]
+        ):
+            batch, heads, _, dim = k.shape
+            capacity = held + n + CACHE_SPARE_SLOTS
+            self._key_buffer = k.new_empty(batch, heads, capacity, dim)
+            self._value_buffer = v.new_empty(batch, heads, capacity, v.shape[3])
+            if held:
+                self._key_buffer[:, :, :held].copy_(self.keys)
+                self._value_buffer[:, :, :held].copy_(self.values)
+        self._key_buffer[:, :, held : held + n].copy_(k)
+        self._value_buffer[:, :, held : held + n].copy_(v)
+        self.keys = self._key_buffer[:, :, : held + n]
+        self.values = self._value_buffer[:, :, : held + n]
+        return self.keys, self.values
 
 
 class LeanCache:
@@ -102,6 +148,8 @@ class LeanRunner:
     """`ModelRunner`'s interface over the lean forward of a Llama model's weights."""
 
     mixes_adapters = True
+    packs_rows = True
+    """`forward` takes `lengths`: a verify pass computes the tokens each row proposed, not its padding."""
     """Rows of different adapters go through one forward pass (the engine batches them together)."""
 
     @staticmethod
@@ -247,12 +295,20 @@ class LeanRunner:
         adapter: str | list[str | None] | None = None,
         want_hidden: bool = False,
         last_only: bool = False,
+        lengths: list[int] | None = None,
     ) -> ForwardResult:
         """input_ids [B, n] at position_ids [B, n] after the cache's T slots; attention_mask
         [B, T + n] (1 = a token of the row) or None when every slot is valid. `adapter`: one
-        adapter name (or None, the base model) for every row, or a list of B of them."""
+        adapter name (or None, the base model) for every row, or a list of B of them.
+        `lengths`: the tokens of each row that count (a verify pass's rows proposing fewer than
+        the widest are padded): the position-wise work (projections, norms, MLP) is done for
+        those only, packed; attention sees the padded layout, and the padding's logits are 0."""
         batch, n = input_ids.shape
         lora = self._lora(adapter, batch)
+        rows = None  # the flat [B * n] indices of the tokens that count, when packed
+        if lengths is not None and lora is None and not last_only and n > 1 and sum(lengths) < batch * n:
+            counts = torch.tensor(lengths, device=input_ids.device)
+            rows = (torch.arange(n, device=input_ids.device)[None, :] < counts[:, None]).view(-1).nonzero()[:, 0]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, n, D]
         sin = self.sin[position_ids].unsqueeze(1)
@@ -269,26 +325,31 @@ class LeanRunner:
                 # a padding slot attends to itself only: a row with nothing to attend to would be NaN
                 own = slots[None, :] == (past + torch.arange(n, device=input_ids.device))[:, None]
                 mask = (mask & attention_mask[:, None, None, :].bool()) | own  # [B, 1, n, T + n]
-        x = F.embedding(input_ids, self.embed)
+        x = F.embedding(input_ids if rows is None else input_ids.reshape(-1)[rows], self.embed)  # [B, n, H] or [N, H]
         shape, eps = (x.shape[-1],), self.eps
         project = self._project
         for index, (norm_1, qkv_proj, o_proj, norm_2, gate_up_proj, down_proj) in enumerate(self.layers):
-            qkv = project(qkv_proj, F.rms_norm(x, shape, norm_1, eps), lora, index, 0).view(batch, n, 2 * heads + 3 * kv_heads, dim).transpose(1, 2)
+            qkv = project(qkv_proj, F.rms_norm(x, shape, norm_1, eps), lora, index, 0)
+            if rows is not None:  # back to the padded layout (padding: zeros) for rotary and attention
+                qkv = qkv.new_zeros(batch * n, qkv.shape[-1]).index_copy_(0, rows, qkv)
+            qkv = qkv.view(batch, n, 2 * heads + 3 * kv_heads, dim).transpose(1, 2)
             qk, v, qk_rotated = qkv.split([heads + kv_heads, kv_heads, heads + kv_heads], dim=1)  # [B, h, n, D]
             q, k = (qk * cos + qk_rotated * sin).split([heads, kv_heads], dim=1)  # rotary
             if cache is not None:
-                layer = cache.layers[index]
-                if layer.keys is not None:
-                    k = torch.cat([layer.keys, k], dim=2)
-                    v = torch.cat([layer.values, v], dim=2)
-                else:
-                    v = v.contiguous()
-                layer.keys, layer.values = k, v
+                k, v = cache.layers[index].append(k, v)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
-            x = x + project(o_proj, attn.transpose(1, 2).reshape(batch, n, heads * dim), lora, index, 1)
+            attn = attn.transpose(1, 2).reshape(batch, n, heads * dim)
+            if rows is not None:
+                attn = attn.view(batch * n, heads * dim).index_select(0, rows)
+            x = x + project(o_proj, attn, lora, index, 1)
             gate, up = project(gate_up_proj, F.rms_norm(x, shape, norm_2, eps), lora, index, 2).chunk(2, dim=-1)
             x = x + project(down_proj, F.silu(gate) * up, lora, index, 3)
         if last_only:
             x = x[:, -1:]
         hidden = F.rms_norm(x, shape, self.final_norm, eps)
-        return ForwardResult(self.lm_head(hidden).float(), hidden if want_hidden else None)
+        logits = self.lm_head(hidden).float()
+        if rows is not None:
+            logits = logits.new_zeros(batch * n, logits.shape[-1]).index_copy_(0, rows, logits).view(batch, n, -1)
+            if want_hidden:
+                hidden = hidden.new_zeros(batch * n, hidden.shape[-1]).index_copy_(0, rows, hidden).view(batch, n, -1)
+        return ForwardResult(logits, hidden if want_hidden else None)

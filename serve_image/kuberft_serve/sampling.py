@@ -137,6 +137,15 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
     return [TokenLogprob(t, lp, r, b) for t, lp, r, b in zip(tokens, chosen[:, 0].tolist(), ranks, best)]
 
 
+def accept_greedy(best: list[int], proposals: list[int]) -> tuple[int, int]:
+    """`accept_proposals` at temperature 0, given the target's argmax at each position (`best`,
+    at least len(proposals) + 1 of them): the engine takes the argmax of a whole batch at once."""
+    for i, token in enumerate(proposals):
+        if token != best[i]:
+            return i, best[i]
+    return len(proposals), best[len(proposals)]
+
+
 def accept_proposals(
     target_logits: torch.Tensor,
     proposals: list[int],
@@ -154,11 +163,7 @@ def accept_proposals(
     """
     k = len(proposals)
     if params.greedy:
-        best = target_logits.argmax(dim=-1).tolist()
-        for i in range(k):
-            if proposals[i] != best[i]:
-                return i, best[i]
-        return k, best[k]
+        return accept_greedy(target_logits.argmax(dim=-1).tolist(), proposals)
 
     probs = warp(target_logits, params.temperature, params.top_p)  # [k+1, V]
     for i in range(k):

@@ -90,7 +90,7 @@ class Served:
     response_format), each sequence follows it on its own."""
 
     def __init__(self, app: web.Application, kind: str, model: str, prompts: list[list[int]], params: SamplingParams,
-                 n: int = 1, samples: int = 1, grammar: CompiledGrammar | None = None):
+                 n: int = 1, samples: int = 1, grammar: CompiledGrammar | None = None, stream: bool = True):
         self.app = app
         self.engine: Engine = app[ENGINE]
         self.id = f"{kind}-{uuid.uuid4().hex}"
@@ -111,7 +111,8 @@ class Served:
             loop.call_soon_threadsafe(self.events.put_nowait, (seq, delta, seq.finish_reason, len(seq.output_ids)))
 
         self.seqs = [
-            Sequence(ids, replace(params, seed=params.seed + i), adapter, on_update, None if grammar is None else GrammarState(grammar))
+            Sequence(ids, replace(params, seed=params.seed + i), adapter, on_update, None if grammar is None else GrammarState(grammar),
+                     stream=stream)
             for ids in prompts
             for i in range(samples)
         ]
@@ -287,7 +288,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
         params = replace(params, prompt_logprobs=req.logprobs)  # echoed prompt tokens get their logprobs too (vLLM)
     echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in texts]
-    served = Served(app, "cmpl", req.model, prompts, params, req.n, req.samples, await _grammar(app, req))
+    served = Served(app, "cmpl", req.model, prompts, params, req.n, req.samples, await _grammar(app, req), stream=req.stream)
     head = {"id": served.id, "object": "text_completion", "created": int(time.time()), "model": req.model}
 
     def logprobs(seq: Sequence, start: int, end: int, echo: bool, offset: int = 0) -> dict | None:
@@ -339,7 +340,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f"model `{req.model}` has no chat template; use /v1/completions", param="messages")
     prompt = list(tokenizer.apply_chat_template(req.chat(), add_generation_prompt=True, tokenize=True, return_dict=False))
     params = _sampling(app, req, [prompt], default_max=None, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-    served = Served(app, "chatcmpl", req.model, [prompt], params, req.n, req.samples, await _grammar(app, req))
+    served = Served(app, "chatcmpl", req.model, [prompt], params, req.n, req.samples, await _grammar(app, req), stream=req.stream)
     head = {"id": served.id, "created": int(time.time()), "model": req.model}
 
     def logprobs(seq: Sequence, start: int, end: int) -> dict | None:
@@ -516,10 +517,32 @@ def build(config: ServeConfig) -> web.Application:
     return create_app(build_engine(config, serve_metrics), config, serve_metrics)
 
 
+def compute_threads(config: ServeConfig) -> int:
+    """On the CPU, the threads torch computes with: one fewer than the cores this process may
+    use (at least one), the core left over running the HTTP server, tokenization and whatever
+    else shares the machine, as vLLM's CPU backend reserves one for its front end. With every
+    core in torch's pool, a parallel op waits for its slowest thread, and a thread preempted by
+    anything else on the machine stalls each of the hundreds of ops of a step (on 2 busy cores,
+    10-30x slower steps were measured). OMP_NUM_THREADS, when set, decides instead; so does any
+    accelerator. Returns torch's thread count."""
+    import os
+
+    import torch
+
+    from .loading import pick_device
+
+    if pick_device(config.device).type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores - 1))
+    return torch.get_num_threads()
+
+
 def run_server(config: ServeConfig) -> None:
     """Serve until interrupted (the `kuberft serve` command)."""
+    threads = compute_threads(config)
     app = build(config)
-    log.info("serving %s on http://%s:%d (speculator %s)", ", ".join(_model_names(app)), config.host, config.port, config.speculator.type)
+    log.info("serving %s on http://%s:%d (speculator %s, %d compute threads)", ", ".join(_model_names(app)), config.host,
+             config.port, config.speculator.type, threads)
     web.run_app(app, host=config.host, port=config.port, print=None, handler_cancellation=True)
 
 

@@ -5,8 +5,8 @@ added after the target's prefill (`add_rows`), proposals are made for every row 
 the verification result is reported back (`commit`: how many proposals each row accepted, so a
 draft model rolls back its KV cache) and finished rows leave (`select`).
 
-- `NgramSpeculator`: prompt lookup; finds the latest earlier occurrence of the last n tokens
-  in the prompt and output, and proposes what followed it. No model.
+- `NgramSpeculator`: prompt lookup; finds an earlier occurrence of the last n tokens in the
+  prompt and output (the latest one that k tokens follow), and proposes what followed it. No model.
 - `DraftSpeculator`: a small causal LM with the same tokenizer, decoding k tokens ahead with its
   own KV cache; samples from its own (warped) distribution when the request samples, so the
   full rejection rule applies.
@@ -19,6 +19,7 @@ per adapter (the heads) is looked up per row from `seq.adapter`.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
@@ -67,21 +68,93 @@ class NgramSpeculator(Speculator):
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
+    def new_state(self, adapter):
+        return []  # per row, its NgramIndex
+
+    def add_rows(self, state, seqs, prefill):
+        state.extend(NgramIndex(self.min_ngram, self.max_ngram) for _ in seqs)
+
     def propose(self, state, seqs, k: int) -> Proposal:
-        return Proposal([self.lookup(seq.prompt_ids + seq.output_ids, k) for seq in seqs])
+        return Proposal([index.lookup(seq.prompt_ids, seq.output_ids, k) for index, seq in zip(state, seqs)])
+
+    def select(self, state, rows):
+        state[:] = [state[row] for row in rows]
 
     def lookup(self, context: list[int], k: int) -> list[int]:
-        """The k tokens that followed the latest earlier occurrence of the longest suffix
-        (max_ngram down to min_ngram tokens) of `context`."""
+        """The k tokens that followed an earlier occurrence of the longest suffix (max_ngram down
+        to min_ngram tokens) of `context`: the latest occurrence that k tokens follow, else (every
+        occurrence is too close to the end) the earliest, which the most tokens follow. The
+        latest one alone is often the end of a repetition, followed by too few tokens to be worth
+        a verify pass: on repetitive text that halves the tokens per step. `NgramIndex` finds the
+        same step by step; this is its reference."""
         if len(context) < 2:
             return []
         tokens = torch.tensor(context)
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             windows = tokens[:-1].unfold(0, n, 1)  # [L-n, n], windows that end before the last token
-            hits = (windows == tokens[-n:]).all(dim=1).nonzero()
-            if hits.numel():
-                start = int(hits[-1]) + n
-                return context[start : start + k]
+            hits = (windows == tokens[-n:]).all(dim=1).nonzero()[:, 0].tolist()
+            if hits:
+                return context[_pick_start(hits, len(context) - n - k) + n :][:k]
+        return []
+
+
+def _pick_start(starts: list[int], limit: int) -> int:
+    """Of an n-gram's starts (ascending), the latest one at most `limit` (k tokens follow it),
+    else the earliest."""
+    if starts[-1] <= limit:
+        return starts[-1]
+    index = bisect.bisect_right(starts, limit) - 1
+    return starts[index] if index >= 0 else starts[0]
+
+
+class NgramIndex:
+    """`NgramSpeculator.lookup` for one growing context (prompt + output), incrementally: for each
+    n, the starts of every n-gram that ends before the context's last token, updated with the
+    tokens added since the last call. A step costs a few dictionary look-ups instead of a scan
+    of the whole context."""
+
+    __slots__ = ("min_ngram", "max_ngram", "tokens", "starts")
+
+    def __init__(self, min_ngram: int, max_ngram: int):
+        self.min_ngram = min_ngram
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self.starts: dict[tuple[int, ...], list[int]] = {}  # n-gram -> its starts, ascending (of the indexed windows)
+
+    def _sync(self, prompt: list[int], output: list[int]) -> None:
+        tokens = self.tokens
+        known = len(tokens)
+        if known < len(prompt) or known > len(prompt) + len(output) or (known > len(prompt) and tokens[-1] != output[known - len(prompt) - 1]):
+            tokens.clear()  # a context this index has not followed (never so in the engine): start over
+            self.starts.clear()
+            known = 0
+        if known == 0:
+            tokens.extend(prompt)
+            tokens.extend(output)
+        else:
+            tokens.extend(output[known - len(prompt):])
+        # windows that end before the last token: start i, length n, with i + n <= len - 1
+        old_end, end = max(known - 1, 0), len(tokens) - 1
+        starts = self.starts
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            for start in range(max(old_end - n + 1, 0), end - n + 1):
+                key = tuple(tokens[start : start + n])
+                found = starts.get(key)
+                if found is None:
+                    starts[key] = [start]
+                else:
+                    found.append(start)
+
+    def lookup(self, prompt: list[int], output: list[int], k: int) -> list[int]:
+        self._sync(prompt, output)
+        tokens = self.tokens
+        if len(tokens) < 2:
+            return []
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            starts = self.starts.get(tuple(tokens[-n:]))
+            if starts is not None:
+                start = _pick_start(starts, len(tokens) - n - k) + n
+                return tokens[start : start + k]
         return []
 
 

@@ -49,6 +49,10 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert ngram.lookup(context, 3) == [7, 8, 5]  # the latest earlier "1 2 3" is followed by 7 8 5
     assert ngram.lookup([4, 5, 6], 2) == []  # nothing repeats
     assert ngram.lookup([5, 6, 5], 4) == [6, 5]  # one-token match, proposals cut at the end
+    # the latest "1 2" is followed by only 2 tokens: the earlier one that 3 follow is taken
+    context = [1, 2, 7, 8, 9, 1, 2, 1, 2]
+    assert ngram.lookup(context, 3) == [7, 8, 9]
+    assert ngram.lookup(context, 2) == [1, 2]
 
 
 def test_keyed_uniforms_depend_only_on_seed_position_and_stream():
@@ -100,3 +104,23 @@ def test_a_stop_inside_a_multi_token_step_ends_the_output_where_one_token_steps_
         assert "".join(map(chr, seq.output_ids)) == "abcEND"
         assert [e.token for e in seq.logprobs] == seq.output_ids
         assert (seq.finish_reason, seq.stop_reason, seq.output_text) == ("stop", reason, text)
+
+
+def test_the_incremental_ngram_index_proposes_what_the_lookup_of_the_whole_context_proposes():
+    import random
+
+    from kuberft_serve.speculators import NgramIndex
+
+    rng = random.Random(0)
+    for _ in range(400):
+        max_ngram = rng.randint(1, 4)
+        min_ngram = rng.randint(1, max_ngram)
+        ngram, index = NgramSpeculator(max_ngram=max_ngram, min_ngram=min_ngram), NgramIndex(min_ngram, max_ngram)
+        vocab = rng.choice([2, 3, 5, 20])
+        prompt, output = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))], []
+        for _ in range(20):  # the output grows by a few tokens a step, as speculation emits them
+            k = rng.randint(1, 5)
+            assert index.lookup(prompt, output, k) == ngram.lookup(prompt + output, k)
+            output.extend(rng.randrange(vocab) for _ in range(rng.randint(1, 4)))
+    # a context it did not follow (another row's) is indexed afresh
+    assert index.lookup([1, 2, 3, 1, 2], [], 2) == [3, 1]

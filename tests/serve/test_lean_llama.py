@@ -121,3 +121,69 @@ def test_plain_decoding_on_the_lean_target_writes_what_transformers_generate_wri
         ids = engine.tokenizer.encode(text)
         reference = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None)
         assert engine.generate(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)) == reference[0, len(ids):].tolist()
+
+
+def test_the_lean_cache_writes_new_slots_in_place_and_follows_rollback_select_and_merge(draft_dir):
+    """Keys and values live in buffers with spare slots: a step writes its slots in place (no copy
+    of the cache), a rollback keeps the buffer, and rows leaving or joining move it to a new one;
+    through all of it the logits stay those of transformers' own cache."""
+    model = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float64).eval()
+
+    def steps(runner) -> list[torch.Tensor]:
+        batch = SequenceBatch(runner)
+        outputs = [batch.prefill([[3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13]], pad_id=0).logits[:, -1]]
+        outputs.append(batch.extend(torch.tensor([[4, 5, 6], [7, 8, 0], [1, 2, 3]])).logits)
+        batch.commit([2, 1, 2])  # the last slot of every row rolled back: the cache is cut
+        outputs.append(batch.extend(torch.tensor([[5], [6], [7]])).logits)
+        batch.commit([1, 1, 1])
+        batch.select([0, 2])  # row 1 finished
+        fresh = SequenceBatch(runner)
+        outputs.append(fresh.prefill([[14, 15, 16, 17]], pad_id=0).logits[:, -1])
+        batch.merge(fresh)
+        for token in ([[8], [9], [10]], [[11], [12], [13]]):
+            outputs.append(batch.extend(torch.tensor(token)).logits)
+            batch.commit([1, 1, 1])
+        return outputs
+
+    reference = steps(ModelRunner(model))
+    lean = steps(LeanRunner(model))
+    for theirs, ours in zip(reference, lean):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+    batch = SequenceBatch(LeanRunner(model))
+    batch.prefill([[3, 4, 5], [6, 7, 8]], pad_id=0)
+    layer = batch.cache.layers[0]
+    buffer = layer.keys.data_ptr()
+    batch.extend(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    batch.commit([3, 2])
+    assert layer.keys.data_ptr() == buffer and layer.keys.shape[2] == 6  # written in place
+    batch.extend(torch.tensor([[1, 2], [3, 4]]))
+    batch.commit([1, 1])  # the trailing slot is cut off: a view of the same buffer
+    assert layer.keys.data_ptr() == buffer and layer.keys.shape[2] == 7
+    batch.extend(torch.tensor([[5], [6]]))
+    batch.commit([1, 1])
+    assert layer.keys.data_ptr() == buffer and layer.keys.shape[2] == 8
+    batch.select([1])
+    batch.extend(torch.tensor([[7]]))
+    assert layer.keys.data_ptr() != buffer and layer.keys.shape[:3] == (1, model.config.num_key_value_heads, 9)
+
+
+def test_a_verify_pass_with_row_lengths_computes_only_their_tokens_and_the_same_logits(draft_dir):
+    """`lengths` packs the tokens that count (rows proposing fewer than the widest are padded):
+    their logits are those of the padded pass, the padding's are zeros, and the cache is the same."""
+    model = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float64).eval()
+    runner = LeanRunner(model)
+    assert runner.packs_rows
+
+    def verify(lengths):
+        batch = SequenceBatch(runner)
+        batch.prefill([[3, 4, 5, 6], [9, 10]], pad_id=0)
+        logits = batch.extend(torch.tensor([[4, 5, 6], [7, 0, 0]]), lengths=lengths).logits
+        batch.commit([3, 1])
+        return logits, batch.extend(torch.tensor([[7], [8]])).logits
+
+    (padded, after_padded), (packed, after_packed) = verify(None), verify([3, 1])
+    torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=1e-9)
+    torch.testing.assert_close(packed[1, :1], padded[1, :1], rtol=0, atol=1e-9)
+    assert not packed[1, 1:].any()
+    torch.testing.assert_close(after_packed, after_padded, rtol=0, atol=1e-9)

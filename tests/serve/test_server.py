@@ -193,3 +193,26 @@ def test_healthz_and_metrics_report_requests_and_speculation(server, client):
     assert proposed and float(proposed[0].split()[-1]) > 0
     assert 'kuberft_serve_spec_acceptance_rate{speculator="ngram"}' in text
     assert 'kuberft_serve_spec_mean_accepted_length{speculator="ngram"}' in text
+
+
+def test_on_the_cpu_the_server_computes_with_one_core_fewer_than_it_may_use(monkeypatch):
+    import os
+
+    import torch
+
+    from kuberft_serve.server import compute_threads
+
+    before = torch.get_num_threads()
+    config = ServeConfig(model=ModelSpec(name="tiny"), device="cpu")
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        assert compute_threads(config) == 3
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+        assert compute_threads(config) == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the operator's choice stands
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        assert compute_threads(config) == 2
+    finally:
+        torch.set_num_threads(before)
