@@ -1,10 +1,9 @@
 """The decoding engine: continuous batching of requests, one speculative step at a time.
 
-Requests are decoded together in a `Group` (one KV batch of the target, one speculator state).
-With a runner that `mixes_adapters` (the lean forward) there is one group for every adapter and
-the base model: each row carries its adapter and one forward pass serves them all (segmented
-LoRA, `lora.py`); with transformers+peft, a group per adapter, decoded one after the other. New
-requests join a running group after a batched prefill (equal prompts, such as the n samples of
+Requests are decoded together in one `Group` (one KV batch of the target, one speculator state)
+whatever adapter they name: each row carries its adapter and one forward pass serves them all
+(grouped LoRA in the lean forward, `lora.py`; peft's mixed-batch inference otherwise). New
+requests join the running group after a batched prefill (equal prompts, such as the n samples of
 one request, share one row of it); finished or cancelled ones leave at the next step.
 `speculative_step` is the whole decoding algorithm:
 
@@ -306,16 +305,15 @@ class SpeculationController:
 @dataclass(eq=False)
 class Group:
     """Requests decoded together: their rows of the target's KV batch and the speculator's
-    state, in the order of `seqs`. `adapter` is the adapter of every row, or `MIXED`."""
+    state, in the order of `seqs`; each row names its own adapter."""
 
-    adapter: str | None
     target: SequenceBatch
     spec_state: object
     seqs: list[Sequence] = field(default_factory=list)
 
 
 MIXED = "<mixed>"
-"""The key of the one group of a runner that mixes adapters in a forward pass."""
+"""The key of the one group: its rows may name any adapter."""
 
 
 class Engine:
@@ -334,7 +332,6 @@ class Engine:
         self.target_runner = target
         self.adapters = adapters if adapters is not None else AdapterPool(target)
         """The adapters requests may name, and those resident now."""
-        self.mixes_adapters = getattr(target, "mixes_adapters", False)
         self.tokenizer = tokenizer
         self.speculator = speculator or Speculator()
         self.speculating = self.speculator.name != "none"
@@ -505,18 +502,15 @@ class Engine:
                     deferred.append(seq)
                     continue
                 busy.add(seq.adapter)
-            key = MIXED if self.mixes_adapters else seq.adapter
-            admitted.setdefault(key, []).append(seq)
+            admitted.setdefault(MIXED, []).append(seq)
             free -= 1
         self.waiting.extendleft(reversed(deferred))
         for key, seqs in admitted.items():
             group = self.groups.get(key)
             if group is None:
-                adapter = None if self.mixes_adapters else key  # a mixed batch's rows name their own
                 group = Group(
-                    key,
-                    SequenceBatch(self.target_runner, adapter, want_hidden=self.speculator.needs_target_hidden),
-                    self.speculator.new_state(adapter),
+                    SequenceBatch(self.target_runner, want_hidden=self.speculator.needs_target_hidden),
+                    self.speculator.new_state(None),
                 )
                 self.groups[key] = group
             self._prefill(group, seqs)

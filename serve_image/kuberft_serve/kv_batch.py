@@ -7,8 +7,8 @@ accepted prefix: the rest become holes, masked out of attention. Positions are t
 (`next_position`), so holes do not shift the rotary positions. Trailing slots that no row keeps
 are cut off (so a batch of one never has holes: its cache is exactly the plain decoding cache),
 and leading slots no row uses are dropped when rows leave. Each row carries the adapter it is
-decoded with (`adapters`), added and removed with it; a runner that `mixes_adapters` takes them
-all in one forward pass, the others one adapter per batch.
+decoded with (`adapters`), added and removed with it; the runner takes them all in one forward
+pass.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ class ModelRunner:
     Rows of one forward pass may name different adapters (and None, the base model): peft's
     mixed-batch inference (`adapter_names`) applies each LoRA layer to its own rows' slice of the
     batch; a pass whose rows all name the same adapter activates that one instead."""
-
-    mixes_adapters = True
 
     def __init__(self, model, *, has_adapters: bool = False):
         self.model = model

@@ -14,7 +14,7 @@ fallback for everything else.
 
 LoRA adapters (`lora.py`) are held by name (`add_adapter`, `remove_adapter`); a forward takes
 one adapter for every row, or one per row (`adapter=[name or None, ...]`), so rows of different
-adapters and of the base model share one forward pass (`mixes_adapters`).
+adapters and of the base model share one forward pass.
 """
 
 from __future__ import annotations
@@ -146,8 +146,6 @@ class Projection:
 
 class LeanRunner:
     """`ModelRunner`'s interface over the lean forward of a Llama model's weights."""
-
-    mixes_adapters = True
     packs_rows = True
     """`forward` takes `lengths`: a verify pass computes the tokens each row proposed, not its padding."""
     """Rows of different adapters go through one forward pass (the engine batches them together)."""
