@@ -318,7 +318,7 @@ SETUPS = {  # setup -> (speculator, with adapters, concurrency levels)
 }
 
 
-KUBERFT_ADAPTERS_NOTE = ("kuberft mixes the adapters' requests in one batch with one forward pass per step (segmented LoRA "
+KUBERFT_ADAPTERS_NOTE = ("kuberft mixes the adapters' requests in one batch with one forward pass per step (grouped LoRA "
                          "in its lean CPU forward, lora.py), as vLLM does")
 
 
