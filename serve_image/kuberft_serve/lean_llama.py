@@ -237,7 +237,7 @@ class LeanRunner:
         for names in [names for names in self._stacks if name in names]:
             del self._stacks[names]
 
-    def _lora(self, adapter, batch: int) -> LeanLora | GroupedLora | None:
+    def _lora(self, adapter) -> LeanLora | GroupedLora | None:
         """The LoRA of a forward pass: none (the base model), one adapter for every row, or the
         grouped LoRA of rows of several adapters (and the base)."""
         if adapter is None:
@@ -302,11 +302,13 @@ class LeanRunner:
         the widest are padded): the position-wise work (projections, norms, MLP) is done for
         those only, packed; attention sees the padded layout, and the padding's logits are 0."""
         batch, n = input_ids.shape
-        lora = self._lora(adapter, batch)
+        lora = self._lora(adapter)
         rows = None  # the flat [B * n] indices of the tokens that count, when packed
-        if lengths is not None and lora is None and not last_only and n > 1 and sum(lengths) < batch * n:
+        if lengths is not None and not last_only and n > 1 and sum(lengths) < batch * n:
             counts = torch.tensor(lengths, device=input_ids.device)
             rows = (torch.arange(n, device=input_ids.device)[None, :] < counts[:, None]).view(-1).nonzero()[:, 0]
+            if isinstance(lora, GroupedLora):  # packed tokens carry their row's adapter
+                lora = lora.stack.for_rows(lora.row_adapter[rows // n])
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, n, D]
         sin = self.sin[position_ids].unsqueeze(1)

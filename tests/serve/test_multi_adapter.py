@@ -151,6 +151,25 @@ def test_an_adapter_replaced_or_removed_is_not_served_from_a_stale_stack(tiny_di
     assert len(lean._stacks) <= MAX_ADAPTER_STACKS
 
 
+@pytest.mark.parametrize("rows", [["tuned", None, "wide"], ["mlp", "mlp", "mlp"]], ids=["mixed", "one-adapter"])
+def test_a_packed_verify_pass_with_adapters_gives_the_padded_passs_logits(tiny_dir, adapters, rows):
+    from kuberft_serve.kv_batch import SequenceBatch
+
+    lean = LeanRunner(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval())
+    for name, path in adapters.items():
+        lean.add_adapter(name, lean.read_adapter(path))
+
+    def verify(lengths):
+        batch = SequenceBatch(lean)
+        batch.prefill([[3, 4, 5, 6], [9, 10], [5, 5, 1]], pad_id=0, adapters=rows)
+        return batch.extend(torch.tensor([[4, 5, 6], [7, 0, 0], [2, 3, 0]]), lengths=lengths).logits
+
+    padded, packed = verify(None), verify([3, 1, 2])
+    for row, length in enumerate([3, 1, 2]):
+        torch.testing.assert_close(packed[row, :length], padded[row, :length], rtol=0, atol=1e-9)
+        assert not packed[row, length:].any()
+
+
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampling"])
 @pytest.mark.parametrize("speculator", ["none", "ngram"])
 def test_a_batch_mixing_three_adapters_and_the_base_gives_each_request_its_adapter_alone_tokens(tiny_dir, adapters, alone, speculator, sampled):
