@@ -41,7 +41,7 @@ import kopf
 from aiohttp import web
 from pydantic import ValidationError
 
-from kuberft_core.api import API_VERSION, GROUP, VERSION, RFTJobSpec
+from kuberft_core.api import API_VERSION, GROUP, VERSION, RFTJobSpec, TurboDeploymentSpec
 from kuberft_core.job_progress import FIELDS as PROGRESS_FIELDS
 from kuberft_core.job_progress import MAX_VALUE_CHARS as PROGRESS_MAX_CHARS
 from kuberft_core.job_progress import PROGRESS_SUFFIX
@@ -128,10 +128,14 @@ RBAC_RULES = (
 Key = tuple[str, str, str]  # (kind, namespace, name)
 
 
-def _adapter_rftjobs(spec: dict[str, Any]) -> set[str]:
-    """The RFTJobs a TurboDeployment's adapters come from (`fromRFTJob`), as its wire spec names them."""
-    sources = [spec.get("adapter")] + list(spec.get("adapters") or [])
-    return {s["fromRFTJob"] for s in sources if isinstance(s, dict) and isinstance(s.get("fromRFTJob"), str)}
+def _adapter_rftjobs(body: dict[str, Any]) -> set[str]:
+    """The RFTJobs a TurboDeployment's adapters come from (`fromRFTJob`); none while its spec is
+    invalid (the plan reports that)."""
+    try:
+        spec = parse_spec(TurboDeploymentSpec, body.get("spec") or {})
+    except ValidationError:
+        return set()
+    return {a.from_rft_job for a in spec.adapter_list if a.from_rft_job}
 
 
 @dataclass
@@ -403,7 +407,7 @@ class Controller:
             for (ref_namespace, _), refs in self._turbo_by_rftjob.items():
                 if ref_namespace == namespace:
                     refs.discard(name)
-            sources = sorted(_adapter_rftjobs(body.get("spec") or {}))
+            sources = sorted(_adapter_rftjobs(body))
             for source in sources:
                 self._turbo_by_rftjob.setdefault((namespace, source), set()).add(name)
             found = await asyncio.gather(*(self.client.get(API_VERSION, "RFTJob", namespace, source) for source in sources))
