@@ -384,6 +384,19 @@ def _serving() -> Dashboard:
                         ],
                         min=0,
                     ),
+                    Panel(
+                        "Prefix cache hit rate",
+                        "Fraction of prompt tokens whose KV came from the prefix cache (prefilled before, by a "
+                        "prompt that started the same way), by server.",
+                        [
+                            Query(
+                                f"sum by (instance) (rate(kuberft_serve_prefix_cache_hits_total[{RATE}]))"
+                                f" / sum by (instance) (rate(kuberft_serve_prefix_cache_queries_total[{RATE}]))",
+                                "{{instance}}",
+                            )
+                        ],
+                        unit="percentunit", min=0, max=1,
+                    ),
                 ],
             ),
         ],

@@ -714,6 +714,10 @@ class TurboDeploymentSpec(ApiModel):
     max_adapter_memory_mib: Optional[int] = Field(default=None, ge=1, alias="maxAdapterMemoryMiB")
     """Memory the loaded adapters' weights may take, in MiB (default: no limit); evicts as
     `maxLoadedAdapters` does."""
+    prefix_cache_mib: int = Field(default=1024, ge=0, alias="prefixCacheMiB")
+    """Memory for the KV of prompts' leading tokens, kept for later requests whose prompt starts
+    the same way (a shared system prompt, a chat's earlier turns), in MiB per serving pod, on the
+    model's device; the least recently used go first. 0 turns prefix caching off."""
     speculator: SpeculatorSpec = nested(SpeculatorSpec)
     """Speculative decoding."""
     replicas: int = Field(default=1, ge=0, le=1000)

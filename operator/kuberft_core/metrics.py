@@ -94,6 +94,8 @@ CATALOG: dict[str, ComponentCatalog] = {
             MetricSpec("tokens_per_second", "gauge", "Generated tokens per second over the last batch"),
             MetricSpec("running_requests", "gauge", "Requests being decoded"),
             MetricSpec("waiting_requests", "gauge", "Requests waiting for a batch slot"),
+            MetricSpec("prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache"),
+            MetricSpec("prefix_cache_hits", "counter", "Prompt tokens whose KV came from the prefix cache"),
             MetricSpec("spec_proposed_tokens", "counter", "Tokens proposed by the speculator", ("speculator",)),
             MetricSpec("spec_accepted_tokens", "counter", "Proposed tokens accepted by the model", ("speculator",)),
             MetricSpec("spec_steps", "counter", "Speculative verification steps", ("speculator",)),

@@ -106,6 +106,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-loras", type=int, metavar="N", help="LoRA adapters in memory at once (default: no limit)")
     serve.add_argument("--max-lora-memory", type=float, metavar="MIB",
                        help="memory the adapters in memory may take, in MiB (default: no limit)")
+    serve.add_argument("--prefix-cache-memory", type=float, metavar="MIB",
+                       help="memory for the KV of prompts' leading tokens, reused by later prompts that start the same way, "
+                       "in MiB (default: 1024; 0: no prefix caching)")
     serve.add_argument("--enable-runtime-lora-updating", dest="runtime_lora_updating", action="store_true",
                        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default, as in vLLM: "
                        "whoever reaches the server may then load any directory it can read)")
@@ -148,6 +151,7 @@ SPEC_FLAGS = {
     "port": ("--port", "port"),
     "max_loras": ("--max-loras", "maxLoadedAdapters"),
     "max_lora_memory": ("--max-lora-memory", "maxAdapterMemoryMiB"),
+    "prefix_cache_memory": ("--prefix-cache-memory", "prefixCacheMiB"),
 }
 
 
@@ -227,7 +231,7 @@ def _config_from_flags(args: argparse.Namespace, local: dict):
         adapters=adapters,
         heads_by_model=heads_by_model,
         **_given({"max_batch_size": args.max_batch_size, "port": args.port, "max_loras": args.max_loras,
-                  "max_lora_memory_mib": args.max_lora_memory}),
+                  "max_lora_memory_mib": args.max_lora_memory, "prefix_cache_mib": args.prefix_cache_memory}),
         **local,
     )
 
@@ -246,10 +250,12 @@ def _serve(args: argparse.Namespace) -> int:
         parser.error("--max-loras must be at least 1")
     if args.max_lora_memory is not None and args.max_lora_memory <= 0:
         parser.error("--max-lora-memory must be more than 0 MiB")
+    if args.prefix_cache_memory is not None and args.prefix_cache_memory < 0:
+        parser.error("--prefix-cache-memory must be 0 MiB (off) or more")
     if args.config:
         given = [flag for dest, (flag, _) in SPEC_FLAGS.items() if getattr(args, dest) not in (None, [])]
         if given:
-            parser.error(f"{', '.join(given)}: not with --config (the file sets the model, adapters, speculator, batch size, port and adapter limits)")
+            parser.error(f"{', '.join(given)}: not with --config (the file sets the model, adapters, speculator, batch size, port, adapter limits and prefix cache)")
         from kuberft_core.manifests import ManifestError
 
         from .config import ServeConfig, load_spec_document

@@ -46,6 +46,9 @@ class ServeConfig:
     running request uses is evicted to make room, and reloaded from its directory when asked for."""
     max_lora_memory_mib: float | None = None
     """Memory the resident adapters' weights may take, in MiB (None: no limit); evicts as `max_loras` does."""
+    prefix_cache_mib: float = 1024
+    """Memory for the prefix cache (the KV of prompts' leading tokens, reused by later prompts that
+    start the same way), in MiB; 0: no prefix caching."""
     runtime_lora_updating: bool = False
     """Whether `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` exist (vLLM's, which it
     enables with VLLM_ALLOW_RUNTIME_LORA_UPDATING). Off by default, as in vLLM: they let whoever
@@ -77,6 +80,7 @@ class ServeConfig:
             port=spec.port,
             max_loras=spec.max_loaded_adapters,
             max_lora_memory_mib=spec.max_adapter_memory_mib,
+            prefix_cache_mib=spec.prefix_cache_mib,
             **local,
         )
 

@@ -4,7 +4,9 @@ Requests are decoded together in one `Group` (one KV batch of the target, one sp
 whatever adapter they name: each row carries its adapter and one forward pass serves them all
 (grouped LoRA in the lean forward, `lora.py`; peft's mixed-batch inference otherwise). New
 requests join the running group after a batched prefill (equal prompts, such as the n samples of
-one request, share one row of it); finished or cancelled ones leave at the next step.
+one request, share one row of it; a prompt whose leading tokens were prefilled before takes their
+KV from the `PrefixCache` and computes only the rest); finished or cancelled ones leave at the next
+step.
 `speculative_step` is the whole decoding algorithm:
 
     1. propose  k tokens per row (the speculator; k = 0 is plain decoding); a row with a
@@ -42,6 +44,7 @@ import torch
 from .adapter_pool import AdapterPool
 from .kv_batch import ModelRunner, SequenceBatch
 from .lora import AdapterError
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenLogprob, accept_greedy, accept_proposals, apply_token_bitmask, select_token, token_logprobs
 from .speculators import Proposal, Speculator
 
@@ -328,10 +331,13 @@ class Engine:
         max_batch_size: int = 8,
         metrics=None,
         adapters: AdapterPool | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.target_runner = target
         self.adapters = adapters if adapters is not None else AdapterPool(target)
         """The adapters requests may name, and those resident now."""
+        self.prefix_cache = prefix_cache
+        """KV of prompts' leading blocks, reused by later prompts that start the same way (None: off)."""
         self.tokenizer = tokenizer
         self.speculator = speculator or Speculator()
         self.speculating = self.speculator.name != "none"
@@ -348,9 +354,11 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.inbox: queue.Queue[Sequence] = queue.Queue()
         self._recent = deque(maxlen=64)  # (proposed, accepted, row-steps) per step, for the gauges
-        self.stats = {"proposed": 0, "accepted": 0, "spec_steps": 0, "steps": 0, "emitted": 0, "forwards": 0}
+        self.stats = {"proposed": 0, "accepted": 0, "spec_steps": 0, "steps": 0, "emitted": 0, "forwards": 0,
+                      "prompt_tokens": 0, "cached_prompt_tokens": 0}
         """Totals since start (the benchmark reads them; Prometheus gets the same numbers);
-        `forwards` counts the target's verify passes (one per group and step)."""
+        `forwards` counts the target's verify passes (one per group and step);
+        `cached_prompt_tokens`: prompt tokens whose KV came from the prefix cache."""
         self.stats_by_model: dict[str | None, dict[str, int]] = {}
         """Speculation totals per served model (adapter name, None for the base): proposed,
         accepted, spec_steps (row-steps that proposed), emitted."""
@@ -391,11 +399,15 @@ class Engine:
         weights = self.target_runner.read_adapter(path)
         with self.lock:
             self.adapters.register(name, path, weights)
+            if self.prefix_cache is not None:  # the name may have served other weights before
+                self.prefix_cache.forget(name)
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving `name` (KeyError if unknown); requests decoding with it finish first."""
         with self.lock:
             self.adapters.unregister(name, self._busy_adapters())
+            if self.prefix_cache is not None:
+                self.prefix_cache.forget(name)
 
     def _busy_adapters(self) -> set:
         return {seq.adapter for group in self.groups.values() for seq in group.seqs if seq.adapter is not None}
@@ -533,8 +545,15 @@ class Engine:
 
     def _prefill_batch(self, group: Group, seqs: list[Sequence], all_positions: bool) -> None:
         fresh = SequenceBatch(self.target_runner, want_hidden=self.speculator.needs_target_hidden)
-        result = fresh.prefill([s.prompt_ids for s in seqs], self.pad_id, all_positions=all_positions,
-                               adapters=[s.adapter for s in seqs])
+        prompts, adapters = [s.prompt_ids for s in seqs], [s.adapter for s in seqs]
+        prefixes = None
+        if self.prefix_cache is not None and not all_positions:
+            prefixes = [self.prefix_cache.match(adapter, prompt) for adapter, prompt in zip(adapters, prompts)]
+        result = fresh.prefill(prompts, self.pad_id, all_positions=all_positions, adapters=adapters, prefixes=prefixes)
+        if self.prefix_cache is not None:
+            for row, (adapter, prompt) in enumerate(zip(adapters, prompts)):
+                self.prefix_cache.store(adapter, prompt, lambda row=row: fresh.prompt_kv(row))
+        self._count_prompt_tokens(seqs, prefixes)
         for row, mask in self._grammar_masks(seqs, [[] for _ in seqs]).items():
             apply_token_bitmask(result.logits[row, -1:], mask)
         for row, seq in enumerate(seqs):
@@ -548,6 +567,15 @@ class Engine:
         group.target.merge(fresh)
         self.speculator.add_rows(group.spec_state, seqs, result)
         group.seqs.extend(seqs)
+
+    def _count_prompt_tokens(self, seqs: list[Sequence], prefixes: list[torch.Tensor | None] | None) -> None:
+        total = sum(len(seq.prompt_ids) for seq in seqs)
+        cached = sum(prefix.shape[3] for prefix in prefixes or [] if prefix is not None)
+        self.stats["prompt_tokens"] += total
+        self.stats["cached_prompt_tokens"] += cached
+        if self.metrics is not None and self.prefix_cache is not None:
+            self.metrics.prefix_cache_queries.inc(total)
+            self.metrics.prefix_cache_hits.inc(cached)
 
     def _drop_finished(self, group: Group) -> None:
         for seq in group.seqs:

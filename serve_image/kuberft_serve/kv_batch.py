@@ -155,23 +155,33 @@ class SequenceBatch:
 
     # ------------------------------------------------------------------ feeding tokens
     def prefill(self, prompts: list[list[int]], pad_id: int, *, all_positions: bool = False,
-                adapters: list[str | None] | None = None) -> ForwardResult:
-        """Start a new batch from prompts (left padded), row b decoded with adapters[b] (default:
-        this batch's adapter); returns the last position's outputs, or every position's with
-        `all_positions` (prompts end at the last one). Equal prompts for the same adapter (the n
-        samples of a request) share one row of the forward pass, whose KV row is then copied."""
+                adapters: list[str | None] | None = None, prefixes: list[torch.Tensor | None] | None = None) -> ForwardResult:
+        """Start a new batch from prompts, row b decoded with adapters[b] (default: this batch's
+        adapter); returns the last position's outputs, or every position's with `all_positions`
+        (prompts end at the last one). `prefixes[b]`: the KV of prompt b's first m tokens
+        ([layers, 2, kv_heads, m, head_dim], from the prefix cache), which are then not computed
+        again (not with `all_positions`). Equal prompts for the same adapter (the n samples of a
+        request) share one row of the forward pass, whose KV row is then copied."""
         if self.size:
             raise RuntimeError("prefill starts a new batch; merge it into a running one with `merge`")
         adapters = list(adapters) if adapters is not None else [self.adapter] * len(prompts)
+        prefixes = list(prefixes) if prefixes is not None else [None] * len(prompts)
         keys = [(adapter, tuple(prompt)) for adapter, prompt in zip(adapters, prompts)]
-        distinct = list(dict.fromkeys(keys))
-        if len(distinct) < len(prompts):
-            row_of = {key: row for row, key in enumerate(distinct)}
-            rows = [row_of[key] for key in keys]
-            result = self.prefill([list(prompt) for _, prompt in distinct], pad_id, all_positions=all_positions,
-                                  adapters=[adapter for adapter, _ in distinct])
+        first_row = {}
+        for row, key in enumerate(keys):
+            first_row.setdefault(key, row)
+        if len(first_row) < len(prompts):
+            place = {key: index for index, key in enumerate(first_row)}
+            rows = [place[key] for key in keys]
+            result = self.prefill([list(prompt) for _, prompt in first_row], pad_id, all_positions=all_positions,
+                                  adapters=[adapter for adapter, _ in first_row], prefixes=[prefixes[row] for row in first_row.values()])
             self.select(rows)
             return ForwardResult(result.logits[rows], None if result.hidden is None else result.hidden[rows])
+        self.adapters = adapters
+        if any(prefix is not None for prefix in prefixes):
+            if all_positions:
+                raise ValueError("a prefill for every position's logits computes the whole prompt: give no prefixes")
+            return self._prefill_after(prompts, prefixes, pad_id)
         device = self.runner.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -181,7 +191,6 @@ class SequenceBatch:
             valid[row, width - len(prompt) :] = True
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         self.cache = self.runner.new_cache()
-        self.adapters = adapters
         result = self.runner.forward(
             ids,
             self.cache,
@@ -195,6 +204,44 @@ class SequenceBatch:
         self.holes = not bool(valid.all())
         self.next_position = valid.sum(dim=1)
         return result
+
+    def _prefill_after(self, prompts: list[list[int]], prefixes: list[torch.Tensor | None], pad_id: int) -> ForwardResult:
+        """The prefill of prompts whose first tokens' KV is given: the cache starts with those
+        (left padded to the longest), the rest of each prompt is fed after them in one pass."""
+        device = self.runner.device
+        cached = [0 if prefix is None else prefix.shape[3] for prefix in prefixes]
+        width = max(cached)
+        some = next(prefix for prefix in prefixes if prefix is not None)
+        layers, _, kv_heads, _, head_dim = some.shape
+        kv = some.new_zeros(layers, 2, len(prompts), kv_heads, width, head_dim)
+        self.valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+        for row, prefix in enumerate(prefixes):
+            if prefix is not None:
+                kv[:, :, row, :, width - cached[row] :] = prefix
+                self.valid[row, width - cached[row] :] = True
+        self.cache = self.runner.new_cache()
+        for layer, (keys, values) in zip(self.cache.layers, kv):
+            layer.update(keys, values)
+        self.next_position = torch.tensor(cached, dtype=torch.long, device=device)
+        self.holes = not bool(self.valid.all())
+        rests = [prompt[count:] for prompt, count in zip(prompts, cached)]
+        lengths = [len(rest) for rest in rests]
+        feed = torch.tensor([rest + [pad_id] * (max(lengths) - len(rest)) for rest in rests], device=device)
+        result = self.extend(feed, lengths=lengths)
+        self.commit(lengths)
+        rows = torch.arange(len(prompts), device=device)
+        last = torch.tensor(lengths, device=device) - 1
+        hidden = None if result.hidden is None else result.hidden[rows, last][:, None]
+        return ForwardResult(result.logits[rows, last][:, None], hidden)
+
+    def prompt_kv(self, row: int) -> torch.Tensor:
+        """The KV of every token row `row` holds, in order: [layers, 2, kv_heads, tokens, head_dim]
+        (what the prefix cache keeps of a prompt after its prefill)."""
+        slots = self.valid[row].nonzero()[:, 0]
+        return torch.stack([
+            torch.stack([layer.keys[row].index_select(1, slots), layer.values[row].index_select(1, slots)])
+            for layer in _cache_layers(self.cache)
+        ])
 
     def extend(self, tokens: torch.Tensor, lengths: list[int] | None = None) -> ForwardResult:
         """Feed n tokens per row ([B, n]) after the slots fed so far; every fed slot counts as

@@ -55,7 +55,7 @@ class _Layer:
     buffers with spare slots, so a forward writes its new slots in place instead of copying the
     whole cache (torch.cat) every step. `SequenceBatch` may set `keys`/`values` to any tensor
     (rows selected, slots cut off or merged): a view of the buffer's first slots, as rolling
-    back leaves, keeps the buffer; anything else moves to a new one at the next `append`."""
+    back leaves, keeps the buffer; anything else moves to a new one at the next `update`."""
 
     __slots__ = ("keys", "values", "_key_buffer", "_value_buffer")
 
@@ -65,8 +65,9 @@ class _Layer:
         self._key_buffer = None
         self._value_buffer = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the slots k, v [B, kv_heads, n, head_dim] after the held ones; returns all of them."""
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the slots k, v [B, kv_heads, n, head_dim] after the held ones; returns all of them
+        (transformers' cache layers take new slots by the same name)."""
         n = k.shape[2]
         held = 0 if self.keys is None else self.keys.shape[2]
         if not (
@@ -336,7 +337,7 @@ class LeanRunner:
             qk, v, qk_rotated = qkv.split([heads + kv_heads, kv_heads, heads + kv_heads], dim=1)  # [B, h, n, D]
             q, k = (qk * cos + qk_rotated * sin).split([heads, kv_heads], dim=1)  # rotary
             if cache is not None:
-                k, v = cache.layers[index].append(k, v)
+                k, v = cache.layers[index].update(k, v)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
             attn = attn.transpose(1, 2).reshape(batch, n, heads * dim)
             if rows is not None:

@@ -19,6 +19,7 @@ from .heads import MedusaHeads, train_heads
 from .kv_batch import ModelRunner
 from .lean_llama import LeanRunner
 from .lora import AdapterError
+from .prefix_cache import PrefixCache
 from .speculators import DraftSpeculator, HeadsSpeculator, NgramSpeculator, Speculator
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,14 @@ def build_engine(config: ServeConfig, metrics=None) -> Engine:
     for name, path in config.adapters.items():
         pool.register(name, path, weights[name])
     spec = config.speculator
+    prefix_bytes = int(config.prefix_cache_mib * 2**20)
     options = {
         "num_speculative_tokens": spec.num_speculative_tokens,
         "adaptive": spec.adaptive,
         "max_batch_size": config.max_batch_size,
         "metrics": metrics,
         "adapters": pool,
+        "prefix_cache": PrefixCache(prefix_bytes) if prefix_bytes > 0 else None,
     }
     speculator: Speculator
     if spec.type == "none":

@@ -437,6 +437,7 @@ def test_serve_pods_read_the_resolved_spec_from_their_config_map_and_mount_a_pvc
         "speculator": {"type": "draft", "draftModel": "tiny-draft", "numSpeculativeTokens": 5, "adaptive": True, "trainHeads": False},
         "maxBatchSize": 8,
         "port": 9000,
+        "prefixCacheMiB": 1024,
     }
     assert container["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"}]
     assert {"name": "adapters-0", "persistentVolumeClaim": {"claimName": "ckpt", "readOnly": True}} in pod["volumes"]
