@@ -97,54 +97,6 @@ class LeanCache:
         self.layers = [_Layer() for _ in range(num_layers)]
 
 
-PACK_MIN_ELEMENTS = 1 << 18
-"""Weights at least this large are reordered for oneDNN on the CPU; smaller ones stay plain (the
-packed call costs ~10 us more per op, more than a small matrix saves)."""
-
-
-def _can_pack(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and weight.numel() >= PACK_MIN_ELEMENTS
-        and torch.backends.mkldnn.is_available()
-    )
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """The weight in oneDNN's layout, or None where this torch cannot: the two ops are torch's
-    internal ones (its compiler uses them), so they are probed once against F.linear."""
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
-        probe = torch.linspace(-1, 1, weight.shape[1], dtype=weight.dtype).unsqueeze(0)
-        if torch.allclose(torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], ""), F.linear(probe, weight), rtol=1e-4, atol=1e-4):
-            return packed
-    except (AttributeError, RuntimeError, TypeError):
-        pass
-    log.warning("this torch cannot prepack weights for oneDNN; the lean forward uses F.linear")
-    return None
-
-
-class Projection:
-    """y = x W^T. On the CPU, large float32 weights are prepacked once in oneDNN's blocked layout:
-    at a few rows (decoding, verification) the default GEMM repacks the weight every call and
-    costs up to twice the time of reading it; the packed kernel also computes each row the same
-    way whatever the number of rows, so a verification pass gives the logits of decoding alone."""
-
-    __slots__ = ("weight", "packed")
-
-    def __init__(self, weight: torch.Tensor):
-        weight = weight.detach()
-        packed = _pack(weight) if _can_pack(weight) else None
-        self.packed = packed is not None
-        self.weight = packed if packed is not None else weight
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-        return F.linear(x, self.weight)
-
-
 class LeanRunner:
     """`ModelRunner`'s interface over the lean forward of a Llama model's weights."""
     packs_rows = True
@@ -178,7 +130,7 @@ class LeanRunner:
         base = model.model
         self.embed = base.embed_tokens.weight
         self.final_norm = base.norm.weight
-        self.lm_head = Projection(model.get_output_embeddings().weight)
+        self.lm_head = model.get_output_embeddings().weight.detach()
         self.adapters: dict[str, LeanLora] = {}
         self._stacks: dict[tuple[str, ...], AdapterStack] = {}
         """The stacked factors of the sets of adapters recent batches mixed, least recently used first."""
@@ -189,11 +141,11 @@ class LeanRunner:
             self.layers.append((
                 layer.input_layernorm.weight,
                 # one projection gives q, k, v and rotate_half(q), rotate_half(k) (rotary's second term)
-                Projection(torch.cat([q_w, k_w, v_w, self._rotate_half_rows(q_w), self._rotate_half_rows(k_w)])),
-                Projection(attn.o_proj.weight),
+                torch.cat([q_w, k_w, v_w, self._rotate_half_rows(q_w), self._rotate_half_rows(k_w)]).detach(),
+                attn.o_proj.weight.detach(),
                 layer.post_attention_layernorm.weight,
-                Projection(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),  # [2 I, hidden]
-                Projection(mlp.down_proj.weight),
+                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),  # [2 I, hidden]
+                mlp.down_proj.weight.detach(),
             ))
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -266,9 +218,11 @@ class LeanRunner:
             raise KeyError(f"adapter {name!r} is not loaded") from None
 
     @staticmethod
-    def _project(projection: Projection, x: torch.Tensor, lora: LeanLora | GroupedLora | None, layer: int, slot: int) -> torch.Tensor:
-        """projection(x) plus its LoRA delta, each row's from its own adapter."""
-        y = projection(x)
+    def _project(weight: torch.Tensor, x: torch.Tensor, lora: LeanLora | GroupedLora | None, layer: int, slot: int) -> torch.Tensor:
+        """x W^T plus its LoRA delta, each row's from its own adapter. (Plain F.linear: on torch 2.15's
+        CPU build, oneDNN-prepacked weights, which this used, were 8-18% slower per forward at 1-5
+        rows and no faster at 64 or at a 128-token prefill.)"""
+        y = F.linear(x, weight)
         if lora is None:
             return y
         if isinstance(lora, LeanLora):
@@ -348,7 +302,7 @@ class LeanRunner:
         if last_only:
             x = x[:, -1:]
         hidden = F.rms_norm(x, shape, self.final_norm, eps)
-        logits = self.lm_head(hidden).float()
+        logits = F.linear(hidden, self.lm_head).float()
         if rows is not None:
             logits = logits.new_zeros(batch * n, logits.shape[-1]).index_copy_(0, rows, logits).view(batch, n, -1)
             if want_hidden:

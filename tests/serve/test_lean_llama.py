@@ -44,35 +44,6 @@ def test_the_draft_speculator_runs_the_lean_forward_for_a_llama_draft(tiny_dir, 
     assert isinstance(engine.speculator.runner, LeanRunner)
 
 
-def test_a_packed_projection_computes_the_product_and_each_row_alike_whatever_the_rows():
-    from kuberft_serve.lean_llama import Projection
-
-    torch.manual_seed(0)
-    weight = torch.randn(1024, 512)
-    projection = Projection(weight)
-    assert projection.packed == torch.backends.mkldnn.is_available()
-    x = torch.randn(2, 5, 512)
-    with torch.inference_mode():
-        out = projection(x)
-        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-4)
-        # a verification pass of 5 tokens computes token 0 exactly as decoding it alone does
-        assert torch.equal(projection(x[:1, :1]), out[:1, :1])
-
-
-def test_a_torch_without_the_internal_onednn_ops_falls_back_to_a_plain_product(monkeypatch):
-    from kuberft_serve import lean_llama
-
-    def missing(*args, **kwargs):
-        raise RuntimeError("no such op")
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing, raising=False)
-    weight = torch.randn(1024, 512)
-    projection = lean_llama.Projection(weight)
-    assert not projection.packed
-    x = torch.randn(3, 512)
-    torch.testing.assert_close(projection(x), torch.nn.functional.linear(x, weight))
-
-
 def test_the_target_runs_the_lean_forward_on_the_cpu_with_its_adapters_and_peft_for_dora(tiny_dir, adapter_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
