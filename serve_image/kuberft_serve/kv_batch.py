@@ -269,8 +269,10 @@ class SequenceBatch:
         rolled back (holes), and slots no row keeps are cut off the end of the cache."""
         n = self._pending
         self._pending = 0
-        if all(k == n for k in keep):  # everything kept: nothing to roll back
-            self.next_position += n
+        if all(k == keep[0] for k in keep):  # every row keeps as many (a batch of one always): no new holes
+            self.next_position += keep[0] if keep else 0
+            if keep and keep[0] < n:
+                self._slice_slots(0, self.length - (n - keep[0]))
             return
         keep_t = torch.tensor(keep, dtype=torch.long, device=self.valid.device)
         fed = torch.arange(n, device=self.valid.device)[None, :] < keep_t[:, None]

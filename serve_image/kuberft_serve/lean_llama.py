@@ -280,6 +280,8 @@ class LeanRunner:
                 # a padding slot attends to itself only: a row with nothing to attend to would be NaN
                 own = slots[None, :] == (past + torch.arange(n, device=input_ids.device))[:, None]
                 mask = (mask & attention_mask[:, None, None, :].bool()) | own  # [B, 1, n, T + n]
+            # additive, once: each layer's attention would otherwise turn the boolean mask into this
+            mask = torch.zeros(mask.shape, dtype=self.embed.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         x = F.embedding(input_ids if rows is None else input_ids.reshape(-1)[rows], self.embed)  # [B, n, H] or [N, H]
         shape, eps = (x.shape[-1],), self.eps
         project = self._project
