@@ -29,6 +29,10 @@ batch (one forward pass per step, each row with its adapter's LoRA). --max-loras
 --max-lora-memory bound the adapters kept in memory: the least recently used idle one is
 evicted, and reloaded from its directory when a request names it again.
 
+Prefix caching: the KV of prompts' leading 16-token blocks is kept (--prefix-cache-memory MiB,
+per served model, least recently used first) and reused by later prompts that start the same
+way, which then prefill only the rest.
+
 A TurboDeployment's pods run `kuberft serve --config FILE`: FILE is the deployment's spec as one
 JSON document (the operator mounts it, the adapter resolved to a directory); a TurboDeployment
 manifest works too. The flags below describe the same things for a server started by hand.
