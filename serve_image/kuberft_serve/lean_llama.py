@@ -19,15 +19,11 @@ adapters and of the base model share one forward pass.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch.nn import functional as F
 
 from .kv_batch import ForwardResult
 from .lora import AdapterStack, Factors, GroupedLora, LeanLora, read_lora
-
-log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = {"llama", "mistral"}
 
