@@ -34,7 +34,9 @@ class _Block:
     key: tuple
     kv: torch.Tensor
     """[layers, 2 (keys, values), kv_heads, BLOCK_TOKENS, head_dim]."""
-    children: list[tuple] = field(default_factory=list)
+    parent: "_Block | None"
+    children: set[tuple] = field(default_factory=set)
+    """Keys of the kept blocks that continue this one."""
 
 
 class PrefixCache:
@@ -93,12 +95,12 @@ class PrefixCache:
             if not self._make_room(block_kv.nbytes, keep):
                 return
             key = (model, parent.id if parent else ROOT, tuple(tokens[start : start + BLOCK_TOKENS]))
-            block = _Block(self._next_id, key, block_kv)
+            block = _Block(self._next_id, key, block_kv, parent)
             self._next_id += 1
             self._blocks[key] = block
             self.bytes += block_kv.nbytes
             if parent is not None:
-                parent.children.append(key)
+                parent.children.add(key)
             keep.add(block.id)
             parent = block
 
@@ -119,6 +121,7 @@ class PrefixCache:
     def _evict(self, key: tuple) -> None:
         block = self._blocks.pop(key)
         self.bytes -= block.kv.nbytes
-        for child in block.children:
-            if child in self._blocks:
-                self._evict(child)
+        if block.parent is not None:  # a block evicted on its own leaves its parent's list too
+            block.parent.children.discard(key)
+        for child in list(block.children):
+            self._evict(child)

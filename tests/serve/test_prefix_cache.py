@@ -91,6 +91,19 @@ def test_the_least_recently_used_blocks_leave_first_with_every_block_that_contin
     assert len(cache) == 3 and cache.bytes == 3 * block_bytes() <= cache.max_bytes
 
 
+def test_continuations_evicted_on_their_own_leave_no_trace_in_the_block_they_continue():
+    """A shared first block (a system prompt) outlives its many continuations: those evicted must
+    not pile up in its list of children, else memory grows with every distinct prompt ever seen."""
+    cache = PrefixCache(max_bytes=3 * block_bytes())
+    system = [9] * BLOCK_TOKENS
+    for tail in range(50):
+        stored(cache, None, system + [tail] * BLOCK_TOKENS)
+        cache.match(None, system + [0])  # the shared block stays the most recently used
+    root = cache._blocks[(None, 0, tuple(system))]
+    assert len(cache) == 3 and len(root.children) == 2
+    assert cache.match(None, system + [49] * BLOCK_TOKENS + [0]).shape[3] == 2 * BLOCK_TOKENS
+
+
 def test_a_prompt_longer_than_the_budget_keeps_what_fits_and_evicts_nothing_it_continues():
     cache = PrefixCache(max_bytes=2 * block_bytes())
     prompt = list(range(5 * BLOCK_TOKENS))
