@@ -22,9 +22,11 @@ did first, a side could win or lose by the minute it ran in. Threads: vLLM binds
 to its front end; kuberft computes with as many (one core fewer than it may use, the other for
 its HTTP server), so both compute on the same number of cores. Each side's count is printed
 and recorded (`compute_threads`), read from its log:
-- kuberft: `kuberft serve --dtype float32 --device cpu --max-batch-size 16` (one batch holds the
-  c=16 load), with `--speculator none`, then `--speculator ngram` (its n-gram prompt lookup,
-  adaptive k up to --k), then 8 `--adapter NAME=DIR` (plain decoding);
+- kuberft: `kuberft serve --dtype float32 --device cpu --max-batch-size 16 --compile` (one batch
+  holds the c=16 load; its forward compiled with torch.compile at start-up, as vLLM compiles its
+  model by default: both sides run inductor-compiled graphs), with `--speculator none`, then
+  `--speculator ngram` (its n-gram prompt lookup, adaptive k up to --k), then 8 `--adapter NAME=DIR`
+  (plain decoding);
 - vLLM: `python -m vllm.entrypoints.openai.api_server --dtype float32 --gpu-memory-utilization 0.1`
   (on the CPU a fraction of host memory), plain, then `--speculative-config` ngram (k = --k,
   prompt lookup 2..4 tokens), then `--enable-lora --lora-modules ... --max-loras 8`. If vLLM
@@ -165,7 +167,8 @@ def free_port() -> int:
 def kuberft_command(model_dir: Path, port: int, speculator: str, k: int, adapters: dict[str, Path]) -> list[str]:
     command = [sys.executable, "-m", "kuberft_operator.cli", "serve", "--model", str(model_dir), "--served-model-name", BASE,
                "--dtype", "float32", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-               "--max-batch-size", str(max(CONCURRENCY)), "--speculator", speculator, "--num-speculative-tokens", str(k), "--seed", "0"]
+               "--max-batch-size", str(max(CONCURRENCY)), "--speculator", speculator, "--num-speculative-tokens", str(k), "--seed", "0",
+               "--compile"]
     for name, path in adapters.items():
         command += ["--adapter", f"{name}={path}"]
     return command

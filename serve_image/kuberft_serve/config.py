@@ -49,6 +49,10 @@ class ServeConfig:
     prefix_cache_mib: float = 1024
     """Memory for the prefix cache (the KV of prompts' leading tokens, reused by later prompts that
     start the same way), in MiB; 0: no prefix caching."""
+    compile: bool = False
+    """Whether the model's forward passes are compiled with torch.compile (`LeanRunner.compile`:
+    the CPU forward of Llama-architecture models; needs a C++ compiler, adds a minute or more to
+    start-up)."""
     runtime_lora_updating: bool = False
     """Whether `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` exist (vLLM's, which it
     enables with VLLM_ALLOW_RUNTIME_LORA_UPDATING). Off by default, as in vLLM: they let whoever

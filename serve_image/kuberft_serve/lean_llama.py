@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .kv_batch import ForwardResult
+from .kv_batch import ForwardResult, SequenceBatch
 from .lora import AdapterStack, Factors, GroupedLora, LeanLora, read_lora
 
 SUPPORTED_TYPES = {"llama", "mistral"}
@@ -30,6 +30,12 @@ SUPPORTED_TYPES = {"llama", "mistral"}
 
 MAX_ADAPTER_STACKS = 4
 """Sets of adapters whose stacked factors are kept (each a copy of those adapters' factors)."""
+
+SHAPE_FAMILIES = 8
+"""Graphs `LeanRunner.compile` makes: one row or several, one token or several, with or without
+holes in the cache (an attention mask or none). Dynamic shapes keep size 1 apart; any other batch,
+width or cache length reuses one of these."""
+_compiled_runners = 0
 
 CACHE_SPARE_SLOTS = 64
 """Free slots a layer's key and value buffers get past what they hold when (re)allocated."""
@@ -44,6 +50,11 @@ def _buffered(buffer: torch.Tensor | None, held: torch.Tensor | None) -> bool:
         and held.stride() == buffer.stride()
         and held.shape[:2] == buffer.shape[:2]
     )
+
+
+def _inference(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as an inference tensor (a copy, when it was made outside inference mode)."""
+    return tensor if tensor.is_inference() else tensor.clone()
 
 
 class _Layer:
@@ -61,28 +72,39 @@ class _Layer:
         self._key_buffer = None
         self._value_buffer = None
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the slots k, v [B, kv_heads, n, head_dim] after the held ones; returns all of them
-        (transformers' cache layers take new slots by the same name)."""
-        n = k.shape[2]
+    def reserve(self, batch: int, n: int, heads: int, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The key and value buffers [batch, heads, capacity, dim], with room for n slots after the
+        held ones, and how many are held: a forward writes its slots there in place (`like`: a
+        tensor of the buffers' dtype and device), then `hold` says how many slots are filled."""
         held = 0 if self.keys is None else self.keys.shape[2]
         if not (
             _buffered(self._key_buffer, self.keys)
             and _buffered(self._value_buffer, self.values)
-            and held + n <= self._key_buffer.shape[2]
-            and self._key_buffer.shape[0] == k.shape[0]
+            and held + n < self._key_buffer.shape[2]  # a spare slot always: a view of a whole buffer is another graph
+            and self._key_buffer.shape[0] == batch
         ):
-            batch, heads, _, dim = k.shape
             capacity = held + n + CACHE_SPARE_SLOTS
-            self._key_buffer = k.new_empty(batch, heads, capacity, dim)
-            self._value_buffer = v.new_empty(batch, heads, capacity, v.shape[3])
+            self._key_buffer = like.new_empty(batch, heads, capacity, dim)
+            self._value_buffer = like.new_empty(batch, heads, capacity, dim)
             if held:
                 self._key_buffer[:, :, :held].copy_(self.keys)
                 self._value_buffer[:, :, :held].copy_(self.values)
-        self._key_buffer[:, :, held : held + n].copy_(k)
-        self._value_buffer[:, :, held : held + n].copy_(v)
-        self.keys = self._key_buffer[:, :, : held + n]
-        self.values = self._value_buffer[:, :, : held + n]
+        return self._key_buffer, self._value_buffer, held
+
+    def hold(self, slots: int) -> None:
+        """The buffers' first `slots` slots are this layer's keys and values now."""
+        self.keys = self._key_buffer[:, :, :slots]
+        self.values = self._value_buffer[:, :, :slots]
+
+    @torch.inference_mode()  # buffers are inference tensors, made in the forward or here alike
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the slots k, v [B, kv_heads, n, head_dim] after the held ones; returns all of them
+        (transformers' cache layers take new slots by the same name)."""
+        n = k.shape[2]
+        keys, values, held = self.reserve(k.shape[0], n, k.shape[1], k.shape[3], k)
+        keys[:, :, held : held + n].copy_(k)
+        values[:, :, held : held + n].copy_(v)
+        self.hold(held + n)
         return self.keys, self.values
 
 
@@ -123,6 +145,8 @@ class LeanRunner:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = config.rms_norm_eps
+        self.grouped_query = self.num_heads != self.num_kv_heads
+        """A bool, not a comparison made in the forward: compiled with dynamic shapes, ints are symbolic."""
         base = model.model
         self.embed = base.embed_tokens.weight
         self.final_norm = base.norm.weight
@@ -151,6 +175,50 @@ class LeanRunner:
         emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
         dtype = self.embed.dtype
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        self._compiled_run = None
+        """`_run` compiled by `compile`, for the passes without LoRA or packing (None: eager only)."""
+
+    def compile(self) -> None:
+        """Compile the forward passes the decoding steps make without LoRA or packed rows into one
+        graph each (torch.compile, inductor, dynamic shapes), as vLLM compiles its model: at a
+        batch of a few rows a pass is a hundred small ops, whose dispatch costs more than their
+        arithmetic; inductor fuses the element-wise ones around the matrix products. Warms up
+        every shape family a `SequenceBatch` feeds (one row or several, one token or several, with
+        and without holes): each is compiled here, at start-up (seconds to a minute each), not
+        during a request. Raises RuntimeError when it cannot (inductor's CPU code needs a C++
+        compiler)."""
+        global _compiled_runners
+        _compiled_runners += 1
+        # dynamo keeps the graphs of `_run` for every runner together (they differ in `self`), and
+        # refuses a new one past recompile_limit
+        limits = torch._dynamo.config
+        limits.recompile_limit = max(limits.recompile_limit, SHAPE_FAMILIES * _compiled_runners)
+        self._compiled_run = torch.compile(self._run, dynamic=True, fullgraph=True)
+        try:
+            for rows in (1, 2):
+                for holes in (False, True):
+                    for n in (1, 3):
+                        self._warm_up(rows, holes, n)
+        except Exception as err:
+            self._compiled_run = None
+            raise RuntimeError(f"torch.compile could not build the forward pass (its CPU backend needs a C++ compiler, "
+                               f"such as g++, on PATH): {type(err).__name__}: {err}") from err
+
+    def _warm_up(self, rows: int, holes: bool, n: int) -> None:
+        """Feed n tokens per row to a `SequenceBatch` of `rows` rows, with holes or without: the
+        inputs of that family exactly as the engine makes them. Sizes equal while tracing share a
+        symbol, and would be taken as equal for good: the traced ones (2 rows, 3 tokens, the
+        prompt's slots and those after it) differ from each other and from the weights' sizes."""
+        taken = {size for weights in (self.embed, self.lm_head, self.cos, *self.layers[0]) for size in weights.shape} | {1, 2, 3}
+        length = next(length for length in range(8, 10**6)
+                      if taken.isdisjoint({length, length + 1, length + 3, length + 4, length + 6, length + CACHE_SPARE_SLOTS}))
+        batch = SequenceBatch(self)
+        batch.prefill([[1] * length, [2] * length][:rows if not holes else 2], 0)
+        if holes:  # row 1 keeps one of three slots; alone, it keeps the two holes after it
+            batch.extend(torch.ones(2, 3, dtype=torch.long, device=self.device), lengths=[3, 3])
+            batch.commit([3, 1])
+            batch.select(list(range(2 - rows, 2)))
+        batch.extend(torch.ones(rows, n, dtype=torch.long, device=self.device), lengths=[n] * rows)
 
     def _rotate_half_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """W' with W' x = rotate_half(W x) per head: rotate_half(y) = [-y2, y1] of y's halves."""
@@ -260,22 +328,48 @@ class LeanRunner:
             rows = (torch.arange(n, device=input_ids.device)[None, :] < counts[:, None]).view(-1).nonzero()[:, 0]
             if isinstance(lora, GroupedLora):  # packed tokens carry their row's adapter
                 lora = lora.stack.for_rows(lora.row_adapter[rows // n])
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        cache = cache if cache is not None else self.new_cache()
+        buffers = [layer.reserve(batch, n, self.num_kv_heads, self.head_dim, self.embed) for layer in cache.layers]
+        held = buffers[0][2]
+        run = self._run
+        if self._compiled_run is not None and lora is None and rows is None and not last_only:
+            run = self._compiled_run
+            # the graphs were traced on tensors made in inference mode; one made outside it differs
+            # in its dispatch keys, and would have another graph compiled for it
+            input_ids, position_ids = _inference(input_ids), _inference(position_ids)
+            attention_mask = None if attention_mask is None else _inference(attention_mask)
+        logits, hidden = run(input_ids, position_ids, attention_mask, [b[0] for b in buffers], [b[1] for b in buffers], held,
+                             lora, rows, last_only)
+        for layer in cache.layers:
+            layer.hold(held + n)
+        return ForwardResult(logits, hidden if want_hidden else None)
+
+    def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             keys: list[torch.Tensor], values: list[torch.Tensor], held: int, lora: LeanLora | GroupedLora | None,
+             rows: torch.Tensor | None, last_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass proper, (logits, final hidden states): layer i writes the keys and values
+        of the n fed tokens into keys[i], values[i] (buffers [B, kv_heads, capacity, head_dim]) at
+        slots held..held + n, in place, and attends over their first held + n slots. `rows`: the
+        flat indices of the tokens computed, when packed. With `compile`, the passes with neither
+        LoRA nor packing run this compiled into one graph."""
+        batch, n = input_ids.shape
+        # from the weights' shapes, not self.num_heads...: compiled with dynamic shapes, an int
+        # attribute is a symbol of its own, which a batch of as many rows as KV heads would be
+        # taken to equal for good (sizes equal while tracing share a symbol)
+        dim = self.cos.shape[-1]
+        heads = self.layers[0][2].shape[1] // dim
+        kv_heads = (self.layers[0][1].shape[0] // dim - 2 * heads) // 3
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, n, D]
         sin = self.sin[position_ids].unsqueeze(1)
-        past = 0
-        if cache is not None and cache.layers[0].keys is not None:
-            past = cache.layers[0].keys.shape[2]
+        total = held + n
         mask = None
         if attention_mask is not None or n > 1:
-            total = past + n
             slots = torch.arange(total, device=input_ids.device)
-            mask = slots[None, :] <= (past + torch.arange(n, device=input_ids.device))[:, None]  # [n, T + n] causal
-            mask = mask[None, None]
+            fed = held + torch.arange(n, device=input_ids.device)
+            mask = (slots[None, :] <= fed[:, None])[None, None]  # [1, 1, n, T + n] causal
             if attention_mask is not None:
                 # a padding slot attends to itself only: a row with nothing to attend to would be NaN
-                own = slots[None, :] == (past + torch.arange(n, device=input_ids.device))[:, None]
-                mask = (mask & attention_mask[:, None, None, :].bool()) | own  # [B, 1, n, T + n]
+                mask = (mask & attention_mask[:, None, None, :].bool()) | (slots[None, :] == fed[:, None])  # [B, 1, n, T + n]
             # additive, once: each layer's attention would otherwise turn the boolean mask into this
             mask = torch.zeros(mask.shape, dtype=self.embed.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         x = F.embedding(input_ids if rows is None else input_ids.reshape(-1)[rows], self.embed)  # [B, n, H] or [N, H]
@@ -288,9 +382,10 @@ class LeanRunner:
             qkv = qkv.view(batch, n, 2 * heads + 3 * kv_heads, dim).transpose(1, 2)
             qk, v, qk_rotated = qkv.split([heads + kv_heads, kv_heads, heads + kv_heads], dim=1)  # [B, h, n, D]
             q, k = (qk * cos + qk_rotated * sin).split([heads, kv_heads], dim=1)  # rotary
-            if cache is not None:
-                k, v = cache.layers[index].update(k, v)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+            keys[index][:, :, held:total].copy_(k)
+            values[index][:, :, held:total].copy_(v)
+            attn = F.scaled_dot_product_attention(q, keys[index][:, :, :total], values[index][:, :, :total], attn_mask=mask,
+                                                  enable_gqa=self.grouped_query)
             attn = attn.transpose(1, 2).reshape(batch, n, heads * dim)
             if rows is not None:
                 attn = attn.view(batch * n, heads * dim).index_select(0, rows)
@@ -303,6 +398,5 @@ class LeanRunner:
         logits = F.linear(hidden, self.lm_head).float()
         if rows is not None:
             logits = logits.new_zeros(batch * n, logits.shape[-1]).index_copy_(0, rows, logits).view(batch, n, -1)
-            if want_hidden:
-                hidden = hidden.new_zeros(batch * n, hidden.shape[-1]).index_copy_(0, rows, hidden).view(batch, n, -1)
-        return ForwardResult(logits, hidden if want_hidden else None)
+            hidden = hidden.new_zeros(batch * n, hidden.shape[-1]).index_copy_(0, rows, hidden).view(batch, n, -1)
+        return logits, hidden

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -85,20 +86,32 @@ def unconditional_prompts(tokenizer, count: int = 32) -> list[list[int]]:
     return [[start] for _ in range(count)]
 
 
-def target_runner(model, *, adapters: dict[str, str], device: torch.device):
+def target_runner(model, *, adapters: dict[str, str], device: torch.device, compile: bool = False):
     """(runner, the start-up `adapters` read for it by name). On the CPU, a Llama-architecture
-    model runs our lean forward (prepacked weights: about half the time of transformers' pass at
-    batch 1, and verification of k tokens costs little more than one), its LoRA adapters mixed in
-    one batch. Accelerators, other architectures and adapters the lean forward cannot serve (DoRA,
-    ...) go through transformers and peft, whose mixed-batch inference also serves rows of several
-    adapters in one forward pass. The lean forward keeps its own
-    (fused, packed) copy of the weights: twice the model's memory."""
+    model runs our lean forward (about half the time of transformers' pass at batch 1, and
+    verification of k tokens costs little more than one), its LoRA adapters mixed in one batch;
+    `compile` compiles it (`LeanRunner.compile`). Accelerators, other architectures and adapters
+    the lean forward cannot serve (DoRA, ...) go through transformers and peft, whose mixed-batch
+    inference also serves rows of several adapters in one forward pass. The lean forward keeps its
+    own (fused) copy of the weights: twice the model's memory."""
     if device.type == "cpu" and LeanRunner.supports(model):
         lean = LeanRunner(model)
         try:
-            return lean, {name: lean.read_adapter(path) for name, path in adapters.items()}
+            weights = {name: lean.read_adapter(path) for name, path in adapters.items()}
         except AdapterError as err:
+            if compile:
+                raise ValueError(f"compile: the adapters need transformers' forward, which is not compiled: {err}") from err
             log.warning("serving the adapters through transformers and peft (slower than the lean forward): %s", err)
+        else:
+            if compile:
+                log.info("compiling the forward pass (torch.compile; a minute or more)")
+                started = time.monotonic()
+                lean.compile()
+                log.info("forward pass compiled in %.0f s", time.monotonic() - started)
+            return lean, weights
+    if compile:
+        why = "not on the CPU" if device.type != "cpu" else f"{type(model).__name__} is not a plain Llama-architecture model"
+        raise ValueError(f"compile compiles the lean CPU forward of Llama-architecture models; this model cannot take it ({why})")
     runner = ModelRunner(model)
     return runner, {name: runner.read_adapter(path) for name, path in adapters.items()}
 
@@ -111,7 +124,7 @@ def build_engine(config: ServeConfig, metrics=None) -> Engine:
     log.info("loading %s (%s on %s)", config.model.name, dtype, device)
     model = load_causal_lm(config.model.name, dtype=dtype, device=device, **load)
     tokenizer = load_tokenizer(config.model.name, **load)
-    runner, weights = target_runner(model, adapters=config.adapters, device=device)
+    runner, weights = target_runner(model, adapters=config.adapters, device=device, compile=config.compile)
     max_bytes = None if config.max_lora_memory_mib is None else int(config.max_lora_memory_mib * 2**20)
     pool = AdapterPool(runner, max_loras=config.max_loras, max_bytes=max_bytes)
     for name, path in config.adapters.items():
