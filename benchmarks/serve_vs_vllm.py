@@ -3,7 +3,7 @@ same model, in one run: output tokens/s and request latency under load, plain an
 speculative decoding, and with 8 LoRA adapters mixed in the load; greedy output compared token
 for token (issue 16, item 4).
 
-    .venv/bin/python benchmarks/serve_vs_vllm.py            # ~25 minutes on 2 busy cores (vLLM loads 3 times, 2 min each)
+    .venv/bin/python benchmarks/serve_vs_vllm.py            # ~30 minutes on 2 busy cores (each server starts 3 times, 1.5-2.5 min each: vLLM and kuberft --compile compile their graphs)
     .venv/bin/python benchmarks/serve_vs_vllm.py --quick    # 16 requests per configuration, one round, a model trained less
 
 The model: a character-level Llama built in code (hidden 256, 4 layers, 4 heads of dimension
