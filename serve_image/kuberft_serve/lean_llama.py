@@ -210,8 +210,10 @@ class LeanRunner:
         symbol, and would be taken as equal for good: the traced ones (2 rows, 3 tokens, the
         prompt's slots and those after it) differ from each other and from the weights' sizes."""
         taken = {size for weights in (self.embed, self.lm_head, self.cos, *self.layers[0]) for size in weights.shape} | {1, 2, 3}
+        spare = CACHE_SPARE_SLOTS  # buffers are made at the prefill and again when rows are selected
         length = next(length for length in range(8, 10**6)
-                      if taken.isdisjoint({length, length + 1, length + 3, length + 4, length + 6, length + CACHE_SPARE_SLOTS}))
+                      if taken.isdisjoint({length, length + 1, length + 3, length + 4, length + 6, length + spare,
+                                           length + 4 + spare, length + 6 + spare}))
         batch = SequenceBatch(self)
         batch.prefill([[1] * length, [2] * length][:rows if not holes else 2], 0)
         if holes:  # row 1 keeps one of three slots; alone, it keeps the two holes after it
