@@ -194,26 +194,27 @@ class LeanRunner:
         limits = torch._dynamo.config
         limits.recompile_limit = max(limits.recompile_limit, SHAPE_FAMILIES * _compiled_runners)
         self._compiled_run = torch.compile(self._run, dynamic=True, fullgraph=True)
-        try:
-            for rows in (1, 2):
-                for holes in (False, True):
-                    for n in (1, 3):
-                        self._warm_up(rows, holes, n)
-        except Exception as err:
-            self._compiled_run = None
-            raise RuntimeError(f"torch.compile could not build the forward pass (its CPU backend needs a C++ compiler, "
-                               f"such as g++, on PATH): {type(err).__name__}: {err}") from err
-
-    def _warm_up(self, rows: int, holes: bool, n: int) -> None:
-        """Feed n tokens per row to a `SequenceBatch` of `rows` rows, with holes or without: the
-        inputs of that family exactly as the engine makes them. Sizes equal while tracing share a
-        symbol, and would be taken as equal for good: the traced ones (2 rows, 3 tokens, the
-        prompt's slots and those after it) differ from each other and from the weights' sizes."""
+        # sizes equal while tracing share a symbol, and would be taken as equal for good: the traced
+        # ones (2 rows, 3 tokens, the prompt's slots and those after it) differ from each other and
+        # from the weights' sizes
         taken = {size for weights in (self.embed, self.lm_head, self.cos, *self.layers[0]) for size in weights.shape} | {1, 2, 3}
         spare = CACHE_SPARE_SLOTS  # buffers are made at the prefill and again when rows are selected
         length = next(length for length in range(8, 10**6)
                       if taken.isdisjoint({length, length + 1, length + 3, length + 4, length + 6, length + spare,
                                            length + 4 + spare, length + 6 + spare}))
+        try:
+            for rows in (1, 2):
+                for holes in (False, True):
+                    for n in (1, 3):
+                        self._warm_up(length, rows, holes, n)
+        except Exception as err:
+            self._compiled_run = None
+            raise RuntimeError(f"torch.compile could not build the forward pass (its CPU backend needs a C++ compiler, "
+                               f"such as g++, on PATH): {type(err).__name__}: {err}") from err
+
+    def _warm_up(self, length: int, rows: int, holes: bool, n: int) -> None:
+        """Feed n tokens per row to a `SequenceBatch` of `rows` rows (prompts of `length` tokens),
+        with holes or without: the inputs of that family exactly as the engine makes them."""
         batch = SequenceBatch(self)
         batch.prefill([[1] * length, [2] * length][:rows if not holes else 2], 0)
         if holes:  # row 1 keeps one of three slots; alone, it keeps the two holes after it
@@ -344,12 +345,16 @@ class LeanRunner:
                              lora, rows, last_only)
         for layer in cache.layers:
             layer.hold(held + n)
-        return ForwardResult(logits, hidden if want_hidden else None)
+        if not want_hidden:
+            return ForwardResult(logits, None)
+        if rows is not None:
+            hidden = hidden.new_zeros(batch * n, hidden.shape[-1]).index_copy_(0, rows, hidden).view(batch, n, -1)
+        return ForwardResult(logits, hidden)
 
     def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              keys: list[torch.Tensor], values: list[torch.Tensor], held: int, lora: LeanLora | GroupedLora | None,
              rows: torch.Tensor | None, last_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward pass proper, (logits, final hidden states): layer i writes the keys and values
+        """The forward pass proper, (logits, final hidden states; packed, when `rows`): layer i writes the keys and values
         of the n fed tokens into keys[i], values[i] (buffers [B, kv_heads, capacity, head_dim]) at
         slots held..held + n, in place, and attends over their first held + n slots. `rows`: the
         flat indices of the tokens computed, when packed. With `compile`, the passes with neither
@@ -400,5 +405,4 @@ class LeanRunner:
         logits = F.linear(hidden, self.lm_head).float()
         if rows is not None:
             logits = logits.new_zeros(batch * n, logits.shape[-1]).index_copy_(0, rows, logits).view(batch, n, -1)
-            hidden = hidden.new_zeros(batch * n, hidden.shape[-1]).index_copy_(0, rows, hidden).view(batch, n, -1)
         return logits, hidden
